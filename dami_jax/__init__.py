@@ -1,0 +1,15 @@
+"""dami_jax: DAMI (Dynamic Model Interpolation) for Qwen3 in JAX/Flax.
+
+Public surface (DESIGN 2.1); see README.md.
+"""
+
+from dami_jax.config import ConfigError, ModelConfig
+from dami_jax.checkpoint.hf import load_hf, save_hf
+from dami_jax.checkpoint.safetensors_io import CheckpointError
+from dami_jax.models.qwen3 import forward, init_params
+from dami_jax.models.sharding import ShardingConfig, make_mesh
+
+__all__ = [
+    "CheckpointError", "ConfigError", "ModelConfig", "ShardingConfig",
+    "forward", "init_params", "load_hf", "make_mesh", "save_hf",
+]

@@ -1,0 +1,332 @@
+"""Hugging Face safetensors <-> params pytree, through one mapping table.
+
+Each row maps an HF tensor name to a path in our params dict and says how many
+leading axes of our array are the HF `in_features` side of a linear layer:
+
+    ours = hf.T.reshape(our_shape)                       (linear, n_in axes)
+    hf   = ours.reshape(prod(in_axes), prod(out_axes)).T
+
+`n_in=None` means the tensor is copied as is (embeddings, norm scales). MoE
+expert tensors are stacked along a leading expert axis. The same table drives
+import (`load_hf`) and export (`save_hf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dami_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from dami_jax.config import ModelConfig
+from dami_jax.models import qwen3
+from dami_jax.models.sharding import ShardingConfig, param_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    hf: str  # with {l} for the layer and {e} for the expert
+    ours: tuple[str, ...]  # with "{l}" for the layer
+    n_in: int | None  # leading input axes of our (per-expert) array; None: copy as is
+
+
+_ATTN = [
+    Row("model.layers.{l}.self_attn.q_proj.weight", ("layers", "{l}", "attn", "q_proj", "kernel"), 1),
+    Row("model.layers.{l}.self_attn.k_proj.weight", ("layers", "{l}", "attn", "k_proj", "kernel"), 1),
+    Row("model.layers.{l}.self_attn.v_proj.weight", ("layers", "{l}", "attn", "v_proj", "kernel"), 1),
+    Row("model.layers.{l}.self_attn.o_proj.weight", ("layers", "{l}", "attn", "o_proj", "kernel"), 2),
+    Row("model.layers.{l}.self_attn.q_norm.weight", ("layers", "{l}", "attn", "q_norm", "scale"), None),
+    Row("model.layers.{l}.self_attn.k_norm.weight", ("layers", "{l}", "attn", "k_norm", "scale"), None),
+    Row("model.layers.{l}.input_layernorm.weight", ("layers", "{l}", "input_norm", "scale"), None),
+    Row("model.layers.{l}.post_attention_layernorm.weight", ("layers", "{l}", "post_attn_norm", "scale"), None),
+]
+_DENSE_MLP = [
+    Row("model.layers.{l}.mlp.gate_proj.weight", ("layers", "{l}", "mlp", "gate_proj", "kernel"), 1),
+    Row("model.layers.{l}.mlp.up_proj.weight", ("layers", "{l}", "mlp", "up_proj", "kernel"), 1),
+    Row("model.layers.{l}.mlp.down_proj.weight", ("layers", "{l}", "mlp", "down_proj", "kernel"), 1),
+]
+_MOE_MLP = [
+    Row("model.layers.{l}.mlp.gate.weight", ("layers", "{l}", "mlp", "router", "kernel"), 1),
+    Row("model.layers.{l}.mlp.experts.{e}.gate_proj.weight", ("layers", "{l}", "mlp", "gate_proj"), 1),
+    Row("model.layers.{l}.mlp.experts.{e}.up_proj.weight", ("layers", "{l}", "mlp", "up_proj"), 1),
+    Row("model.layers.{l}.mlp.experts.{e}.down_proj.weight", ("layers", "{l}", "mlp", "down_proj"), 1),
+]
+_GLOBAL = [
+    Row("model.embed_tokens.weight", ("embed", "embedding"), None),
+    Row("model.norm.weight", ("final_norm", "scale"), None),
+]
+_LM_HEAD = Row("lm_head.weight", ("lm_head", "kernel"), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One leaf of our params and the HF tensor(s) it is built from."""
+    path: tuple
+    hf_names: tuple[str, ...]  # one per expert for stacked expert leaves, else one
+    n_in: int | None
+    stacked: bool
+
+
+def leaf_table(cfg: ModelConfig) -> list[Leaf]:
+    """Every leaf of the params pytree for `cfg`, in a stable order."""
+    leaves = [_leaf(r, None) for r in _GLOBAL]
+    for layer in range(cfg.num_layers):
+        rows = _ATTN + (_MOE_MLP if cfg.is_moe_layer(layer) else _DENSE_MLP)
+        for row in rows:
+            leaves.append(_leaf(row, layer, cfg.num_experts))
+    if not cfg.tie_word_embeddings:
+        leaves.append(_leaf(_LM_HEAD, None))
+    return leaves
+
+
+def _leaf(row: Row, layer: int | None, num_experts: int = 0) -> Leaf:
+    path = tuple(layer if p == "{l}" else p for p in row.ours)
+    if "{e}" in row.hf:
+        names = tuple(row.hf.format(l=layer, e=e) for e in range(num_experts))
+        return Leaf(path, names, row.n_in, True)
+    return Leaf(path, (row.hf.format(l=layer),), row.n_in, False)
+
+
+def to_ours(hf: np.ndarray, shape: tuple[int, ...], n_in: int | None) -> np.ndarray:
+    return hf if n_in is None else hf.T.reshape(shape)
+
+
+def to_hf(ours: np.ndarray, n_in: int | None) -> np.ndarray:
+    if n_in is None:
+        return ours
+    rows = int(np.prod(ours.shape[:n_in]))
+    return ours.reshape(rows, -1).T
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------
+# Import
+
+class _Index:
+    """Which file holds each tensor, for single-file and sharded checkpoints."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.where = json.load(f)["weight_map"]
+        elif os.path.isfile(single):
+            self.where = None
+        else:
+            _refuse_unsafe(directory)
+            raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        self._files: dict[str, SafetensorsFile] = {}
+        if self.where is None:
+            self._open("model.safetensors")
+            self.where = {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+
+    def _open(self, name: str) -> SafetensorsFile:
+        if name not in self._files:
+            path = os.path.join(self.directory, name)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: listed in the index but missing")
+            self._files[name] = SafetensorsFile(path)
+        return self._files[name]
+
+    def file_of(self, tensor: str) -> SafetensorsFile:
+        if tensor not in self.where:
+            raise CheckpointError(f"{self.directory}: missing tensor {tensor!r}")
+        return self._open(self.where[tensor])
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+
+
+def _refuse_unsafe(directory: str) -> None:
+    pickles = [n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise CheckpointError(
+            f"{directory}: only pickle checkpoints found ({', '.join(sorted(pickles))}); dami_jax never "
+            "unpickles. Convert to safetensors first (e.g. transformers save_pretrained(..., "
+            "safe_serialization=True))."
+        )
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike) -> str:
+    """A local directory, or a hub id downloaded (safetensors, config and tokenizer only)."""
+    path = os.fspath(path_or_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise CheckpointError(f"{path}: not a model directory or a hub id 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+
+
+def load_hf(path: str | os.PathLike, dtype="float32", mesh=None, rules: ShardingConfig | None = None,
+            cfg: ModelConfig | None = None, progress: bool = True) -> dict:
+    """Load HF safetensors (or a `dami convert` output) into a params pytree of jax.Arrays.
+
+    Each leaf is read from a memory-mapped file, converted, cast to `dtype` and
+    placed with its sharding when `mesh` is given (`rules` picks the specs).
+    """
+    from dami_jax.checkpoint import store
+
+    directory = resolve_model_dir(path)
+    if store.is_converted(directory):
+        return store.restore_params(directory, dtype=dtype, mesh=mesh, rules=rules)
+    cfg = cfg or ModelConfig.from_hf(directory)
+    dtype = jnp.dtype(dtype)
+    abstract = qwen3.abstract_params(cfg, dtype)
+    shardings = param_shardings(abstract, mesh, rules) if mesh is not None else None
+    index = _Index(directory)
+    table = leaf_table(cfg)
+    _check_no_extra(index, table, cfg, directory)
+    params: dict = {}
+    try:
+        for leaf in tqdm(table, desc=f"loading {os.path.basename(directory.rstrip('/'))}",
+                         disable=not progress, leave=False):
+            want = _get(abstract, leaf.path).shape
+            value = _read_leaf(index, leaf, want, dtype)
+            sharding = None if shardings is None else _get(shardings, leaf.path)
+            _set(params, leaf.path, _place(value, sharding))
+    finally:
+        index.close()
+    return params
+
+
+def _read_leaf(index: _Index, leaf: Leaf, want: tuple[int, ...], dtype) -> np.ndarray:
+    per_expert = want[1:] if leaf.stacked else want
+    out = np.empty(want, dtype) if leaf.stacked else None
+    for e, name in enumerate(leaf.hf_names):
+        f = index.file_of(name)
+        raw = f.get(name)
+        hf_shape = per_expert if leaf.n_in is None else _hf_shape(per_expert, leaf.n_in)
+        if raw.shape != hf_shape:
+            raise CheckpointError(
+                f"{f.path}: tensor {name!r} has shape {raw.shape}, expected {hf_shape} from config.json"
+            )
+        if not np.issubdtype(raw.dtype, np.floating) and raw.dtype.name != "bfloat16":
+            raise CheckpointError(f"{f.path}: tensor {name!r} has dtype {raw.dtype}, expected a float type")
+        value = np.array(to_ours(raw, per_expert, leaf.n_in), dtype=dtype)  # copies off the mmap
+        f.release(name)
+        if not leaf.stacked:
+            return value
+        out[e] = value
+    return out
+
+
+def _hf_shape(ours: tuple[int, ...], n_in: int) -> tuple[int, int]:
+    return (int(np.prod(ours[n_in:])), int(np.prod(ours[:n_in])))
+
+
+def _check_no_extra(index: _Index, table: list[Leaf], cfg: ModelConfig, directory: str) -> None:
+    expected = {n for leaf in table for n in leaf.hf_names}
+    # Tied checkpoints sometimes still carry lm_head.weight; it must equal the embedding, so skip it.
+    extra = sorted(set(index.where) - expected - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    extra = [n for n in extra if not re.search(r"rotary_emb\.inv_freq$", n)]
+    if extra:
+        raise CheckpointError(
+            f"{directory}: unexpected tensor(s) for this config: {extra[:5]}"
+            f"{' …' if len(extra) > 5 else ''} (does config.json match the weights?)"
+        )
+
+
+def _place(value: np.ndarray, sharding) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(value)
+    # Each device reads only its slice: works on multi-host meshes too.
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+# ---------------------------------------------------------------------------
+# Export
+
+def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
+            dtype: str | None = None, max_shard_bytes: int = 4 * 1024**3, progress: bool = True,
+            extra_files: dict[str, str] | None = None) -> str:
+    """Write HF-loadable safetensors (sharded with an index past `max_shard_bytes`) + config.json.
+
+    Written into a temporary sibling directory, then renamed into place, so a
+    crash never leaves a half-written checkpoint. `extra_files` maps file names
+    to source paths copied alongside (tokenizer files).
+    """
+    out_dir = os.fspath(out_dir)
+    table = leaf_table(cfg)
+    np_dtype = np.dtype(jnp.dtype(dtype or _get(params, table[0].path).dtype))
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress)
+        hf_cfg = cfg.to_hf_dict(dtype=str(np_dtype) if np_dtype.name != "bfloat16" else "bfloat16")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        _atomic_replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def hf_tensors(params: dict, table: list[Leaf], np_dtype):
+    """(HF name, numpy array) pairs, one leaf at a time (host memory ~ one leaf)."""
+    for leaf in table:
+        value = np.asarray(jax.device_get(_get(params, leaf.path))).astype(np_dtype, copy=False)
+        if leaf.stacked:
+            for e, name in enumerate(leaf.hf_names):
+                yield name, to_hf(value[e], leaf.n_in)
+        else:
+            yield leaf.hf_names[0], to_hf(value, leaf.n_in)
+
+
+def _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress) -> None:
+    batches: list[list] = [[]]
+    size = 0
+    for leaf in table:
+        nbytes = int(np.prod(_get(params, leaf.path).shape)) * np_dtype.itemsize
+        if batches[-1] and size + nbytes > max_shard_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(leaf)
+        size += nbytes
+    n = len(batches)
+    weight_map, total = {}, 0
+    for i, batch in enumerate(tqdm(batches, desc="writing safetensors", disable=not progress, leave=False)):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = list(hf_tensors(params, batch, np_dtype))
+        total += write_safetensors(os.path.join(tmp, fname), tensors)
+        weight_map.update({name: fname for name, _ in tensors})
+    if n > 1:
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _atomic_replace_dir(tmp: str, out_dir: str) -> None:
+    if os.path.lexists(out_dir):
+        old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=os.path.dirname(tmp))
+        os.rename(out_dir, os.path.join(old, "x"))
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)

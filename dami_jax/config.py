@@ -1,0 +1,303 @@
+"""Configuration as data: the Qwen3 architecture config and YAML run configs.
+
+`ModelConfig` is the frozen description of a Qwen3 / Qwen3-MoE architecture,
+built from a Hugging Face `config.json`. Fields that would change the model's
+semantics in a way we do not implement are refused, never silently ignored.
+
+`load_yaml` / `from_dict` turn YAML files plus dotted `key=value` overrides into
+frozen dataclasses; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+class ConfigError(ValueError):
+    """A config file or field is missing, malformed or unsupported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    # Mixture of experts (num_experts == 0 means a dense model).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # Generation-related ids carried from config.json (not part of the architecture).
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                    f"[1, num_experts={self.num_experts}]"
+                )
+            if self.moe_intermediate_size <= 0:
+                raise ConfigError("moe_intermediate_size must be > 0 for a MoE model")
+        if self.decoder_sparse_step < 1:
+            raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def model_type(self) -> str:
+        return "qwen3_moe" if self.is_moe else "qwen3"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Same rule as transformers' Qwen3MoeDecoderLayer."""
+        return (
+            self.is_moe
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    def architecture_fields(self) -> dict[str, Any]:
+        """Fields that fix shapes and semantics (not generation ids)."""
+        skip = {"eos_token_ids", "bos_token_id", "pad_token_id", "max_position_embeddings"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "ModelConfig":
+        """Build from a HF `config.json` (a file, a model directory, a hub id or a dict)."""
+        if isinstance(path_or_dict, dict):
+            return cls._from_hf_dict(path_or_dict, where="config dict")
+        path = _resolve_config_json(path_or_dict)
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls._from_hf_dict(raw, where=str(path))
+
+    @classmethod
+    def _from_hf_dict(cls, raw: dict, where: str) -> "ModelConfig":
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{where}: model_type={model_type!r} is not supported; expected one of "
+                f"{sorted(SUPPORTED_MODEL_TYPES)}"
+            )
+
+        def need(key: str):
+            if key not in raw or raw[key] is None:
+                raise ConfigError(f"{where}: missing required field {key!r}")
+            return raw[key]
+
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{where}: hidden_act={raw['hidden_act']!r} unsupported; expected 'silu'")
+        if raw.get("attention_bias", False):
+            raise ConfigError(f"{where}: attention_bias=true is not supported (Qwen3 uses none)")
+        if raw.get("use_sliding_window", False):
+            raise ConfigError(f"{where}: use_sliding_window=true is not supported")
+        layer_types = raw.get("layer_types") or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ConfigError(f"{where}: layer_types {sorted(set(layer_types))} unsupported; only 'full_attention'")
+
+        rope_theta = _rope_theta(raw, where)
+        num_heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        num_experts = int(raw.get("num_experts", raw.get("num_local_experts", 0)) or 0)
+        if model_type == "qwen3_moe" and num_experts <= 0:
+            raise ConfigError(f"{where}: model_type 'qwen3_moe' needs num_experts > 0")
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(raw.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            num_experts=num_experts if model_type == "qwen3_moe" else 0,
+            num_experts_per_tok=int(raw.get("num_experts_per_tok", 0) or 0) if model_type == "qwen3_moe" else 0,
+            moe_intermediate_size=int(raw.get("moe_intermediate_size", 0) or 0) if model_type == "qwen3_moe" else 0,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
+            mlp_only_layers=tuple(int(i) for i in (raw.get("mlp_only_layers") or ())),
+            eos_token_ids=eos_ids,
+            bos_token_id=raw.get("bos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+        )
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """The config.json transformers needs to load this architecture."""
+        out: dict[str, Any] = {
+            "architectures": [SUPPORTED_MODEL_TYPES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "torch_dtype": dtype,
+            "dtype": dtype,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": (
+                list(self.eos_token_ids) if len(self.eos_token_ids) > 1
+                else (self.eos_token_ids[0] if self.eos_token_ids else None)
+            ),
+        }
+        if self.is_moe:
+            out.update(
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step,
+                mlp_only_layers=list(self.mlp_only_layers),
+            )
+        return out
+
+
+def _rope_theta(raw: dict, where: str) -> float:
+    """rope theta from `rope_theta` or the `rope_parameters`/`rope_scaling` dict (transformers 5)."""
+    theta = raw.get("rope_theta")
+    for key in ("rope_parameters", "rope_scaling"):
+        params = raw.get(key)
+        if not params:
+            continue
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: {key} must be a dict, got {type(params).__name__}")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"{where}: {key}.rope_type={rope_type!r} is not supported; only 'default' RoPE"
+            )
+        theta = params.get("rope_theta", theta)
+    return float(theta if theta is not None else 10000.0)
+
+
+def _resolve_config_json(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        cand = os.path.join(path, "config.json")
+        if not os.path.isfile(cand):
+            raise ConfigError(f"{path}: no config.json in this directory")
+        return cand
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise ConfigError(f"{path}: not a file, a model directory or a hub id 'org/name'")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(path, "config.json")
+
+
+# ---------------------------------------------------------------------------
+# YAML run configs: dataclasses from dicts with unknown keys refused.
+
+def from_dict(cls, data: dict | None, where: str = "config"):
+    """Build (nested) frozen dataclass `cls` from a dict; unknown keys are errors."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _coerce(tp, value, where):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where) if len(args) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (elem, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(elem, v, where) for v in value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted `a.b.c=value` overrides (values parsed as YAML scalars)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(cls, path: str | os.PathLike | None, overrides: list[str] = ()):
+    """YAML file (or nothing) + dotted overrides -> frozen dataclass `cls`."""
+    data = {}
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or cls.__name__))

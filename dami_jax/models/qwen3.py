@@ -1,0 +1,332 @@
+"""Qwen3 dense and MoE decoder in Flax NNX, numerically matching HF transformers.
+
+Params are a plain nested dict (the pure-dict form of the NNX state):
+
+    embed/embedding                    (V, D)
+    layers/{i}/input_norm/scale        (D,)
+    layers/{i}/attn/q_proj/kernel      (D, N, H)     N query heads, H head_dim
+    layers/{i}/attn/k_proj/kernel      (D, K, H)     K key/value heads (GQA)
+    layers/{i}/attn/v_proj/kernel      (D, K, H)
+    layers/{i}/attn/o_proj/kernel      (N, H, D)
+    layers/{i}/attn/q_norm/scale       (H,)
+    layers/{i}/attn/k_norm/scale       (H,)
+    layers/{i}/post_attn_norm/scale    (D,)
+    layers/{i}/mlp/{gate,up}_proj/kernel   (D, F)      dense layer
+    layers/{i}/mlp/down_proj/kernel        (F, D)
+    layers/{i}/mlp/router/kernel           (D, E)      MoE layer
+    layers/{i}/mlp/{gate,up}_proj/kernel   (E, D, F)
+    layers/{i}/mlp/down_proj/kernel        (E, F, D)
+    final_norm/scale                   (D,)
+    lm_head/kernel                     (D, V)        absent when embeddings are tied
+
+Delta mode (DESIGN 2.2): every leaf gains a leading axis of 2 holding (Θ_I, Δ),
+and each row b of the batch computes with Θ_I + λ_b·Δ. Every parameter enters an
+op linear in it, so `y = f(x; W_I) + λ_b·f(x; Δ)` reproduces the merged model for
+any mix of λ in one batch.
+
+Norms and softmax run in float32; everything else in the params' dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dami_jax.config import ModelConfig
+from dami_jax.models.kv_cache import KVCache
+
+Params = dict
+
+
+# ---------------------------------------------------------------------------
+# Ops that accept plain or delta (stacked Θ_I, Δ) weights.
+
+def _row_lam(lam: jax.Array, ndim: int, dtype) -> jax.Array:
+    """λ per row shaped to broadcast against a (B, ...) tensor of rank ndim."""
+    return lam.astype(dtype).reshape(lam.shape + (1,) * (ndim - 1))
+
+
+def _einsum(spec: str, x: jax.Array, w: jax.Array, lam: jax.Array | None) -> jax.Array:
+    if lam is None:
+        return jnp.einsum(spec, x, w)
+    base = jnp.einsum(spec, x, w[0])
+    return base + _row_lam(lam, base.ndim, base.dtype) * jnp.einsum(spec, x, w[1])
+
+
+def _param(shape, dtype, delta, rngs, init):
+    full = (2, *shape) if delta else tuple(shape)
+    return nnx.Param(init(rngs.params(), full, dtype))
+
+
+_normal = nnx.initializers.normal(0.02)
+_ones = nnx.initializers.ones
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, delta: bool, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param((dim,), dtype, delta, rngs, _ones)
+
+    def __call__(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        w = self.scale[...]
+        if lam is None:
+            return y * w
+        return y * (w[0] + _row_lam(lam, y.ndim, y.dtype) * w[1])
+
+
+class Linear(nnx.Module):
+    """A weight applied with a fixed einsum spec (axes in the spec, not reshapes)."""
+
+    def __init__(self, spec: str, shape, *, delta: bool, dtype, rngs: nnx.Rngs):
+        self.spec = spec
+        self.kernel = _param(shape, dtype, delta, rngs, _normal)
+
+    def __call__(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
+        return _einsum(self.spec, x, self.kernel[...], lam)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, delta: bool, dtype, rngs: nnx.Rngs):
+        self.embedding = _param((vocab, dim), dtype, delta, rngs, _normal)
+
+    def __call__(self, tokens: jax.Array, lam: jax.Array | None) -> jax.Array:
+        table = self.embedding[...]
+        if lam is None:
+            return jnp.take(table, tokens, axis=0)
+        base = jnp.take(table[0], tokens, axis=0)
+        return base + _row_lam(lam, base.ndim, base.dtype) * jnp.take(table[1], tokens, axis=0)
+
+    def attend(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
+        """Tied lm_head: logits against the embedding table."""
+        return _einsum("btd,vd->btv", x, self.embedding[...], lam)
+
+
+def rope(x_btnh: jax.Array, pos_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF's rotate_half convention (halves, not interleaved)."""
+    h = x_btnh.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    freqs = pos_bt.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x_btnh.dtype), jnp.sin(emb).astype(x_btnh.dtype)
+    x1, x2 = x_btnh[..., : h // 2], x_btnh[..., h // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_btnh * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear("btd,dnh->btnh", (d, n, h), **kw)
+        self.k_proj = Linear("btd,dkh->btkh", (d, k, h), **kw)
+        self.v_proj = Linear("btd,dkh->btkh", (d, k, h), **kw)
+        self.o_proj = Linear("btnh,nhd->btd", (n, h, d), **kw)
+        self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
+        self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
+        self.rope_theta = cfg.rope_theta
+        self.groups = n // k
+
+    def __call__(self, x, pos_bt, allowed_bts, kv, index, lam):
+        b, t, _ = x.shape
+        q = rope(self.q_norm(self.q_proj(x, lam), lam), pos_bt, self.rope_theta)
+        k = rope(self.k_norm(self.k_proj(x, lam), lam), pos_bt, self.rope_theta)
+        v = self.v_proj(x, lam)
+        if kv is not None:  # write this chunk into the cache, attend over all slots
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+        nk, h = k.shape[2], k.shape[3]
+        q_btkgh = q.reshape(b, t, nk, self.groups, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k, preferred_element_type=jnp.float32)
+        scores = scores * (h ** -0.5)
+        scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, nk * self.groups, h)
+        return self.o_proj(out, lam), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, d: int, f: int, *, delta: bool, dtype, rngs: nnx.Rngs):
+        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear("btd,df->btf", (d, f), **kw)
+        self.up_proj = Linear("btd,df->btf", (d, f), **kw)
+        self.down_proj = Linear("btf,fd->btd", (f, d), **kw)
+
+    def __call__(self, x, lam):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, lam)) * self.up_proj(x, lam), lam)
+
+
+def _ragged(x_md, w_edf, group_sizes, lam_m):
+    if lam_m is None:
+        return jax.lax.ragged_dot(x_md, w_edf, group_sizes)
+    base = jax.lax.ragged_dot(x_md, w_edf[0], group_sizes)
+    return base + lam_m.astype(base.dtype)[:, None] * jax.lax.ragged_dot(x_md, w_edf[1], group_sizes)
+
+
+class MoE(nnx.Module):
+    """Top-k routed experts; tokens sorted by expert and multiplied with ragged_dot."""
+
+    def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs):
+        d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
+        self.router = Linear("btd,de->bte", (d, e), **kw)
+        self.gate_proj = nnx.Param(_normal(rngs.params(), ((2,) if delta else ()) + (e, d, f), dtype))
+        self.up_proj = nnx.Param(_normal(rngs.params(), ((2,) if delta else ()) + (e, d, f), dtype))
+        self.down_proj = nnx.Param(_normal(rngs.params(), ((2,) if delta else ()) + (e, f, d), dtype))
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+
+    def __call__(self, x, lam):
+        b, t, d = x.shape
+        probs = jax.nn.softmax(self.router(x, lam).astype(jnp.float32), axis=-1)
+        top_w, top_e = jax.lax.top_k(probs, self.top_k)  # (B, T, k)
+        if self.norm_topk_prob:
+            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        num_experts = probs.shape[-1]
+        expert = top_e.reshape(-1)
+        order = jnp.argsort(expert, stable=True)
+        token = order // self.top_k  # flat (b*t) token of each sorted assignment
+        group_sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)
+        xs = x.reshape(b * t, d)[token]
+        lam_s = None if lam is None else jnp.repeat(lam, t)[token]
+        h = jax.nn.silu(_ragged(xs, self.gate_proj[...], group_sizes, lam_s))
+        h = h * _ragged(xs, self.up_proj[...], group_sizes, lam_s)
+        y = _ragged(h, self.down_proj[...], group_sizes, lam_s)
+        y = y * top_w.reshape(-1)[order].astype(y.dtype)[:, None]
+        return jnp.zeros((b * t, d), y.dtype).at[token].add(y).reshape(b, t, d)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, delta: bool, dtype, rngs: nnx.Rngs):
+        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.attn = Attention(cfg, **kw)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        if cfg.is_moe_layer(layer):
+            self.mlp = MoE(cfg, **kw)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+
+    def __call__(self, x, pos_bt, allowed_bts, kv, index, lam):
+        h, kv = self.attn(self.input_norm(x, lam), pos_bt, allowed_bts, kv, index, lam)
+        x = x + h
+        return x + self.mlp(self.post_attn_norm(x, lam), lam), kv
+
+
+class Qwen3(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, delta: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), **kw)
+        self.tied = cfg.tie_word_embeddings
+
+    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None):
+        b, t = tokens_bt.shape
+        mask_bt = mask_bt.astype(bool)
+        offset = jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1
+        if cache is None:
+            pos_bt = jnp.maximum(offset, 0)
+            key_valid = mask_bt
+            q_slot, index = jnp.arange(t), 0
+        else:
+            pos_bt = cache.next_pos[:, None] + jnp.maximum(offset, 0)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, cache.index))
+            q_slot, index = cache.index + jnp.arange(t), cache.index
+        k_slot = jnp.arange(key_valid.shape[1])
+        allowed_bts = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+
+        x = self.embed(tokens_bt, lam)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = layer(x, pos_bt, allowed_bts, kv, index, lam)
+            new_k.append(k)
+            new_v.append(v)
+        x = self.final_norm(x, lam)
+        logits = self.embed.attend(x, lam) if self.tied else self.lm_head(x, lam)
+        if cache is not None:
+            cache = KVCache(
+                k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=cache.index + t,
+                next_pos=cache.next_pos + jnp.sum(mask_bt, axis=1, dtype=jnp.int32),
+            )
+        return logits.astype(jnp.float32), cache
+
+
+# ---------------------------------------------------------------------------
+# Functional surface: params pytree in, arrays out.
+
+@functools.lru_cache(maxsize=None)
+def _graphdef(cfg: ModelConfig, delta: bool) -> nnx.GraphDef:
+    model = nnx.eval_shape(lambda: Qwen3(cfg, delta=delta, rngs=nnx.Rngs(0)))
+    return nnx.split(model)[0]
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32, delta: bool = False) -> Params:
+    """The params pytree as ShapeDtypeStructs (shapes for loading and sharding)."""
+    model = nnx.eval_shape(lambda: Qwen3(cfg, delta=delta, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    return nnx.state(model).to_pure_dict()
+
+
+def init_params(cfg: ModelConfig, key: int | jax.Array = 0, dtype=jnp.float32) -> Params:
+    """Random params (normal 0.02, unit norms), for tests and benchmarks."""
+    seed = key if isinstance(key, int) else int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+    @functools.partial(jax.jit)
+    def make():
+        return nnx.state(Qwen3(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))).to_pure_dict()
+
+    return make()
+
+
+def is_delta(params: Params) -> bool:
+    """Delta-mode params carry a leading (Θ_I, Δ) axis on every leaf."""
+    return params["embed"]["embedding"].ndim == 3
+
+
+def apply(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, cache=None, lam=None):
+    """One model call (not jitted): logits (B, T, V) float32 and the updated cache.
+
+    `lam` (B,) is required for delta-mode params and refused for plain ones.
+    """
+    delta = is_delta(params)
+    if delta != (lam is not None):
+        raise ValueError(
+            "delta-mode params need a per-row lam (B,)" if delta
+            else "lam was given but params are not in delta mode (see dami_jax.interpolate.delta_params)"
+        )
+    model = nnx.merge(_graphdef(cfg, delta), params)
+    return model(tokens_bt, mask_bt, cache=cache, lam=lam)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, mask, lam):
+    return apply(cfg, params, tokens, mask, lam=lam)[0]
+
+
+def forward(cfg: ModelConfig, params: Params, tokens, attention_mask=None, lam=None) -> jax.Array:
+    """Logits (B, T, V) in float32 for a full sequence, no cache (DESIGN 2.1).
+
+    attention_mask: (B, T) with 1 for real tokens and 0 for (left) padding.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(tokens)
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}")
+    if tokens.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(
+            f"sequence of {tokens.shape[1]} tokens exceeds max_position_embeddings={cfg.max_position_embeddings}"
+        )
+    if lam is not None:
+        lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (tokens.shape[0],))
+    return _forward(cfg, params, tokens, attention_mask, lam)

@@ -1,0 +1,98 @@
+"""Sharding: one PartitionSpec per weight/activation role on a (data, fsdp, tensor) mesh.
+
+A spec axis whose mesh size does not divide the dimension is dropped
+(replicated) for that leaf, so tiny test models and odd head counts still load
+on any mesh; real models divide evenly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    embedding: P = P("tensor", "fsdp")  # (V, D)
+    q_proj: P = P("fsdp", "tensor", None)  # (D, N, H)
+    kv_proj: P = P("fsdp", "tensor", None)  # (D, K, H)
+    o_proj: P = P("tensor", None, "fsdp")  # (N, H, D)
+    mlp_in: P = P("fsdp", "tensor")  # (D, F)
+    mlp_out: P = P("tensor", "fsdp")  # (F, D)
+    router: P = P("fsdp", None)  # (D, E)
+    expert_in: P = P(None, "fsdp", "tensor")  # (E, D, F)
+    expert_out: P = P(None, "tensor", "fsdp")  # (E, F, D)
+    lm_head: P = P("fsdp", "tensor")  # (D, V)
+    norm: P = P(None)  # (D,) and (H,)
+    batch: P = P(("data", "fsdp"))  # leading batch axis of activations and inputs
+
+    def role_spec(self, path: tuple[str, ...]) -> P:
+        """The spec of a param (by its path), written for its plain (non-delta) rank."""
+        name = "/".join(str(p) for p in path)
+        if path[-1] == "scale":
+            return self.norm
+        if name.startswith("embed/"):
+            return self.embedding
+        if name.startswith("lm_head/"):
+            return self.lm_head
+        module = path[-2] if path[-1] == "kernel" else path[-1]
+        expert = path[-1] != "kernel"  # MoE expert stacks are bare params
+        table = {
+            "q_proj": self.q_proj, "k_proj": self.kv_proj, "v_proj": self.kv_proj,
+            "o_proj": self.o_proj, "router": self.router,
+            "gate_proj": self.expert_in if expert else self.mlp_in,
+            "up_proj": self.expert_in if expert else self.mlp_in,
+            "down_proj": self.expert_out if expert else self.mlp_out,
+        }
+        if module not in table:
+            raise KeyError(f"no sharding role for param {name!r}")
+        return table[module]
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; -1 in one axis takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(AXES, shape))} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    return Mesh(np.array(devices).reshape(shape), AXES)
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop spec axes that do not divide their dimension; pad the spec to the rank."""
+    out = []
+    for i, dim in enumerate(shape):
+        axis = spec[i] if i < len(spec) else None
+        names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        out.append(axis if names and dim % size == 0 else None)
+    return P(*out)
+
+
+def param_shardings(params, mesh: Mesh, rules: ShardingConfig | None = None):
+    """A NamedSharding for every leaf of a params pytree (plain or delta-stacked)."""
+    rules = rules or ShardingConfig()
+
+    def one(path, leaf):
+        keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        spec = rules.role_spec(keys)
+        if len(leaf.shape) == len(spec) + 1:  # delta mode: leading (Θ_I, Δ) axis
+            spec = P(None, *spec)
+        return NamedSharding(mesh, fit_spec(spec, tuple(leaf.shape), mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: ShardingConfig | None = None) -> NamedSharding:
+    rules = rules or ShardingConfig()
+    return NamedSharding(mesh, P(*rules.batch, *([None] * (ndim - 1))))
