@@ -6,10 +6,12 @@ Public surface (DESIGN 2.1); see README.md.
 from dami_jax.config import ConfigError, ModelConfig
 from dami_jax.checkpoint.hf import load_hf, save_hf
 from dami_jax.checkpoint.safetensors_io import CheckpointError
+from dami_jax.generate import GenerateOutput, Greedy, Sample, chat_prompt, generate, split_thinking
 from dami_jax.models.qwen3 import forward, init_params
 from dami_jax.models.sharding import ShardingConfig, make_mesh
 
 __all__ = [
-    "CheckpointError", "ConfigError", "ModelConfig", "ShardingConfig",
-    "forward", "init_params", "load_hf", "make_mesh", "save_hf",
+    "CheckpointError", "ConfigError", "GenerateOutput", "Greedy", "ModelConfig", "Sample",
+    "ShardingConfig", "chat_prompt", "forward", "generate", "init_params", "load_hf", "make_mesh",
+    "save_hf", "split_thinking",
 ]

@@ -1,0 +1,159 @@
+"""Batched generation: left-padded prompt buckets, one prefill call, one jitted decode loop.
+
+Rows advance in lock step. The decode loop is a `lax.while_loop` that stops when
+every row is done, the step limit is hit, or the KV cache is full; the cache is
+donated so XLA updates it in place, and params are an argument (not a closure)
+so one compiled program serves any weights of the same shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dami_jax.config import ModelConfig
+from dami_jax.generate.sampling import Greedy
+from dami_jax.models import qwen3
+from dami_jax.models.kv_cache import KVCache
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # (B, max_new_tokens) int32; row i valid up to lengths[i]
+    lengths: np.ndarray  # (B,) generated tokens, a produced stop token included
+    finish_reasons: list[str]  # "stop" (a stop token) or "length" (token limit or full cache)
+    cache_full: bool = False  # the KV cache filled before every row stopped
+
+    def token_lists(self) -> list[list[int]]:
+        return [self.tokens[i, : self.lengths[i]].tolist() for i in range(len(self.lengths))]
+
+
+@struct.dataclass
+class _State:
+    out: jax.Array  # (B, N) generated tokens
+    last: jax.Array  # (B,) last emitted token
+    done: jax.Array  # (B,) bool
+    stopped: jax.Array  # (B,) bool: ended by a stop token
+    lengths: jax.Array  # (B,)
+    step: jax.Array  # () number of tokens emitted per row so far
+    cache: KVCache
+
+
+def bucket_length(n: int, limit: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, limit)
+
+
+def left_pad(prompts: list[list[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        if p:
+            tokens[i, length - len(p):] = p
+            mask[i, length - len(p):] = 1
+    return tokens, mask
+
+
+def stop_table(stop_tokens, batch: int) -> np.ndarray:
+    """Stop ids as a (B, S) array padded with -1: one list for all rows, or one per row."""
+    rows = [list(stop_tokens)] * batch if not stop_tokens or np.isscalar(stop_tokens[0]) else list(stop_tokens)
+    if len(rows) != batch:
+        raise ValueError(f"stop_tokens has {len(rows)} rows for a batch of {batch}")
+    width = max([1] + [len(r) for r in rows])
+    table = np.full((batch, width), -1, np.int32)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    return table
+
+
+def _emit(state: _State, token, stops, max_new):
+    is_stop = jnp.any(token[:, None] == stops, axis=-1)
+    token = jnp.where(state.done, 0, token)
+    out = jax.lax.dynamic_update_slice(state.out, token[:, None], (0, state.step))
+    lengths = state.lengths + (~state.done).astype(jnp.int32)
+    stopped = state.stopped | (~state.done & is_stop)
+    done = state.done | is_stop | (state.step + 1 >= max_new)
+    return state.replace(out=out, last=token, done=done, stopped=stopped, lengths=lengths, step=state.step + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new", "cache_size"))
+def _prefill(cfg, params, tokens, mask, lam, stops, key, *, sampling, max_new, cache_size):
+    b = tokens.shape[0]
+    dtype = jax.tree.leaves(params)[0].dtype
+    cache = KVCache.init(cfg, b, cache_size, dtype)
+    logits, cache = qwen3.apply(cfg, params, tokens, mask, cache=cache, lam=lam)
+    first = sampling.next_tokens(logits[:, -1], jax.random.fold_in(key, 0))
+    state = _State(
+        out=jnp.zeros((b, max_new), jnp.int32), last=first, done=jnp.zeros((b,), bool),
+        stopped=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
+        step=jnp.zeros((), jnp.int32), cache=cache,
+    )
+    return _emit(state, first, stops, max_new)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new"), donate_argnames=("state",))
+def _decode(cfg, params, state, lam, stops, key, *, sampling, max_new):
+    def cond(s: _State):
+        return ~jnp.all(s.done) & (s.step < max_new) & (s.cache.index < s.cache.size)
+
+    def body(s: _State):
+        ones = jnp.ones((s.last.shape[0], 1), jnp.int32)
+        logits, cache = qwen3.apply(cfg, params, s.last[:, None], ones, cache=s.cache, lam=lam)
+        token = sampling.next_tokens(logits[:, -1], jax.random.fold_in(key, s.step))
+        return _emit(s.replace(cache=cache), token, stops, max_new)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
+             sampling=Greedy(), seed: int = 0, stop_tokens=None, lam=None,
+             max_cache: int | None = None) -> GenerateOutput:
+    """Generate up to `max_new_tokens` for each prompt (a list of token ids).
+
+    stop_tokens: ids ending a row (one list, or one list per row); default the
+    config's EOS ids. lam: one λ per row, for delta-mode params (DESIGN 2.2).
+    max_cache: KV cache slots (default prompt bucket + max_new_tokens, at most
+    the context length); a cache that fills ends every row with "length".
+    """
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = [list(map(int, p)) for p in prompts]
+    context = cfg.max_position_embeddings if max_cache is None else min(max_cache, cfg.max_position_embeddings)
+    longest = max(len(p) for p in prompts)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if longest >= context:
+        raise ValueError(
+            f"prompt of {longest} tokens does not fit the context of {context} tokens "
+            f"(max_position_embeddings={cfg.max_position_embeddings}) with room to generate"
+        )
+    bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+    width = bucket_length(longest, context - 1)
+    cache_size = min(width + max_new_tokens, context)
+    tokens, mask = left_pad(prompts, width)
+    stops = jnp.asarray(stop_table(cfg.eos_token_ids if stop_tokens is None else stop_tokens, len(prompts)))
+    if lam is not None:
+        lam = jnp.asarray(np.broadcast_to(np.asarray(lam, np.float32), (len(prompts),)))
+    key = jax.random.key(seed)
+    state = _prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), lam, stops, key,
+                     sampling=sampling, max_new=max_new_tokens, cache_size=cache_size)
+    state = _decode(cfg, params, state, lam, stops, key, sampling=sampling, max_new=max_new_tokens)
+    out, lengths, stopped = jax.device_get((state.out, state.lengths, state.stopped))
+    cache_full = bool(int(state.cache.index) >= cache_size and not np.all(stopped | (lengths >= max_new_tokens)))
+    reasons = ["stop" if s else "length" for s in stopped]
+    return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths), finish_reasons=reasons,
+                          cache_full=cache_full)
