@@ -86,13 +86,17 @@ def _emit(state: _State, token, stops, max_new):
     return state.replace(out=out, last=token, done=done, stopped=stopped, lengths=lengths, step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new", "cache_size"))
-def _prefill(cfg, params, tokens, mask, lam, stops, key, *, sampling, max_new, cache_size):
+def _row_keys(key, row_ids, step):
+    """Per-row keys from (seed, row id, step): draws do not depend on batch layout."""
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), step))(row_ids)
+
+
+def _prefill_impl(cfg, params, tokens, mask, lam, stops, key, row_ids, *, sampling, max_new, cache_size):
     b = tokens.shape[0]
     dtype = jax.tree.leaves(params)[0].dtype
     cache = KVCache.init(cfg, b, cache_size, dtype)
     logits, cache = qwen3.apply(cfg, params, tokens, mask, cache=cache, lam=lam)
-    first = sampling.next_tokens(logits[:, -1], jax.random.fold_in(key, 0))
+    first = sampling.next_tokens(logits[:, -1], _row_keys(key, row_ids, 0))
     state = _State(
         out=jnp.zeros((b, max_new), jnp.int32), last=first, done=jnp.zeros((b,), bool),
         stopped=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
@@ -101,39 +105,41 @@ def _prefill(cfg, params, tokens, mask, lam, stops, key, *, sampling, max_new, c
     return _emit(state, first, stops, max_new)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new"), donate_argnames=("state",))
-def _decode(cfg, params, state, lam, stops, key, *, sampling, max_new):
+def _decode_impl(cfg, params, state, lam, stops, key, row_ids, *, sampling, max_new):
     def cond(s: _State):
         return ~jnp.all(s.done) & (s.step < max_new) & (s.cache.index < s.cache.size)
 
     def body(s: _State):
         ones = jnp.ones((s.last.shape[0], 1), jnp.int32)
         logits, cache = qwen3.apply(cfg, params, s.last[:, None], ones, cache=s.cache, lam=lam)
-        token = sampling.next_tokens(logits[:, -1], jax.random.fold_in(key, s.step))
+        token = sampling.next_tokens(logits[:, -1], _row_keys(key, row_ids, s.step))
         return _emit(s.replace(cache=cache), token, stops, max_new)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
-             sampling=Greedy(), seed: int = 0, stop_tokens=None, lam=None,
-             max_cache: int | None = None) -> GenerateOutput:
-    """Generate up to `max_new_tokens` for each prompt (a list of token ids).
+@functools.lru_cache(maxsize=64)
+def _compiled(cfg, sampling, max_new, cache_size, stacked: bool):
+    """Jitted prefill and decode; `stacked` vmaps both over a leading model axis K."""
+    prefill = functools.partial(_prefill_impl, cfg, sampling=sampling, max_new=max_new, cache_size=cache_size)
+    decode = functools.partial(_decode_impl, cfg, sampling=sampling, max_new=max_new)
+    if stacked:  # params, tokens, mask, lam, stops and row ids carry K; the seed is shared
+        prefill = jax.vmap(prefill, in_axes=(0, 0, 0, 0, 0, None, 0))
+        decode = jax.vmap(decode, in_axes=(0, 0, 0, 0, None, 0))
+    return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
 
-    stop_tokens: ids ending a row (one list, or one list per row); default the
-    config's EOS ids. lam: one λ per row, for delta-mode params (DESIGN 2.2).
-    max_cache: KV cache slots (default prompt bucket + max_new_tokens, at most
-    the context length); a cache that fills ends every row with "length".
-    """
+
+def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, max_cache: int | None):
+    """Validate prompts; returns (prompts as int lists, bucket width, cache size)."""
     if not prompts:
         raise ValueError("prompts is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompts = [list(map(int, p)) for p in prompts]
-    context = cfg.max_position_embeddings if max_cache is None else min(max_cache, cfg.max_position_embeddings)
-    longest = max(len(p) for p in prompts)
+    prompts = [[int(t) for t in p] for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    context = cfg.max_position_embeddings if max_cache is None else min(max_cache, cfg.max_position_embeddings)
+    longest = max(len(p) for p in prompts)
     if longest >= context:
         raise ValueError(
             f"prompt of {longest} tokens does not fit the context of {context} tokens "
@@ -143,17 +149,81 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens:
     if bad:
         raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
     width = bucket_length(longest, context - 1)
-    cache_size = min(width + max_new_tokens, context)
+    return prompts, width, min(width + max_new_tokens, context)
+
+
+def _output(state, max_new_tokens: int, cache_size: int) -> GenerateOutput:
+    out, lengths, stopped, index = jax.device_get((state.out, state.lengths, state.stopped, state.cache.index))
+    unfinished = ~(stopped | (lengths >= max_new_tokens))
+    return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths),
+                          finish_reasons=["stop" if s else "length" for s in stopped],
+                          cache_full=bool(int(index) >= cache_size and unfinished.any()))
+
+
+def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
+             sampling=Greedy(), seed: int = 0, stop_tokens=None, lam=None,
+             max_cache: int | None = None, row_ids=None) -> GenerateOutput:
+    """Generate up to `max_new_tokens` for each prompt (a list of token ids).
+
+    stop_tokens: ids ending a row (one list, or one list per row); default the
+    config's EOS ids. lam: one λ per row, for delta-mode params (DESIGN 2.2).
+    max_cache: KV cache slots (default prompt bucket + max_new_tokens, at most
+    the context length); a cache that fills ends every row with "length" and
+    sets `cache_full`. row_ids: the id seeding each row's sampling (default
+    0..B-1), so a row samples the same tokens whatever batch it is in.
+    """
+    prompts, width, cache_size = _check_prompts(cfg, prompts, max_new_tokens, max_cache)
+    b = len(prompts)
     tokens, mask = left_pad(prompts, width)
-    stops = jnp.asarray(stop_table(cfg.eos_token_ids if stop_tokens is None else stop_tokens, len(prompts)))
+    stops = stop_table(cfg.eos_token_ids if stop_tokens is None else stop_tokens, b)
+    row_ids = np.arange(b) if row_ids is None else np.asarray(row_ids)
     if lam is not None:
-        lam = jnp.asarray(np.broadcast_to(np.asarray(lam, np.float32), (len(prompts),)))
+        lam = jnp.asarray(np.broadcast_to(np.asarray(lam, np.float32), (b,)))
+    prefill, decode = _compiled(cfg, sampling, max_new_tokens, cache_size, stacked=False)
     key = jax.random.key(seed)
-    state = _prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), lam, stops, key,
-                     sampling=sampling, max_new=max_new_tokens, cache_size=cache_size)
-    state = _decode(cfg, params, state, lam, stops, key, sampling=sampling, max_new=max_new_tokens)
-    out, lengths, stopped = jax.device_get((state.out, state.lengths, state.stopped))
-    cache_full = bool(int(state.cache.index) >= cache_size and not np.all(stopped | (lengths >= max_new_tokens)))
-    reasons = ["stop" if s else "length" for s in stopped]
-    return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths), finish_reasons=reasons,
-                          cache_full=cache_full)
+    args = (jnp.asarray(stops), key, jnp.asarray(row_ids, jnp.int32))
+    state = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), lam, *args)
+    state = decode(params, state, lam, *args)
+    return _output(state, max_new_tokens, cache_size)
+
+
+def generate_stacked(cfg: ModelConfig, stacked_params, prompt_groups: list[list[list[int]]],
+                     max_new_tokens: int, sampling=Greedy(), seed: int = 0, stop_tokens=None,
+                     max_cache: int | None = None, row_id_groups=None) -> list[GenerateOutput]:
+    """One compiled program for K models stacked on a leading axis (e.g. K values of λ).
+
+    prompt_groups[k] is the batch for model k; groups are padded to one size
+    (padding rows are dropped from the outputs). Returns one output per model.
+    """
+    k = len(prompt_groups)
+    lead = {x.shape[0] for x in jax.tree.leaves(stacked_params)}
+    if lead != {k}:
+        raise ValueError(f"stacked params lead with {sorted(lead)}, expected {k} (one per prompt group)")
+    sizes = [len(g) for g in prompt_groups]
+    if min(sizes) == 0:
+        raise ValueError("every prompt group needs at least one prompt")
+    g = max(sizes)
+    flat, width, cache_size = _check_prompts(cfg, [p for grp in prompt_groups for p in grp], max_new_tokens, max_cache)
+    groups, pos = [], 0
+    for size in sizes:
+        rows = flat[pos: pos + size]
+        groups.append(rows + [rows[0]] * (g - size))
+        pos += size
+    padded = [left_pad(rows, width) for rows in groups]
+    tokens = np.stack([t for t, _ in padded])
+    mask = np.stack([m for _, m in padded])
+    stops = np.stack([stop_table(cfg.eos_token_ids if stop_tokens is None else stop_tokens, g)] * k)
+    if row_id_groups is None:
+        row_id_groups = [list(range(size)) for size in sizes]
+    row_ids = np.stack([list(r) + [0] * (g - len(r)) for r in row_id_groups]).astype(np.int32)
+    prefill, decode = _compiled(cfg, sampling, max_new_tokens, cache_size, stacked=True)
+    key = jax.random.key(seed)
+    state = prefill(stacked_params, jnp.asarray(tokens), jnp.asarray(mask), None, jnp.asarray(stops), key,
+                    jnp.asarray(row_ids))
+    state = decode(stacked_params, state, None, jnp.asarray(stops), key, jnp.asarray(row_ids))
+    outs = []
+    for i, size in enumerate(sizes):
+        one = jax.tree.map(lambda x: x[i], state)
+        o = _output(one, max_new_tokens, cache_size)
+        outs.append(GenerateOutput(o.tokens[:size], o.lengths[:size], o.finish_reasons[:size], o.cache_full))
+    return outs

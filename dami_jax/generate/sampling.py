@@ -1,4 +1,4 @@
-"""Sampling methods: tiny frozen dataclasses sharing `next_tokens(logits, key)`.
+"""Sampling methods: tiny frozen dataclasses sharing `next_tokens(logits, keys)`.
 
 Order as in HF transformers: temperature, then top-k, then top-p.
 """
@@ -15,8 +15,8 @@ _NEG = -jnp.inf
 
 @dataclasses.dataclass(frozen=True)
 class Greedy:
-    def next_tokens(self, logits_bv: jax.Array, key: jax.Array) -> jax.Array:
-        del key
+    def next_tokens(self, logits_bv: jax.Array, keys_b: jax.Array) -> jax.Array:
+        del keys_b
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
 
@@ -44,8 +44,10 @@ class Sample:
             x = top_p_filter(x, self.top_p)
         return x
 
-    def next_tokens(self, logits_bv: jax.Array, key: jax.Array) -> jax.Array:
-        return jax.random.categorical(key, self.filtered_logits(logits_bv), axis=-1).astype(jnp.int32)
+    def next_tokens(self, logits_bv: jax.Array, keys_b: jax.Array) -> jax.Array:
+        """One key per row, so a row's draws do not depend on the rest of the batch."""
+        x = self.filtered_logits(logits_bv)
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys_b, x).astype(jnp.int32)
 
 
 def top_p_filter(x_bv: jax.Array, top_p: float) -> jax.Array:
