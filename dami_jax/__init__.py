@@ -7,11 +7,15 @@ from dami_jax.config import ConfigError, ModelConfig
 from dami_jax.checkpoint.hf import load_hf, save_hf
 from dami_jax.checkpoint.safetensors_io import CheckpointError
 from dami_jax.generate import GenerateOutput, Greedy, Sample, chat_prompt, generate, split_thinking
+from dami_jax.interpolate import delta_params, interpolate
 from dami_jax.models.qwen3 import forward, init_params
+from dami_jax.pair import ModelPair, PairMismatchError, generate_pair, load_pair, sweep
+from dami_jax.schedule import Schedule
 from dami_jax.models.sharding import ShardingConfig, make_mesh
 
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerateOutput", "Greedy", "ModelConfig", "Sample",
-    "ShardingConfig", "chat_prompt", "forward", "generate", "init_params", "load_hf", "make_mesh",
-    "save_hf", "split_thinking",
+    "CheckpointError", "ConfigError", "GenerateOutput", "Greedy", "ModelConfig", "ModelPair",
+    "PairMismatchError", "Sample", "Schedule", "ShardingConfig", "chat_prompt", "delta_params",
+    "forward", "generate", "generate_pair", "init_params", "interpolate", "load_hf", "load_pair",
+    "make_mesh", "save_hf", "split_thinking", "sweep",
 ]

@@ -148,7 +148,8 @@ def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, max_cache: in
     bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
-    width = bucket_length(longest, context - 1)
+    # Padding must leave room for max_new_tokens when the prompt itself does.
+    width = bucket_length(longest, max(longest, context - max_new_tokens))
     return prompts, width, min(width + max_new_tokens, context)
 
 

@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dami_jax.config import ModelConfig
@@ -315,6 +316,11 @@ def forward(cfg: ModelConfig, params: Params, tokens, attention_mask=None, lam=N
 
     attention_mask: (B, T) with 1 for real tokens and 0 for (left) padding.
     """
+    if not isinstance(tokens, jax.core.Tracer):
+        arr = np.asarray(tokens)
+        if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+            bad = arr.min() if arr.min() < 0 else arr.max()
+            raise ValueError(f"token id {int(bad)} outside the vocabulary [0, {cfg.vocab_size})")
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")

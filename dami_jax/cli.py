@@ -1,0 +1,100 @@
+"""The `dami` command: convert, merge, generate, demo, toyworld, ...
+
+Each subcommand is a small function over the library; heavy imports happen
+inside them so `dami --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _convert(args) -> None:
+    from dami_jax.checkpoint.hf import load_hf, resolve_model_dir
+    from dami_jax.checkpoint.store import save_params
+    from dami_jax.config import ModelConfig
+
+    src = resolve_model_dir(args.src)
+    cfg = ModelConfig.from_hf(src)
+    params = load_hf(src, dtype=args.dtype, cfg=cfg)
+    out = save_params(cfg, params, args.out, source=src)
+    print(f"converted {src} -> {out} ({args.dtype})")
+
+
+def _generate(args) -> None:
+    from dami_jax.generate import Greedy, Sample, chat_prompt, split_thinking
+    from dami_jax.pair import generate_pair, load_pair
+
+    pair = load_pair(args.instruct, args.thinking, dtype=args.dtype)
+    prompts = [chat_prompt(pair.tokenizer, q) for q in args.prompt]
+    sampling = Greedy() if args.temperature == 0 else Sample(args.temperature, args.top_k, args.top_p)
+    out = generate_pair(pair, prompts, args.lam, args.max_new_tokens, mode=args.mode,
+                        sampling=sampling, seed=args.seed)
+    for q, ids, reason in zip(args.prompt, out.token_lists(), out.finish_reasons):
+        thinking, answer = split_thinking(pair.tokenizer.decode(ids, skip_special_tokens=False))
+        print(json.dumps({"prompt": q, "lam": args.lam, "thinking": thinking, "answer": answer,
+                          "tokens": len(ids), "finish_reason": reason}, ensure_ascii=False))
+
+
+def _demo(args) -> None:
+    from dami_jax.toyworld.demo import run_demo
+
+    run_demo(args.out, pair_dir=args.pair, per_k=args.per_k)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dami", description="DAMI: dynamic model interpolation in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="HF safetensors -> Orbax params checkpoint (fast launches)")
+    p.add_argument("src", help="HF model directory or hub id")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("generate", help="answer prompts at a given λ")
+    p.add_argument("--instruct", required=True)
+    p.add_argument("--thinking", required=True)
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--mode", choices=["delta", "merged"], default="merged")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("demo", help="static λ sweep on the shipped toy Instruct/Thinking pair")
+    p.add_argument("--out", default=None, help="write sweep.json and pareto.png here")
+    p.add_argument("--pair", default=None, help="a toy pair directory (default: the shipped one)")
+    p.add_argument("--per-k", type=int, default=100, help="held-out problems per difficulty k")
+    p.set_defaults(func=_demo)
+
+    for register in _optional_commands():
+        register(sub)
+    return parser
+
+
+def _optional_commands():
+    """Subcommands defined next to the code they drive."""
+    from dami_jax import merge
+
+    yield merge.add_merge_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+        print(f"dami {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

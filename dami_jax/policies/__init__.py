@@ -1,0 +1,24 @@
+"""λ policies (DESIGN 1.1): one interface, `policy(prompts, pair) -> PolicyResult`.
+
+    policy = build_policy("static:0.8")                 # or "conf:PATH", "routing:0.3:PATH", a dict
+    result = policy(prompts, pair)                       # result.lam (B,), result.info {name: (B,)}
+    cal = calibrate_conf(pair, calibration_prompts)      # DAMI-Conf μ, τ without labels
+    cal.save(PATH)
+"""
+
+from dami_jax.policies.base import (
+    MODULES, Policy, PolicyResult, build_policy, known_policies, pair_fingerprint, register_policy,
+)
+from dami_jax.policies.calibrate import (
+    Calibration, calibrate_conf, fit_conf_supervised, logistic_fit, quantile_calibration,
+)
+from dami_jax.policies.conf import ConfConfig, ConfPolicy, conf_signals, load_conf_config, score_prompts
+from dami_jax.policies.routing import RoutingPolicy, routing_threshold
+from dami_jax.policies.static import StaticPolicy
+
+__all__ = [
+    "MODULES", "Calibration", "ConfConfig", "ConfPolicy", "Policy", "PolicyResult", "RoutingPolicy",
+    "StaticPolicy", "build_policy", "calibrate_conf", "conf_signals", "fit_conf_supervised",
+    "known_policies", "load_conf_config", "logistic_fit", "pair_fingerprint", "quantile_calibration",
+    "register_policy", "routing_threshold", "score_prompts",
+]

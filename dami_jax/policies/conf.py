@@ -1,0 +1,217 @@
+"""DAMI-Conf (DESIGN 1.2): λ from the Instruct model's uncertainty and the pair's disagreement.
+
+`conf_signals` is the whole scoring as one jitted function of (params_I, params_T,
+tokens, mask). The Instruct model greedily writes a probe of P tokens y_1..y_P;
+the Thinking model is teacher-forced on the same tokens in lock step (both hold
+a KV cache), so position j has p_I = P_I(·|prompt, y_<j) and p_T likewise —
+exactly the distributions of teacher forcing on prompt + probe. Per position:
+  A = H(p_I)/log|V|,  D = JS(p_I, p_T)/log 2,  M = 1 − max p_I.
+Position j is content iff y_j (the token it predicts; y_j = argmax p_I since the
+probe is greedy) is not a format token and the probe has not ended before j.
+The EOS position itself is a format position. Format tokens: the stop ids, the
+tokenizer's special and added tokens and `exclude_tokens` (configurable). The
+signals are aggregated (mean or max) over content positions, 0 when there is
+none (`n_content` = 0 flags it), and
+  s = w_A·A + w_D·D + w_M·M,  λ = λ_min + (λ_max − λ_min)·σ((s − μ)/τ).
+μ and τ come from a `Calibration` (calibrate.py), which this policy requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dami_jax.config import ConfigError, load_yaml
+from dami_jax.generate.decode import bucket_length, left_pad
+from dami_jax.models.kv_cache import KVCache
+from dami_jax.models.qwen3 import apply
+from dami_jax.policies.base import Policy, PolicyResult, register_policy
+
+DEFAULT_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "policy_conf.yaml")
+SIGNALS = ("entropy", "js", "maxprob")
+INFO = ("score", "entropy", "js", "maxprob", "n_content", "probe_len")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfConfig:
+    probe_tokens: int = 16  # P
+    aggregate: str = "mean"  # over content positions: "mean" or "max"
+    w_entropy: float = 1.0  # w_A
+    w_js: float = 1.0  # w_D
+    w_maxprob: float = 0.0  # w_M
+    lam_min: float = 0.0
+    lam_max: float = 1.0
+    rho: float = 0.5  # target share of "hard" queries: μ = quantile of s at 1 − ρ
+    tau_per_iqr: float = 1.0 / (2.0 * math.log(3.0))  # τ = tau_per_iqr · IQR(s)
+    min_tau: float = 1e-4
+    route_share: float = 0.5  # routing baseline: share of queries sent to Thinking
+    exclude_special: bool = True  # tokenizer.all_special_ids + added tokens flagged special
+    exclude_added: bool = True  # tokenizer.get_added_vocab()
+    exclude_tokens: tuple[str, ...] = ("<think>", "</think>")
+    exclude_ids: tuple[int, ...] = ()
+    batch_size: int = 32
+    calibration: str | None = None  # default calibration JSON for `conf` / `routing`
+
+    def __post_init__(self):
+        checks = [
+            (self.probe_tokens >= 1, "probe_tokens must be >= 1"),
+            (self.aggregate in ("mean", "max"), "aggregate must be 'mean' or 'max'"),
+            (all(math.isfinite(w) for w in self.weights), "weights must be finite"),
+            (0.0 <= self.lam_min <= self.lam_max <= 1.0, "need 0 <= lam_min <= lam_max <= 1"),
+            (0.0 < self.rho < 1.0, "rho must be in (0, 1)"),
+            (self.tau_per_iqr > 0 and self.min_tau > 0, "tau_per_iqr and min_tau must be > 0"),
+            (0.0 <= self.route_share <= 1.0, "route_share must be in [0, 1]"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"ConfConfig: {msg} (got {self})")
+
+    @property
+    def weights(self) -> tuple[float, float, float]:
+        return (self.w_entropy, self.w_js, self.w_maxprob)
+
+
+def load_conf_config(path: str | os.PathLike | None = None, overrides=()) -> ConfConfig:
+    """configs/policy_conf.yaml (or `path`) + dotted overrides; defaults if the file is absent."""
+    if path is None:
+        path = DEFAULT_YAML if os.path.isfile(DEFAULT_YAML) else None
+    return load_yaml(ConfConfig, path, overrides)
+
+
+# ---------------------------------------------------------------------------
+# The jitted scoring.
+
+def position_signals(logits_i, logits_t):
+    """(A, D, M) at one position from (..., V) float32 logits of both models."""
+    lp_i, lp_t = jax.nn.log_softmax(logits_i, -1), jax.nn.log_softmax(logits_t, -1)
+    p_i, p_t = jnp.exp(lp_i), jnp.exp(lp_t)
+    ent = -jnp.sum(p_i * lp_i, -1) / math.log(logits_i.shape[-1])
+    lp_m = jnp.logaddexp(lp_i, lp_t) - math.log(2.0)
+    js = 0.5 * jnp.sum(p_i * (lp_i - lp_m), -1) + 0.5 * jnp.sum(p_t * (lp_t - lp_m), -1)
+    return ent, jnp.clip(js / math.log(2.0), 0.0, 1.0), 1.0 - jnp.max(p_i, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "probe_len"))
+def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_ids, coeffs, *,
+                 probe_len: int) -> dict:
+    """Probe, per-position and aggregated signals, score and λ for a left-padded batch.
+
+    exclude_ids / stop_ids: 1-D int arrays (-1 padded). coeffs: float32
+    [w_A, w_D, w_M, μ, τ, λ_min, λ_max, 1 for max else mean aggregation]
+    (traced: recalibrating or changing the aggregation does not recompile).
+    """
+    b, t = tokens_bt.shape
+    caches = [KVCache.init(cfg, b, t + probe_len, jax.tree.leaves(p)[0].dtype) for p in (params_i, params_t)]
+    li, ci = apply(cfg, params_i, tokens_bt, mask_bt, cache=caches[0])
+    lt, ct = apply(cfg, params_t, tokens_bt, mask_bt, cache=caches[1])
+
+    def emit(li, lt, ended):  # the probe token at this position and its signals
+        tok = jnp.where(ended, 0, jnp.argmax(li, -1).astype(jnp.int32))
+        return tok, (tok, ~ended, *position_signals(li, lt)), ended | jnp.isin(tok, stop_ids)
+
+    def step(carry, _):
+        tok, ci, ct, ended = carry
+        ones = jnp.ones((b, 1), jnp.int32)
+        li, ci = apply(cfg, params_i, tok[:, None], ones, cache=ci)
+        lt, ct = apply(cfg, params_t, tok[:, None], ones, cache=ct)
+        tok, out, ended = emit(li[:, -1], lt[:, -1], ended)
+        return (tok, ci, ct, ended), out
+
+    tok, first, ended = emit(li[:, -1], lt[:, -1], jnp.zeros((b,), bool))
+    _, rest = jax.lax.scan(step, (tok, ci, ct, ended), None, length=probe_len - 1)
+    probe, valid, ent, js, maxp = (jnp.concatenate([f[:, None], r.T], 1) for f, r in zip(first, rest))
+    content = valid & ~jnp.isin(probe, exclude_ids)
+    n = jnp.sum(content, 1)
+
+    def agg(x):
+        x = jnp.where(content, x, 0.0)
+        return jnp.where(coeffs[7] > 0, jnp.max(x, 1), jnp.sum(x, 1) / jnp.maximum(n, 1))
+
+    a, d, m = agg(ent), agg(js), agg(maxp)
+    score = coeffs[0] * a + coeffs[1] * d + coeffs[2] * m
+    lam = coeffs[5] + (coeffs[6] - coeffs[5]) * jax.nn.sigmoid((score - coeffs[3]) / coeffs[4])
+    return dict(probe=probe, probe_len=jnp.sum(valid, 1), content=content, entropy_pos=ent, js_pos=js,
+                maxprob_pos=maxp, entropy=a, js=d, maxprob=m, n_content=n, score=score, lam=lam)
+
+
+# ---------------------------------------------------------------------------
+# Host side: format-token ids, batching.
+
+def format_token_ids(pair, cfg: ConfConfig) -> list[int]:
+    """Ids whose positions are excluded: stop ids, `exclude_ids`, and from the
+    tokenizer (when the pair has one) special/added tokens and `exclude_tokens`."""
+    ids = set(int(i) for i in cfg.exclude_ids) | set(int(i) for i in pair.stop_tokens)
+    tok = pair.tokenizer
+    if tok is not None:
+        if cfg.exclude_special:  # declared special tokens and added tokens flagged special
+            ids |= set(tok.all_special_ids)
+            ids |= {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        if cfg.exclude_added:
+            ids |= set(tok.get_added_vocab().values())
+        vocab = tok.get_vocab()
+        ids |= {vocab[s] for s in cfg.exclude_tokens if s in vocab}
+    return sorted(i for i in ids if 0 <= i < pair.cfg.vocab_size)
+
+
+def _padded_ids(ids) -> jax.Array:
+    """-1 padded to a power of two (>= 16), so id sets of similar size share one compile."""
+    ids = list(ids)
+    return jnp.asarray(ids + [-1] * (bucket_length(len(ids), 1 << 30) - len(ids)), jnp.int32)
+
+
+def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 1.0) -> dict:
+    """`conf_signals` over `prompts` in batches of cfg.batch_size; numpy arrays, one row per prompt."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("conf scoring needs a non-empty list of non-empty prompts")
+    context, probe = pair.cfg.max_position_embeddings, cfg.probe_tokens
+    if max(map(len, prompts)) + probe > context:
+        raise ValueError(f"prompt of {max(map(len, prompts))} tokens + a probe of {probe} exceeds the "
+                         f"context of {context} tokens")
+    excl, stops = _padded_ids(format_token_ids(pair, cfg)), _padded_ids(pair.stop_tokens)
+    coeffs = jnp.asarray([*cfg.weights, mu, tau, cfg.lam_min, cfg.lam_max, cfg.aggregate == "max"], jnp.float32)
+    arch = dataclasses.replace(pair.cfg, eos_token_ids=(), bos_token_id=None, pad_token_id=None)
+    outs = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start: start + cfg.batch_size]
+        rows = min(cfg.batch_size, bucket_length(len(chunk), cfg.batch_size))  # few batch shapes
+        width = bucket_length(max(map(len, chunk)), context - probe)
+        tokens, mask = left_pad(chunk + [chunk[-1]] * (rows - len(chunk)), width)
+        out = conf_signals(arch, pair.instruct, pair.thinking, jnp.asarray(tokens), jnp.asarray(mask),
+                           excl, stops, coeffs, probe_len=probe)
+        outs.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(out).items()})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+# ---------------------------------------------------------------------------
+# The policy.
+
+class ConfPolicy(Policy):
+    """λ per query from a calibration (its ConfConfig is the policy's config)."""
+
+    def __init__(self, calibration, path: str | None = None):
+        self.calibration = calibration
+        self.spec = f"conf:{path}" if path else "conf"
+
+    def __call__(self, prompts, pair) -> PolicyResult:
+        cal = self.calibration
+        cal.check(pair)
+        out = score_prompts(pair, prompts, cal.conf, cal.mu, cal.tau)
+        return PolicyResult(out["lam"], {k: out[k] for k in INFO})
+
+
+def make_conf(pair=None, calibration: str | None = None, config: str | None = None) -> ConfPolicy:
+    from dami_jax.policies.calibrate import resolve_calibration
+
+    cal, path = resolve_calibration(calibration, config, pair)
+    return ConfPolicy(cal, path)
+
+
+register_policy("conf", make_conf, lambda args: {"calibration": ":".join(args)})

@@ -1,0 +1,95 @@
+"""ServeConfig: the server's settings as a frozen dataclass (configs/serve.yaml + dotted overrides)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+
+from dami_jax.config import ConfigError, load_yaml
+
+DEFAULT_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "serve.yaml")
+
+# Served model name -> policy spec (dami_jax.policies.build_policy). Names whose
+# policy does not load (no calibration, no trained reward model) are not served.
+DEFAULT_POLICIES = {
+    "dami-instruct": "static:0",
+    "dami-static-0.5": "static:0.5",
+    "dami-static-0.8": "static:0.8",
+    "dami-thinking": "static:1",
+    "dami-conf": "conf",
+    "dami-routing": "routing",
+    "dami-pref": "pref",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    # Model pair: HF directories or hub ids; both null serves the toy pair.
+    instruct: str | None = None
+    thinking: str | None = None
+    dtype: str = "float32"
+    tokenizer: str = "thinking"  # whose tokenizer and chat template: thinking | instruct | a path
+    # Network and safety.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # Bearer key; required when host is not a loopback address
+    max_body_bytes: int = 1 << 20
+    request_timeout_s: float = 300.0
+    # Engine.
+    slots: int = 8  # decode batch: requests (choices) generating at once
+    max_seq_len: int = 0  # slot cache positions (prompt + output); 0: the model's context, at most 4096
+    max_queue: int = 64  # requests waiting for a slot; more get 429
+    retry_after_s: int = 1  # Retry-After header of a 429
+    max_n: int = 4  # choices per request
+    warmup: bool = True  # compile prefill/insert/step before serving
+    # Request defaults (OpenAI semantics: temperature 1, no top-k / top-p).
+    default_max_tokens: int = 0  # 0: fill the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    reasoning_lambda: float = 0.5  # streaming: text before `</think>` is reasoning when λ >= this
+    policies: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    default_model: str = "dami-static-0.8"  # used when a request names no model
+
+    def __post_init__(self):
+        checks = [
+            (self.slots >= 1, "slots must be >= 1"),
+            (self.max_seq_len >= 0, "max_seq_len must be >= 0 (0: the model's context)"),
+            (self.max_queue >= 0, "max_queue must be >= 0"),
+            (self.max_n >= 1, "max_n must be >= 1"),
+            (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
+            (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
+            (0 < self.port < 65536, "port must be in 1..65535"),
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.reasoning_lambda <= 1, "reasoning_lambda must be in [0, 1]"),
+            ((self.instruct is None) == (self.thinking is None), "give both instruct and thinking, or neither"),
+            (isinstance(self.policies, dict) and all(isinstance(k, str) and isinstance(v, (str, dict))
+                                                     for k, v in self.policies.items()),
+             "policies must map model names to policy specs"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"ServeConfig: {msg}")
+
+    def check_bind(self) -> None:
+        """Refuse to listen beyond loopback without an API key."""
+        if self.api_key:
+            return
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = self.host == "localhost"
+        if not loopback:
+            raise ConfigError(f"refusing to bind {self.host} without an API key: pass --api-key KEY "
+                              "(or api_key in the config), or bind 127.0.0.1")
+
+
+def load_serve_config(path: str | os.PathLike | None = None, overrides=()) -> ServeConfig:
+    """configs/serve.yaml (or `path`) + dotted overrides such as `slots=16`."""
+    if path is None and os.path.isfile(DEFAULT_YAML):
+        path = DEFAULT_YAML
+    return load_yaml(ServeConfig, path, overrides)

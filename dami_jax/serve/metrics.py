@@ -1,0 +1,63 @@
+"""Prometheus metrics of the server, on a registry of its own (several apps can share a process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LAM_BUCKETS = tuple(round(0.1 * i, 1) for i in range(11))
+_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_OCC_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dami_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("dami_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.completion_tokens = Counter("dami_completion_tokens", "tokens generated", registry=r)
+        self.lam = Histogram("dami_lambda", "λ used per request", ["policy"], buckets=_LAM_BUCKETS, registry=r)
+        self.queue_depth = Gauge("dami_queue_depth", "requests waiting for a decode slot", registry=r)
+        self.active_slots = Gauge("dami_active_slots", "decode slots holding a request", registry=r)
+        self.ttft = Histogram("dami_time_to_first_token_seconds", "submit to first token",
+                              buckets=_TIME_BUCKETS, registry=r)
+        self.latency = Histogram("dami_request_latency_seconds", "whole request, by endpoint", ["endpoint"],
+                                 buckets=_TIME_BUCKETS, registry=r)
+        self.occupancy = Histogram("dami_batch_occupancy", "share of slots busy per decode step",
+                                   buckets=_OCC_BUCKETS, registry=r)
+        self.steps = Counter("dami_decode_steps", "decode steps", registry=r)
+        self.rejected = Counter("dami_rejected", "requests refused by reason", ["reason"], registry=r)
+
+    # Engine thread.
+    def admitted(self, req, lam: float) -> None:
+        self.prompt_tokens.inc(len(req.prompt))
+        self.lam.labels(getattr(req.policy, "spec", None) or "explicit").observe(lam)
+        if req.t_first is not None:
+            self.ttft.observe(req.t_first - req.t_submit)
+
+    def step(self, busy: int, slots: int) -> None:
+        self.steps.inc()
+        self.active_slots.set(busy)
+        self.occupancy.observe(busy / slots)
+
+    def tokens(self, n: int) -> None:
+        self.completion_tokens.inc(n)
+
+    def queue(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    # HTTP side.
+    def request(self, endpoint: str, status: int, started: float | None = None) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        if started is not None:
+            self.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,139 @@
+"""Pure jitted functions of the continuous-batching engine: prefill, insert, step.
+
+The decode batch is B fixed *slots*. Each slot owns one row of a slot cache of
+S positions with its own write index and RoPE position, so rows need not move
+in lock step (the model's `KVCache` shares one index across rows). The model
+is called on every row as a batch of one and the call is vmapped over slots:
+
+    cache.k[l]: (B, S, K, H)   valid: (B, S)   index: (B,)   next_pos: (B,)
+
+Under vmap the per-row `dynamic_update_slice` at the row's own index becomes
+one scatter, and the params (unbatched) are shared by all rows: a step is one
+batched matmul per weight, like lock-step decoding. In delta mode every row
+computes with its own λ (DESIGN 2.2), so any mix of λ shares one step.
+
+Sampling per row (temperature, top-k, top-p as (B,) arrays; temperature 0 is
+greedy) in HF order, with the key of row r at step t = fold_in(fold_in(key(seed),
+r), t): the scheme of `generate`, so a request reproduces `generate_pair`.
+A slot holding no request keeps computing garbage that nobody reads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dami_jax.config import ModelConfig
+from dami_jax.models import qwen3
+from dami_jax.models.kv_cache import KVCache
+
+
+@struct.dataclass
+class SlotState:
+    cache: KVCache  # index and next_pos are (B,): one per slot
+    last: jax.Array  # (B,) int32 last sampled token (the next step's input)
+    step: jax.Array  # (B,) int32 tokens emitted so far (the sampling key's step)
+    keys: jax.Array  # (B, 2) uint32 raw key data of fold_in(key(seed), row id)
+
+
+def init_state(cfg: ModelConfig, slots: int, size: int, dtype) -> SlotState:
+    cache = KVCache.init(cfg, slots, size, dtype)
+    cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))  # distinct buffers: all are donated
+    return SlotState(cache=cache, last=jnp.zeros((slots,), jnp.int32), step=jnp.zeros((slots,), jnp.int32),
+                     keys=jnp.zeros((slots, 2), jnp.uint32))
+
+
+def sample_rows(logits_bv, keys_b, temp_b, top_k_b, top_p_cut_b):
+    """Per-row temperature -> top-k -> top-p (HF order); temperature <= 0: argmax.
+
+    top_p_cut_b = 1 − top_p, computed on the host in float64 as `Sample` does.
+    Matches `Sample.next_tokens` / `Greedy` row by row for the same keys. One
+    ascending sort serves both filters (entries cut by top-k sort first anyway),
+    and it is skipped when no row filters.
+    """
+    logits_bv = logits_bv.astype(jnp.float32)
+    greedy = temp_b <= 0
+    x = logits_bv / jnp.where(greedy, 1.0, temp_b)[:, None]
+
+    def filtered(x):
+        b, v = x.shape
+        order = jnp.argsort(x, axis=-1)  # ascending, stable
+        asc = jnp.take_along_axis(x, order, axis=-1)
+        kth = jnp.take_along_axis(asc, jnp.clip(v - top_k_b, 0, v - 1)[:, None], axis=-1)
+        cut_k = (top_k_b[:, None] > 0) & (x < kth)
+        asc = jnp.where((top_k_b[:, None] > 0) & (asc < kth), -jnp.inf, asc)
+        cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+        drop_sorted = (cum <= top_p_cut_b[:, None]).at[:, -1].set(False)
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(b)[:, None], order].set(drop_sorted)
+        return jnp.where(cut_k | ((top_p_cut_b[:, None] > 0) & drop), -jnp.inf, x)
+
+    needs = jnp.any(~greedy & ((top_k_b > 0) | (top_p_cut_b > 0)))
+    x = jax.lax.cond(needs, filtered, lambda x: x, x)
+    sampled = jax.vmap(jax.random.categorical)(keys_b, x)
+    return jnp.where(greedy, jnp.argmax(logits_bv, axis=-1), sampled).astype(jnp.int32)
+
+
+def _step_keys(raw_b2, step_b):
+    return jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(raw_b2, step_b)
+
+
+def _row_call(cfg, params, k, v, valid, index, next_pos, token, lam):
+    """One slot as a batch of one: (S, K, H) per layer in, logits (V,) and the row's cache out."""
+    cache = KVCache(k=tuple(x[None] for x in k), v=tuple(x[None] for x in v), valid=valid[None],
+                    index=index, next_pos=next_pos[None])
+    logits, cache = qwen3.apply(cfg, params, token.reshape(1, 1), jnp.ones((1, 1), jnp.int32),
+                                cache=cache, lam=lam[None])
+    return (logits[0, -1], tuple(x[0] for x in cache.k), tuple(x[0] for x in cache.v), cache.valid[0],
+            cache.index, cache.next_pos[0])
+
+
+def _step(cfg, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b):
+    c = state.cache
+    row = functools.partial(_row_call, cfg, params)
+    logits, k, v, valid, index, next_pos = jax.vmap(row)(c.k, c.v, c.valid, c.index, c.next_pos,
+                                                         state.last, lam_b)
+    token = sample_rows(logits, _step_keys(state.keys, state.step), temp_b, top_k_b, top_p_cut_b)
+    cache = KVCache(k=k, v=v, valid=valid, index=index, next_pos=next_pos)
+    return state.replace(cache=cache, last=token, step=state.step + 1), token
+
+
+def _prefill(cfg, params, tokens_1w, mask_1w, lam_1):
+    """The prompt of one request (left padded to a bucket W): last logits (1, V) and a cache of W."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    cache = KVCache.init(cfg, 1, tokens_1w.shape[1], dtype)
+    logits, cache = qwen3.apply(cfg, params, tokens_1w, mask_1w, cache=cache, lam=lam_1)
+    return logits[:, -1], cache
+
+
+def _insert(state: SlotState, pcache: KVCache, logits_1v, slot, raw_key, temp, top_k, top_p_cut):
+    """Copy a prefilled cache into `slot` and sample its first token (step 0)."""
+    c, w = state.cache, pcache.size
+    size = c.valid.shape[1]
+
+    def put(big, small):
+        return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
+
+    first = sample_rows(logits_1v, _step_keys(raw_key[None], jnp.zeros((1,), jnp.int32)),
+                        temp[None], top_k[None], top_p_cut[None])
+    valid_row = jnp.zeros((1, size), bool).at[:, :w].set(pcache.valid)
+    cache = KVCache(k=tuple(map(put, c.k, pcache.k)), v=tuple(map(put, c.v, pcache.v)),
+                    valid=put(c.valid, valid_row), index=c.index.at[slot].set(w),
+                    next_pos=c.next_pos.at[slot].set(pcache.next_pos[0]))
+    return state.replace(cache=cache, last=state.last.at[slot].set(first[0]),
+                         step=state.step.at[slot].set(1), keys=state.keys.at[slot].set(raw_key)), first[0]
+
+
+@functools.lru_cache(maxsize=8)
+def compiled(cfg: ModelConfig):
+    """(prefill, insert, step) jitted; insert and step donate the slot state."""
+    return (jax.jit(functools.partial(_prefill, cfg)),
+            jax.jit(_insert, donate_argnums=(0,)),
+            jax.jit(functools.partial(_step, cfg), donate_argnums=(1,)))
+
+
+def row_key(seed: int, row_id: int) -> jax.Array:
+    """Raw data of fold_in(key(seed), row id): the per-row key `generate` uses."""
+    return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), row_id))

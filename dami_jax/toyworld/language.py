@@ -1,0 +1,172 @@
+"""The toy world's language: chained mod-10 arithmetic, its traces and its grading.
+
+A problem of difficulty k is a chain of k operations on single digits, evaluated
+left to right mod 10: `3+4*7-2` means ((3+4)*7-2) mod 10 = 7. The question is
+written in fixed-width slots (`3+4*7-2______`, MAX_OPS operator/operand pairs,
+blank ones as `__`), so every prompt has the same length and the operand of step
+i always sits at the same position: the model never has to search for it.
+
+Two ways to answer, after the chat template's `<think>\\n`:
+- direct (System 1):  `\\boxed{7}`
+- thinking (System 2): the chain worked out one step per line, a blank line,
+  then a verification pass over all MAX_OPS slots of the form (blank slots leave
+  the value unchanged), then `</think>`, a blank line and `\\boxed{7}`.
+
+The verification pass is deliberately indiscriminate: it costs the same for k=1
+as for k=6. So thinking costs 6k + 43 tokens (49 for k=1 ... 79 for k=6) against
+4 for a direct answer, and the waste is largest on easy problems, as with real
+thinking models; that is the headroom a per-query λ has to find.
+
+Every token is one string of VOCAB, so token lists map to ids without a
+tokenizer; `tokenizer.py` builds the equivalent Hugging Face tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+MAX_OPS = 6
+OPS = ("+", "-", "*")
+BLANK = "_"
+NEWLINE = "\n"
+BOX_OPEN, BOX_CLOSE = "\\boxed{", "}"
+THINK, THINK_END = "<think>", "</think>"
+PAD, IM_START, IM_END, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
+ROLES = ("system", "user", "assistant")
+EOS = IM_END
+
+# Digit d has id d. Multi-character words and template tokens come after.
+WORDS = tuple("0123456789") + OPS + ("=", BLANK, NEWLINE, BOX_OPEN, BOX_CLOSE) + ROLES + (THINK, THINK_END)
+SPECIAL = (PAD, IM_START, IM_END, UNK)
+VOCAB = WORDS + SPECIAL
+TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
+PAD_ID, EOS_ID = TOKEN_ID[PAD], TOKEN_ID[EOS]
+
+
+def apply_op(a: int, op: str, b: int) -> int:
+    if op == "+":
+        return (a + b) % 10
+    if op == "-":
+        return (a - b) % 10
+    if op == "*":
+        return (a * b) % 10
+    raise ValueError(f"unknown operator {op!r}; expected one of {OPS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """operands a0..ak (digits) and ops op1..opk; difficulty k = len(ops)."""
+
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    def __post_init__(self):
+        if not 1 <= len(self.ops) <= MAX_OPS or len(self.operands) != len(self.ops) + 1:
+            raise ValueError(f"a problem needs 1..{MAX_OPS} ops and one more operand, got {self}")
+        if any(not 0 <= a <= 9 for a in self.operands) or any(op not in OPS for op in self.ops):
+            raise ValueError(f"operands must be digits and ops in {OPS}, got {self}")
+
+    @property
+    def k(self) -> int:
+        return len(self.ops)
+
+    def steps(self) -> list[tuple[int, str, int, int]]:
+        """(value before, op, operand, value after) for each operation."""
+        out, value = [], self.operands[0]
+        for op, b in zip(self.ops, self.operands[1:]):
+            new = apply_op(value, op, b)
+            out.append((value, op, b, new))
+            value = new
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.steps()[-1][3]
+
+    @property
+    def text(self) -> str:
+        """The fixed-width question, e.g. `3+4*7-2______`."""
+        pairs = "".join(op + str(b) for op, b in zip(self.ops, self.operands[1:]))
+        return str(self.operands[0]) + pairs + BLANK * 2 * (MAX_OPS - self.k)
+
+
+def parse_problem(text: str) -> Problem:
+    """Inverse of `Problem.text`; blanks and spaces are optional."""
+    m = re.fullmatch(r"(\d)((?:[-+*]\d){1,%d})_*" % MAX_OPS, text.replace(" ", ""))
+    if not m:
+        raise ValueError(f"not a toy-world problem: {text!r}; expected e.g. '3+4*7-2' (digits, + - *)")
+    rest = m.group(2)
+    return Problem((int(m.group(1)),) + tuple(int(c) for c in rest[1::2]), tuple(rest[0::2]))
+
+
+def sample_problem(rng: np.random.Generator, k: int) -> Problem:
+    operands = tuple(int(x) for x in rng.integers(0, 10, k + 1))
+    ops = tuple(OPS[int(i)] for i in rng.integers(0, len(OPS), k))
+    return Problem(operands, ops)
+
+
+def sample_problems(n: int, seed: int, ks=tuple(range(1, MAX_OPS + 1))) -> list[Problem]:
+    """n problems, deterministic in seed; difficulties cycle through ks (balanced)."""
+    rng = np.random.default_rng(seed)
+    return [sample_problem(rng, ks[i % len(ks)]) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# Token lists (strings of VOCAB). Prompts match the chat template exactly.
+
+def prompt_tokens(problem: Problem) -> list[str]:
+    """The chat-templated user turn plus generation prompt (ends with `<think>\\n`)."""
+    return [IM_START, "user", NEWLINE, *problem.text, IM_END, NEWLINE,
+            IM_START, "assistant", NEWLINE, THINK, NEWLINE]
+
+
+def _line(a: int, op: str, b: int | str, c: int) -> list[str]:
+    return [str(a), op, str(b), "=", str(c), NEWLINE]
+
+
+def boxed_tokens(answer: int) -> list[str]:
+    return [BOX_OPEN, str(answer), BOX_CLOSE]
+
+
+def direct_tokens(problem: Problem) -> list[str]:
+    """System 1's completion: the boxed answer and EOS (never `</think>`)."""
+    return boxed_tokens(problem.answer) + [EOS]
+
+
+def thinking_tokens(problem: Problem) -> list[str]:
+    """System 2's completion: work, verification over every slot, answer, EOS."""
+    steps = problem.steps()
+    work = [t for s in steps for t in _line(*s)]
+    final = problem.answer
+    blanks = [(final, BLANK, BLANK, final)] * (MAX_OPS - problem.k)
+    verify = [t for s in steps + blanks for t in _line(*s)]
+    return work + [NEWLINE] + verify + [THINK_END, NEWLINE, NEWLINE] + boxed_tokens(final) + [EOS]
+
+
+def to_ids(tokens: list[str]) -> list[int]:
+    return [TOKEN_ID[t] for t in tokens]
+
+
+def decode(ids) -> str:
+    """Token ids -> text; PAD is dropped (the output after EOS)."""
+    return "".join(VOCAB[int(i)] for i in ids if int(i) != PAD_ID)
+
+
+# ---------------------------------------------------------------------------
+# Grading: only the part after the last `</think>` counts (DESIGN 2.3).
+
+_BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+
+
+def parse_answer(output_text: str) -> int | None:
+    """The last `\\boxed{n}` after the last `</think>` (whole text if none), else None."""
+    answer_part = output_text.rpartition(THINK_END)[2]
+    found = _BOXED.findall(answer_part)
+    return int(found[-1]) if found else None
+
+
+def grade(problem: Problem, output_text: str) -> bool:
+    return parse_answer(output_text) == problem.answer

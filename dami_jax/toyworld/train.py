@@ -1,0 +1,260 @@
+"""Trains the toy Instruct/Thinking pair and ships it as two HF Qwen3 checkpoints.
+
+Schedule, all determined by one seed:
+1. base: from random init, on a mix of direct answers and thinking traces where
+   the share of traces rises with difficulty (P(think|k) linear from think_min at
+   k=1 to think_max at k=MAX_OPS). The base thus already "decides" to think on
+   hard problems, which is what makes the interpolated models switch thinking
+   on hardest-first.
+2. instruct = base fine-tuned on direct answers only; thinking = base fine-tuned
+   on traces only. Both start from the same base: the prototype found that two
+   separately trained models do not interpolate; one shared base is essential.
+
+The loss covers the assistant part only. Each base batch holds a fixed number of
+direct and of thinking examples (k drawn from P(k | kind)), each kind padded to
+its own length: the same data distribution as a mixed batch, without padding
+four-token answers to trace length, and with fixed shapes (one compile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from dami_jax.config import ModelConfig
+from dami_jax.models.qwen3 import apply, init_params
+from dami_jax.toyworld import language as L
+from dami_jax.toyworld.evaluate import evaluate_pair
+from dami_jax.toyworld.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
+
+PROMPT_LEN = len(L.prompt_tokens(L.Problem((0, 0), ("+",))))
+DIRECT_LEN = PROMPT_LEN + 4  # \boxed{ d } EOS
+THINK_LEN = PROMPT_LEN + len(L.thinking_tokens(L.Problem((0,) * (L.MAX_OPS + 1), ("+",) * L.MAX_OPS)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyTrainConfig:
+    """The shipped recipe (defaults); configs/toyworld.yaml restates it."""
+
+    seed: int = 0
+    # Model: a ~0.8M-parameter Qwen3 with tied embeddings.
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 10000.0
+    # Data: P(think | k) rises linearly from think_min (k=1) to think_max (k=MAX_OPS).
+    think_min: float = 0.1
+    think_max: float = 0.9
+    batch_size: int = 128
+    # Optimisation (AdamW, warmup then cosine decay to 10%, gradient clipping).
+    base_steps: int = 2200
+    base_lr: float = 1e-3
+    finetune_steps: int = 300
+    finetune_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # Check after training: greedy decoding of eval_per_k problems per k on a λ grid.
+    eval_per_k: int = 50
+    eval_lams: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def model_config(cfg: ToyTrainConfig) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=len(L.VOCAB), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, max_position_embeddings=MODEL_MAX_LENGTH,
+        tie_word_embeddings=True, eos_token_ids=(L.EOS_ID,), pad_token_id=L.PAD_ID,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+def think_probs(cfg: ToyTrainConfig) -> np.ndarray:
+    """P(think | k) for k = 1..MAX_OPS."""
+    return np.linspace(cfg.think_min, cfg.think_max, L.MAX_OPS)
+
+
+def encode(problems: list[L.Problem], think: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (n, T), loss mask on targets (n, T-1)): the assistant part, EOS included."""
+    length = THINK_LEN if think else DIRECT_LEN
+    answer = L.thinking_tokens if think else L.direct_tokens
+    tokens = np.full((len(problems), length), L.PAD_ID, np.int32)
+    for row, p in enumerate(problems):
+        ids = L.to_ids(L.prompt_tokens(p) + answer(p))
+        tokens[row, : len(ids)] = ids
+    targets = tokens[:, 1:]
+    mask = (np.arange(length - 1) >= PROMPT_LEN - 1)[None, :] & (targets != L.PAD_ID)
+    return tokens, mask
+
+
+def sample_batch(rng: np.random.Generator, n_direct: int, n_think: int, p_think: np.ndarray):
+    """Buckets [(tokens, weights)]; weights sum to 1 over the batch, each kind weighing
+    by its share of examples (token mean within a kind), so four-token direct answers
+    are not drowned by traces twenty times longer."""
+    total, buckets = n_direct + n_think, []
+    for n, think, w in ((n_direct, False, 1 - p_think), (n_think, True, p_think)):
+        if n == 0:
+            continue
+        ks = rng.choice(np.arange(1, L.MAX_OPS + 1), size=n, p=w / w.sum())
+        tokens, mask = encode([L.sample_problem(rng, int(k)) for k in ks], think)
+        buckets.append((tokens, mask * (n / total) / mask.sum()))
+    return buckets
+
+
+# ---------------------------------------------------------------------------
+# Optimisation
+
+def loss_fn(mcfg: ModelConfig, params, buckets) -> jax.Array:
+    loss = 0.0
+    for tokens, weights in buckets:
+        inputs = tokens[:, :-1]
+        logits, _ = apply(mcfg, params, inputs, inputs != L.PAD_ID)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        loss = loss + jnp.sum(ce * weights)
+    return loss
+
+
+def make_optimizer(cfg: ToyTrainConfig, lr: float, steps: int) -> optax.GradientTransformation:
+    warmup = min(cfg.warmup_steps, max(steps // 10, 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # not norm scales
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b2=0.98, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+def train_stage(cfg, mcfg, params, *, steps, lr, mix, seed, desc, progress=True):
+    """`steps` AdamW steps from `params` on batches of (n_direct, n_think) = mix.
+    Returns (params, per-step losses)."""
+    opt = make_optimizer(cfg, lr, steps)
+
+    @jax.jit
+    def update(params, opt_state, buckets):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(mcfg, p, buckets))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    p_think = think_probs(cfg)
+    opt_state, losses = opt.init(params), []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        params, opt_state, loss = update(params, opt_state, sample_batch(rng, *mix, p_think))
+        losses.append(loss)
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    return params, [float(x) for x in jax.device_get(losses)]
+
+
+def stage_mixes(cfg: ToyTrainConfig) -> dict[str, tuple[int, int]]:
+    """(n_direct, n_think) per batch for each stage."""
+    n_think = int(round(cfg.batch_size * float(np.mean(think_probs(cfg)))))
+    return {"base": (cfg.batch_size - n_think, n_think),
+            "instruct": (cfg.batch_size, 0), "thinking": (0, cfg.batch_size)}
+
+
+def train_params(cfg: ToyTrainConfig, progress: bool = True):
+    """(instruct, thinking, losses by stage): the whole schedule, in memory."""
+    mcfg, mixes = model_config(cfg), stage_mixes(cfg)
+    params = init_params(mcfg, cfg.seed)
+    base, base_losses = train_stage(cfg, mcfg, params, steps=cfg.base_steps, lr=cfg.base_lr,
+                                    mix=mixes["base"], seed=[cfg.seed, 0], desc="toy base", progress=progress)
+    out, losses = {}, {"base": base_losses}
+    for i, name in enumerate(("instruct", "thinking"), start=1):
+        out[name], losses[name] = train_stage(
+            cfg, mcfg, base, steps=cfg.finetune_steps, lr=cfg.finetune_lr, mix=mixes[name],
+            seed=[cfg.seed, i], desc=f"toy {name}", progress=progress)
+    return out["instruct"], out["thinking"], losses
+
+
+# ---------------------------------------------------------------------------
+# The shipped pair
+
+def _final(losses: list[float], window: int = 20) -> float:
+    return float(np.mean(losses[-window:])) if losses else float("nan")
+
+
+def train_pair(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), *,
+               progress: bool = True, command: str | None = None) -> dict:
+    """Train and write out_dir/{instruct,thinking}/ (HF checkpoints with tokenizer)
+    and out_dir/provenance.json. Returns the provenance dict."""
+    from dami_jax.checkpoint.hf import save_hf  # import late: only this step needs it
+
+    start = time.time()
+    mcfg = model_config(cfg)
+    instruct, thinking, losses = train_params(cfg, progress)
+    train_s = time.time() - start
+    report = evaluate_pair(mcfg, instruct, thinking, cfg.eval_per_k, cfg.eval_lams,
+                           seed=cfg.seed + 10_000, progress=progress)
+    out_dir = os.fspath(out_dir)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        files = save_tokenizer(tok_dir)
+        for name, params in (("instruct", instruct), ("thinking", thinking)):
+            save_hf(mcfg, params, os.path.join(out_dir, name), extra_files=files, progress=False)
+    provenance = {
+        "seed": cfg.seed,
+        "config": dataclasses.asdict(cfg),
+        "model_config": mcfg.to_hf_dict(),
+        "command": command if command is not None else " ".join([sys.executable, *sys.argv]),
+        "steps": {k: len(v) for k, v in losses.items()},
+        "final_losses": {k: _final(v) for k, v in losses.items()},
+        "loss_curves_every_50": {k: v[::50] for k, v in losses.items()},
+        "train_wall_s": round(train_s, 1),
+        "total_wall_s": round(time.time() - start, 1),
+        "eval": report,
+        "versions": _versions(),
+    }
+    with open(os.path.join(out_dir, "provenance.json"), "w") as f:
+        json.dump(provenance, f, indent=2)
+    return provenance
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    names = ("jax", "jaxlib", "flax", "optax", "numpy", "transformers", "tokenizers")
+    out = {"python": platform.python_version(), "jax_backend": jax.default_backend()}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m dami_jax.toyworld.train --out DIR [--config configs/toyworld.yaml] [key=value ...]"""
+    import argparse
+
+    from dami_jax.config import load_yaml
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", required=True, help="output directory (instruct/, thinking/, provenance.json)")
+    ap.add_argument("--config", default=None, help="YAML recipe (default: the dataclass defaults)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. base_steps=100")
+    args = ap.parse_args(argv)
+    cfg = load_yaml(ToyTrainConfig, args.config, args.overrides)
+    prov = train_pair(args.out, cfg)
+    print(json.dumps({"final_losses": prov["final_losses"], "train_wall_s": prov["train_wall_s"],
+                      "summary": prov["eval"]["summary"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
