@@ -44,6 +44,14 @@ def _demo(args) -> None:
     run_demo(args.out, pair_dir=args.pair, per_k=args.per_k)
 
 
+def _toyworld(args) -> None:
+    from dami_jax.toyworld import train
+
+    if args.action != "train":
+        raise ValueError(f"unknown toyworld action {args.action!r}; expected 'train'")
+    train.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dami", description="DAMI: dynamic model interpolation in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", default=None, help="a toy pair directory (default: the shipped one)")
     p.add_argument("--per-k", type=int, default=100, help="held-out problems per difficulty k")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("toyworld", help="toyworld train --out DIR [--config FILE] [key=value ...]")
+    p.add_argument("action", choices=["train"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the toy trainer")
+    p.set_defaults(func=_toyworld)
 
     for register in _optional_commands():
         register(sub)

@@ -40,10 +40,13 @@ class ServeConfig:
     # Engine.
     slots: int = 8  # decode batch: requests (choices) generating at once
     max_seq_len: int = 0  # slot cache positions (prompt + output); 0: the model's context, at most 4096
+    prefill_rows: int = 4  # prompts prefilled per call (a fixed batch; fewer are padded)
+    steps_per_call: int = 4  # decode steps per jitted call (one host round trip); more: less overhead, later joins
     max_queue: int = 64  # requests waiting for a slot; more get 429
     retry_after_s: int = 1  # Retry-After header of a 429
     max_n: int = 4  # choices per request
-    warmup: bool = True  # compile prefill/insert/step before serving
+    warmup: bool = True  # compile step, prefill and insert before serving
+    warmup_buckets: int = 3  # prompt buckets compiled at start: 16, 32, 64 tokens
     # Request defaults (OpenAI semantics: temperature 1, no top-k / top-p).
     default_max_tokens: int = 0  # 0: fill the context
     temperature: float = 1.0
@@ -58,6 +61,9 @@ class ServeConfig:
             (self.slots >= 1, "slots must be >= 1"),
             (self.max_seq_len >= 0, "max_seq_len must be >= 0 (0: the model's context)"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
+            (1 <= self.steps_per_call <= 64, "steps_per_call must be in 1..64"),
+            (self.prefill_rows >= 1, "prefill_rows must be >= 1"),
+            (self.warmup_buckets >= 1, "warmup_buckets must be >= 1"),
             (self.max_n >= 1, "max_n must be >= 1"),
             (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (self.request_timeout_s > 0, "request_timeout_s must be > 0"),

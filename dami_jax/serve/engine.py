@@ -2,11 +2,13 @@
 
 A background thread owns every device call. Requests wait in a bounded FIFO;
 when enough slots are free, the waiting requests that fit are admitted as one
-group: their λ is computed (explicit, or by their policy, one policy call per
-policy for the whole group), each prompt is prefilled alone at its bucket
-width (as `generate` pads it) and copied into n slots, one per choice, whose
-first token is sampled at once. Then one jitted `step` advances every slot by
-a token, whatever their λ, lengths or sampling settings (see slots.py).
+group: their λ is resolved (explicit, or one policy call per policy for the
+group), their prompts are prefilled `prefill_rows` at a time per bucket width
+(padded as `generate` pads them, in a batch of fixed size so that a row's
+numbers never depend on its neighbours), and each is copied into n slots, one
+per choice, whose first token is sampled at once. Then one jitted call
+advances every slot by `steps_per_call` tokens, whatever their λ, lengths or
+sampling settings (slots.py).
 
 Tokens go to each request's asyncio queue as lists of events:
 ("token", index, id), ("finish", index, reason), ("error", message), where
@@ -17,7 +19,6 @@ or when its request is cancelled (client gone, timeout, stop string hit).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import logging
@@ -25,55 +26,13 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dami_jax.generate.decode import bucket_length, left_pad
+from dami_jax.generate.decode import MIN_BUCKET, bucket_length, left_pad
 from dami_jax.serve import slots as SL
+from dami_jax.serve.request import GenRequest, QueueFull, push_all, resolve_lambdas
 
 log = logging.getLogger("dami_jax.serve")
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its limit: the client should retry later."""
-
-
-@dataclasses.dataclass(eq=False)
-class GenRequest:
-    prompt: list[int]
-    max_tokens: int
-    n: int = 1
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    row_base: int = 0  # row id (sampling key) of choice 0; choice j uses row_base + j
-    lam: float | None = None  # explicit λ, else the policy's
-    policy: object = None
-    stop_ids: tuple[int, ...] = ()
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None
-    cancelled: bool = False
-    lam_used: float | None = None
-    t_submit: float = 0.0
-    t_first: float | None = None
-
-    done_choices: set = dataclasses.field(default_factory=set)  # choices ended by the client side
-
-    def cancel(self, index: int | None = None) -> None:
-        """Stop every choice (client gone, timeout) or the one at response `index` (a stop string)."""
-        if index is None:
-            self.cancelled = True
-        else:
-            self.done_choices.add(index - self.row_base)
-
-    def push(self, events: list) -> None:
-        if self.loop is None or self.events is None:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, events)
-        except RuntimeError:  # the client's loop is gone
-            self.cancelled = True
 
 
 @dataclasses.dataclass
@@ -85,13 +44,15 @@ class _Seq:
 
 
 class Engine:
-    def __init__(self, pair, slots: int, size: int, max_queue: int, metrics=None):
+    def __init__(self, pair, slots: int, size: int, max_queue: int, metrics=None, steps_per_call: int = 1,
+                 prefill_rows: int = 1):
         self.pair, self.cfg, self.params = pair, pair.cfg, pair.delta
         self.slots, self.size, self.max_queue = slots, size, max_queue
+        self.prefill_rows = min(prefill_rows, slots)
         self.metrics = metrics
         dtype = jax.tree.leaves(self.params)[0].dtype
         self.state = SL.init_state(self.cfg, slots, size, dtype)
-        self._prefill, self._insert, self._step = SL.compiled(self.cfg)
+        self._prefill, self._insert, self._step = SL.compiled(self.cfg, steps_per_call)
         self.seqs: list[_Seq | None] = [None] * slots
         self.lam = np.zeros(slots, np.float32)
         self.temp = np.zeros(slots, np.float32)
@@ -101,12 +62,13 @@ class Engine:
         self.cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.steps = 0
 
     # -- client side (any thread) -------------------------------------------
     def submit(self, reqs: list[GenRequest]) -> None:
         """Queue requests (all or none); QueueFull when the queue would pass its limit."""
         with self.cv:
+            if len(self.pending) + len(reqs) > self.max_queue:  # drop the abandoned ones first
+                self.pending = collections.deque(r for r in self.pending if not r.cancelled)
             if len(self.pending) + len(reqs) > self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests are waiting (limit {self.max_queue})")
             for r in reqs:
@@ -132,12 +94,20 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def warmup(self, prompt_len: int = 8) -> None:
-        """Compile prefill (the smallest bucket), insert and step before serving."""
-        req = GenRequest(prompt=[0] * prompt_len, max_tokens=2, lam=0.5)
-        self._admit_one(req, req.lam, free=[0])
-        self._decode()
-        self._release(0)
+    def warmup(self, buckets: int = 1) -> None:
+        """Compile step, and prefill + insert for the `buckets` smallest prompt buckets (16, 32, ...)."""
+        metrics, self.metrics = self.metrics, None
+        try:
+            for i in range(buckets):
+                length = min(MIN_BUCKET << i, self.size - 2)
+                req = GenRequest(prompt=[0] * length, max_tokens=2, lam_used=0.5)
+                width = bucket_length(length, self.size - 2)
+                self._first_tokens(self._prefill_insert(width, [(req, [0])]), [req])
+                if i == 0:
+                    self._decode()
+        finally:
+            self._release(0)
+            self.metrics = metrics
 
     # -- engine thread ----------------------------------------------------------
     def _run(self) -> None:
@@ -173,87 +143,93 @@ class Engine:
         self._gauge()
         if not group:
             return
-        lams = self._lambdas(group)
-        for r, lam in zip(group, lams):
-            if lam is None or r.cancelled:
-                continue
-            take, free = free[: r.n], free[r.n:]
-            self._admit_one(r, lam, take)
+        by_width: dict[int, list] = {}
+        for r, lam in zip(group, resolve_lambdas(group, self.pair)):
+            if lam is not None and not r.cancelled:
+                r.lam_used = lam
+                n = len(r.prompt)  # padded as `generate` pads: never into the room max_tokens needs
+                width = bucket_length(n, max(n, self.size - r.room))
+                by_width.setdefault(width, []).append((r, free[: r.n]))
+                free = free[r.n:]
+        firsts, admitted = {}, []
+        for width, items in by_width.items():
+            for i in range(0, len(items), self.prefill_rows):
+                chunk = items[i: i + self.prefill_rows]
+                try:
+                    firsts.update(self._prefill_insert(width, chunk))
+                    admitted += [r for r, _ in chunk]
+                except Exception as e:  # fail these requests only
+                    log.exception("admission failed")
+                    for r, take in chunk:
+                        r.push([("error", f"prefill failed: {e}")])
+                        for slot in take:
+                            self._release(slot)
+        self._first_tokens(firsts, admitted)
 
-    def _lambdas(self, group: list[GenRequest]) -> list[float | None]:
-        """Explicit λ, else one policy call per distinct policy over its requests' prompts."""
-        out: list[float | None] = [r.lam for r in group]
-        by_policy: dict[int, list[int]] = {}
-        for i, r in enumerate(group):
-            if r.lam is None:
-                by_policy.setdefault(id(r.policy), []).append(i)
-        for idx in by_policy.values():
-            policy = group[idx[0]].policy
-            try:
-                lam = policy([group[i].prompt for i in idx], self.pair).lam
-            except Exception as e:
-                log.exception("policy %r failed", getattr(policy, "spec", policy))
-                for i in idx:
-                    group[i].push([("error", f"policy {getattr(policy, 'spec', '?')} failed: {e}")])
-                continue
-            for i, v in zip(idx, lam):
-                out[i] = float(v)
-        return out
+    def _first_tokens(self, firsts: dict, admitted: list[GenRequest]) -> None:
+        """Deliver the first token of every admitted choice (one device sync for the group)."""
+        firsts = {slot: [int(t)] for slot, t in zip(firsts, jax.device_get(list(firsts.values())))}
+        now = time.perf_counter()
+        for r in admitted:
+            r.t_first = now
+            if self.metrics is not None:
+                self.metrics.admitted(r, r.lam_used)
+        self._deliver(firsts, advance=False)
 
-    def _admit_one(self, r: GenRequest, lam: float, free: list[int]) -> None:
-        r.lam_used = lam
-        width = bucket_length(len(r.prompt), self.size - 1)
-        tokens, mask = left_pad([r.prompt], width)
-        logits, pcache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(mask),
-                                       jnp.asarray([lam], jnp.float32))
-        cut = np.float32(1.0 - r.top_p) if r.temperature > 0 else np.float32(0.0)
-        firsts = []
-        for j, slot in enumerate(free):
-            key = SL.row_key(r.seed, r.row_base + j)
-            self.state, first = self._insert(self.state, pcache, logits, jnp.int32(slot), key,
-                                             np.float32(r.temperature), np.int32(r.top_k), cut)
-            self.seqs[slot] = _Seq(r, j, 0, width)
-            self.lam[slot], self.temp[slot], self.top_k[slot], self.top_p_cut[slot] = lam, r.temperature, r.top_k, cut
-            firsts.append(first)
-        firsts = {slot: int(t) for slot, t in zip(free, jax.device_get(firsts))}
-        r.t_first = time.perf_counter()
-        if self.metrics is not None:
-            self.metrics.admitted(r, lam)
-        self._deliver(firsts)
+    def _prefill_insert(self, width: int, chunk: list) -> dict:
+        """Prefill up to `prefill_rows` requests of one bucket width in one call (a fixed batch:
+        missing rows are padding), copy each into its slots; {slot: first token (on device)}."""
+        prompts = [r.prompt for r, _ in chunk]
+        tokens, mask = left_pad(prompts + [[]] * (self.prefill_rows - len(chunk)), width)
+        lam = np.asarray([r.lam_used for r, _ in chunk] + [0.0] * (self.prefill_rows - len(chunk)), np.float32)
+        logits, pcache = self._prefill(self.params, tokens, mask, lam)
+        firsts = {}
+        for row, (r, take) in enumerate(chunk):
+            cut = np.float32(1.0 - r.top_p) if r.temperature > 0 else np.float32(0.0)
+            for j, slot in enumerate(take):
+                key = SL.row_key(np.uint32(r.seed), np.int32(r.row_base + j))
+                self.state, firsts[slot] = self._insert(self.state, pcache, logits, np.int32(row), np.int32(slot),
+                                                        key, np.float32(r.temperature), np.int32(r.top_k), cut)
+                self.seqs[slot] = _Seq(r, j, 0, width)
+                self.lam[slot], self.temp[slot] = r.lam_used, r.temperature
+                self.top_k[slot], self.top_p_cut[slot] = r.top_k, cut
+        return firsts
 
     def _decode(self) -> None:
-        self.state, token = self._step(self.params, self.state, jnp.asarray(self.lam), jnp.asarray(self.temp),
-                                       jnp.asarray(self.top_k), jnp.asarray(self.top_p_cut))
-        token = np.asarray(token)
-        self.steps += 1
+        # Copies: on CPU a numpy argument may be aliased, and these arrays change under a running step.
+        rows = (self.lam.copy(), self.temp.copy(), self.top_k.copy(), self.top_p_cut.copy())
+        self.state, tokens = self._step(self.params, self.state, *rows)
+        tokens = np.asarray(tokens)  # (steps, B)
         busy = [i for i, s in enumerate(self.seqs) if s is not None]
         if self.metrics is not None:
-            self.metrics.step(len(busy), self.slots)
-        for i in busy:
-            self.seqs[i].index += 1
-        self._deliver({i: int(token[i]) for i in busy})
+            self.metrics.step(len(busy), self.slots, tokens.shape[0])
+        self._deliver({i: tokens[:, i].tolist() for i in busy}, advance=True)
 
-    def _deliver(self, tokens: dict[int, int]) -> None:
-        """Emit one token per slot; end the choices that stop, fill their slot or were cancelled."""
+    def _deliver(self, tokens: dict[int, list[int]], advance: bool) -> None:
+        """Emit each slot's tokens in order; end the choices that stop, fill their slot or were
+        cancelled (a choice's tokens after its end are dropped). `advance`: each token came from
+        a decode step, which wrote one more position of the slot cache."""
         batches: dict[int, tuple[GenRequest, list]] = {}
         delivered = 0
-        for slot, tok in tokens.items():
+        for slot, toks in tokens.items():
             s = self.seqs[slot]
             if s.req.cancelled or s.choice in s.req.done_choices:
                 self._release(slot)
                 continue
-            s.emitted += 1
-            delivered += 1
             events = batches.setdefault(id(s.req), (s.req, []))[1]
             idx = s.req.row_base + s.choice  # the choice's index in the response
-            events.append(("token", idx, tok))
-            reason = ("stop" if tok in s.req.stop_ids else
-                      "length" if s.emitted >= s.req.max_tokens or s.index >= self.size else None)
-            if reason:
-                events.append(("finish", idx, reason))
-                self._release(slot)
-        for req, events in batches.values():
-            req.push(events)
+            for tok in toks:
+                s.index += advance
+                s.emitted += 1
+                delivered += 1
+                events.append(("token", idx, tok))
+                reason = ("stop" if tok in s.req.stop_ids else
+                          "length" if s.emitted >= s.req.max_tokens or s.index >= self.size else None)
+                if reason:
+                    events.append(("finish", idx, reason))
+                    self._release(slot)
+                    break
+        push_all([b for b in batches.values() if b[1]])
         if self.metrics is not None:
             self.metrics.tokens(delivered)
 

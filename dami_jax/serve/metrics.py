@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               ProcessCollector, disable_created_metrics, generate_latest)
+
+disable_created_metrics()  # no *_created series
 
 _LAM_BUCKETS = tuple(round(0.1 * i, 1) for i in range(11))
 _TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -16,6 +19,7 @@ class Metrics:
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
         self.requests = Counter("dami_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("dami_prompt_tokens", "prompt tokens admitted", registry=r)
@@ -39,8 +43,8 @@ class Metrics:
         if req.t_first is not None:
             self.ttft.observe(req.t_first - req.t_submit)
 
-    def step(self, busy: int, slots: int) -> None:
-        self.steps.inc()
+    def step(self, busy: int, slots: int, steps: int = 1) -> None:
+        self.steps.inc(steps)
         self.active_slots.set(busy)
         self.occupancy.observe(busy / slots)
 

@@ -8,6 +8,7 @@ range, max_tokens, n, context length) are done by `check_common` and raise
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Literal, Union
 
@@ -75,6 +76,9 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     lam: float | None = Field(None, alias="lambda")
     user: str | None = None
+    # Extensions (as in vLLM): generated ids per choice (`token_ids`, streamed too), no stop on EOS.
+    return_token_ids: bool = False
+    ignore_eos: bool = False
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -110,3 +114,19 @@ def check_common(req: _Common, max_n: int, slots: int) -> None:
         raise ApiError(400, f"at most 4 stop sequences, got {len(req.stop_list())}", "stop")
     if req.seed is not None and not 0 <= req.seed < 2**32:  # jax.random.key keeps 32 bits
         raise ApiError(400, f"seed must be in [0, 2**32), got {req.seed}", "seed")
+
+
+def parse_body(model, raw: bytes, max_n: int, slots: int):
+    """Body bytes -> validated request (400 bad JSON, 422 bad fields, 400 bad values)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        body = model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e) from None
+    check_common(body, max_n, slots)
+    return body

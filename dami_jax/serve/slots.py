@@ -100,40 +100,59 @@ def _step(cfg, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b):
     return state.replace(cache=cache, last=token, step=state.step + 1), token
 
 
-def _prefill(cfg, params, tokens_1w, mask_1w, lam_1):
-    """The prompt of one request (left padded to a bucket W): last logits (1, V) and a cache of W."""
+def _steps(cfg, k, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b):
+    """k decode steps in one call (one host round trip): tokens (k, B).
+
+    A row that ends inside the call computes on; the host drops its extra tokens.
+    A row whose cache fills inside the call writes its last slot again (the write
+    index is clamped), but the host has ended it with "length" by then.
+    """
+    def body(st, _):
+        return _step(cfg, params, st, lam_b, temp_b, top_k_b, top_p_cut_b)
+
+    return jax.lax.scan(body, state, None, length=k)
+
+
+def _prefill(cfg, params, tokens_gw, mask_gw, lam_g):
+    """G prompts left padded to one bucket W (rows without a prompt are all padding):
+    last logits (G, V) and a cache of W positions."""
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = KVCache.init(cfg, 1, tokens_1w.shape[1], dtype)
-    logits, cache = qwen3.apply(cfg, params, tokens_1w, mask_1w, cache=cache, lam=lam_1)
+    cache = KVCache.init(cfg, tokens_gw.shape[0], tokens_gw.shape[1], dtype)
+    logits, cache = qwen3.apply(cfg, params, tokens_gw, mask_gw, cache=cache, lam=lam_g)
     return logits[:, -1], cache
 
 
-def _insert(state: SlotState, pcache: KVCache, logits_1v, slot, raw_key, temp, top_k, top_p_cut):
-    """Copy a prefilled cache into `slot` and sample its first token (step 0)."""
-    c, w = state.cache, pcache.size
-    size = c.valid.shape[1]
+def _insert(state: SlotState, pcache: KVCache, logits_gv, row, slot, raw_key, temp, top_k, top_p_cut):
+    """Copy row `row` of a prefilled batch into `slot` and sample its first token (step 0)."""
+    c, w, size = state.cache, pcache.size, state.cache.valid.shape[1]
+
+    def take(x):  # row `row`, keeping a batch axis of 1
+        return jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
 
     def put(big, small):
         return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
 
-    first = sample_rows(logits_1v, _step_keys(raw_key[None], jnp.zeros((1,), jnp.int32)),
-                        temp[None], top_k[None], top_p_cut[None])
-    valid_row = jnp.zeros((1, size), bool).at[:, :w].set(pcache.valid)
-    cache = KVCache(k=tuple(map(put, c.k, pcache.k)), v=tuple(map(put, c.v, pcache.v)),
+    first = sample_rows(take(logits_gv), _step_keys(raw_key[None], jnp.zeros((1,), jnp.int32)),
+                        temp[None], top_k[None], top_p_cut[None])[0]
+    valid_row = jnp.zeros((1, size), bool).at[:, :w].set(take(pcache.valid))
+    cache = KVCache(k=tuple(put(b, take(x)) for b, x in zip(c.k, pcache.k)),
+                    v=tuple(put(b, take(x)) for b, x in zip(c.v, pcache.v)),
                     valid=put(c.valid, valid_row), index=c.index.at[slot].set(w),
-                    next_pos=c.next_pos.at[slot].set(pcache.next_pos[0]))
-    return state.replace(cache=cache, last=state.last.at[slot].set(first[0]),
-                         step=state.step.at[slot].set(1), keys=state.keys.at[slot].set(raw_key)), first[0]
+                    next_pos=c.next_pos.at[slot].set(take(pcache.next_pos)[0]))
+    return state.replace(cache=cache, last=state.last.at[slot].set(first),
+                         step=state.step.at[slot].set(1), keys=state.keys.at[slot].set(raw_key)), first
 
 
 @functools.lru_cache(maxsize=8)
-def compiled(cfg: ModelConfig):
-    """(prefill, insert, step) jitted; insert and step donate the slot state."""
+def compiled(cfg: ModelConfig, steps: int = 1):
+    """(prefill, insert, step) jitted; insert and step donate the slot state; step makes
+    `steps` tokens per slot per call, returned as (steps, B)."""
     return (jax.jit(functools.partial(_prefill, cfg)),
             jax.jit(_insert, donate_argnums=(0,)),
-            jax.jit(functools.partial(_step, cfg), donate_argnums=(1,)))
+            jax.jit(functools.partial(_steps, cfg, steps), donate_argnums=(1,)))
 
 
-def row_key(seed: int, row_id: int) -> jax.Array:
-    """Raw data of fold_in(key(seed), row id): the per-row key `generate` uses."""
+@jax.jit
+def row_key(seed, row_id) -> jax.Array:
+    """Raw data of fold_in(key(seed), row id): the per-row key `generate` uses (seed < 2**32)."""
     return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), row_id))

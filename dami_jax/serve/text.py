@@ -22,7 +22,9 @@ THINK = "<think>"
 
 class ChoiceText:
     def __init__(self, tokenizer, stop_ids=(), stops=(), *, think_first: bool = False, split: bool = True):
-        self.tokenizer = tokenizer
+        """think_first: stream text before `</think>` as reasoning (may be set until the first delta)."""
+        # The Rust tokenizer directly: transformers' decode() wrapper costs more than the decoding.
+        self._decode = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
         self.stop_ids = set(stop_ids)
         self.stops = [s for s in stops if s]
         self.hold = max([len(s) for s in self.stops] + [1]) - 1
@@ -37,7 +39,7 @@ class ChoiceText:
         if self.stopped or token in self.stop_ids:
             return self.stopped
         self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decode.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return False
         start = max(0, len(self.text) - self.hold)

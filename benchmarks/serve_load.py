@@ -1,0 +1,237 @@
+"""Load test of the DAMI server: N chat requests at a concurrency C with a mix of λ, against
+offline `generate_pair` of the same batch.
+
+    nice python benchmarks/serve_load.py --n 200 --json out/serve_load.json     # starts serve.py itself
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --n 1000           # a running server
+
+Every request is greedy, streamed (time to first token = first SSE chunk), with
+an explicit λ cycling through `--lams`, on toy-world questions. Reported:
+tokens/s of the server (generated tokens / wall time of the whole load) and of
+offline `generate_pair` on the same prompts and λ in batches of C (compile
+excluded: one warm-up batch first); p50/p99 time to first token and latency;
+errors; the share of requests whose tokens equal the offline ones; server RSS
+(`process_resident_memory_bytes` of /metrics) before and after the load.
+
+The pair: `--instruct/--thinking` directories, else the shipped toy pair, else
+(`--random [PRESET]`) a random pair with the toy tokenizer, built in a temp dir:
+`toy` (tiny) or a preset shape, e.g. `--random qwen3-0.6b --dtype bfloat16` on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_pair(root: str, preset: str) -> tuple[str, str]:
+    """Two independent random checkpoints with the toy tokenizer: `toy` (tiny, toy vocabulary)
+    or a preset shape of _common.PRESETS (e.g. qwen3-0.6b; ids past the toy vocabulary decode to nothing)."""
+    import jax
+
+    import dami_jax as dj
+    from dami_jax.models import qwen3
+    from dami_jax.toyworld import language as L
+    from dami_jax.toyworld.tokenizer import save_tokenizer
+
+    shape = dict(vocab_size=len(L.VOCAB), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, tie_word_embeddings=False) if preset == "toy" else _common.PRESETS[preset]
+    cfg = dj.ModelConfig(**shape, max_position_embeddings=4096, eos_token_ids=(L.EOS_ID,))
+    dirs = []
+    for name, seed in (("instruct", 0), ("thinking", 1)):
+        rng = np.random.default_rng(seed)
+
+        def leaf(s):
+            if len(s.shape) == 1:
+                return np.ones(s.shape, np.float32)
+            return rng.standard_normal(s.shape, np.float32) * np.float32(0.04 if preset == "toy" else 0.02)
+
+        d = os.path.join(root, name)
+        dj.save_hf(cfg, jax.tree.map(leaf, qwen3.abstract_params(cfg)), d)
+        save_tokenizer(d)
+        dirs.append(d)
+    return dirs[0], dirs[1]
+
+
+def start_server(instruct: str, thinking: str, slots: int, queue: int, extra=()) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, os.path.join(ROOT, "serve.py"), "--port", str(port), "--log-level", "warning",
+           f"instruct={instruct}", f"thinking={thinking}", f"slots={slots}", f"max_queue={queue}", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.time() + 600
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve.py exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise SystemExit("serve.py did not come up in 600 s")
+        time.sleep(0.5)
+
+
+def server_rss(url: str) -> float | None:
+    import httpx
+
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("process_resident_memory_bytes"):
+            return float(line.split()[-1]) / 2**20
+    return None
+
+
+async def one(client, url: str, question: str, lam: float, max_tokens: int) -> dict:
+    body = {"messages": [{"role": "user", "content": question}], "lambda": lam,  # explicit λ: any model
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    t0, ttft, ids, err = time.perf_counter(), None, [], None
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"{r.status_code} {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ttft = ttft or time.perf_counter() - t0
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    err = chunk["error"]["message"]
+                for c in chunk.get("choices", []):
+                    ids += c.get("token_ids", [])
+    except Exception as e:  # noqa: BLE001 - every failure is counted
+        err = f"{type(e).__name__}: {e}"
+    return {"ttft": ttft, "latency": time.perf_counter() - t0, "ids": ids, "error": err}
+
+
+async def load(url: str, jobs, concurrency: int, max_tokens: int) -> tuple[list[dict], float]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def run(job):
+            async with sem:
+                return await one(client, url, job[0], job[1], max_tokens)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(run(j) for j in jobs))
+        return results, time.perf_counter() - t0
+
+
+def offline(instruct: str, thinking: str, prompts, lams, batch: int, max_tokens: int, dtype: str):
+    from dami_jax.pair import generate_pair, load_pair
+
+    pair = load_pair(instruct, thinking, dtype=dtype)
+    pad = -len(prompts) % batch  # a short last batch would compile another program: fill it, drop the rows
+    prompts, lams = list(prompts) + list(prompts[:pad]), np.concatenate([lams, lams[:pad]])
+    generate_pair(pair, prompts[:batch], lams[:batch], max_tokens)  # compile
+    t0, out = time.perf_counter(), []
+    for i in range(0, len(prompts), batch):
+        out += generate_pair(pair, prompts[i: i + batch], lams[i: i + batch], max_tokens).token_lists()
+    return out[: len(out) - pad], time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="a running server (default: start serve.py on a free loopback port)")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--lams", default="0,0.2,0.4,0.5,0.6,0.8,1")
+    ap.add_argument("--instruct")
+    ap.add_argument("--thinking")
+    ap.add_argument("--random", nargs="?", const="toy", metavar="PRESET",
+                    help="a random pair: toy (tiny, the default) or a preset shape such as qwen3-0.6b")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-seq-len", type=int, default=128,
+                    help="slot size of the started server: what the workload needs (prompt + max tokens)")
+    ap.add_argument("--json")
+    ap.add_argument("overrides", nargs="*", help="ServeConfig overrides for the started server, e.g. steps_per_call=1")
+    args = ap.parse_args(argv)
+
+    from dami_jax.generate.chat import chat_prompt, load_tokenizer
+    from dami_jax.toyworld import language as L
+
+    if args.instruct:
+        instruct, thinking = args.instruct, args.thinking
+    elif args.random:
+        instruct, thinking = random_pair(tempfile.mkdtemp(prefix="serve_load_pair_"), args.random)
+    else:
+        from dami_jax.toyworld.demo import default_pair_dirs
+
+        instruct, thinking = default_pair_dirs()
+    lam_grid = [float(x) for x in args.lams.split(",")]
+    questions = [p.text for p in L.sample_problems(args.n, seed=1)]
+    lams = np.asarray([lam_grid[i % len(lam_grid)] for i in range(args.n)], np.float32)
+    proc = None
+    url = args.url
+    if url is None:
+        extra = [f"max_seq_len={args.max_seq_len}", f"dtype={args.dtype}", *args.overrides]
+        proc, url = start_server(instruct, thinking, slots=args.concurrency, queue=2 * args.concurrency, extra=extra)
+    try:
+        rss_before = server_rss(url)
+        asyncio.run(load(url, list(zip(questions[:8], lams[:8].tolist())), 8, args.max_tokens))  # warm buckets
+        results, wall = asyncio.run(load(url, list(zip(questions, lams.tolist())), args.concurrency, args.max_tokens))
+        rss_after = server_rss(url)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    tok = load_tokenizer(thinking)
+    prompts = [chat_prompt(tok, q) for q in questions]
+    ref, off_s = offline(instruct, thinking, prompts, lams, args.concurrency, args.max_tokens, args.dtype)
+
+    ok = [r for r in results if not r["error"]]
+    tokens = sum(len(r["ids"]) for r in ok)
+    ttft = np.asarray([r["ttft"] for r in ok]) * 1e3
+    lat = np.asarray([r["latency"] for r in ok]) * 1e3
+    same = np.mean([r["ids"] == ref[i] for i, r in enumerate(results) if not r["error"]]) if ok else float("nan")
+    off_tokens = sum(map(len, ref))  # (padding rows excluded; their time is not)
+    rows = [["server (streamed, C=%d)" % args.concurrency, len(results), len(results) - len(ok), tokens, wall,
+             tokens / wall, np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(lat, 50),
+             np.percentile(lat, 99)],
+            ["offline generate_pair (B=%d)" % args.concurrency, len(prompts), 0, off_tokens, off_s,
+             off_tokens / off_s, None, None, None, None]]
+    notes = [f"server / offline tokens/s: {(tokens / wall) / (off_tokens / off_s):.2f}",
+             f"requests with the offline tokens: {same:.3f}",
+             f"server RSS: {rss_before:.0f} MiB before, {rss_after:.0f} MiB after the load",
+             f"λ mix {lam_grid}, {args.max_tokens} max tokens, greedy"]
+    _common.print_table("serve_load", ["run", "requests", "errors", "tokens", "wall_s", "tok/s", "ttft_p50_ms",
+                                       "ttft_p99_ms", "lat_p50_ms", "lat_p99_ms"], rows, notes)
+    errors = sorted({r["error"] for r in results if r["error"]})[:5]
+    _common.write_json(args.json, {
+        "env": _common.environment(), "xla_flags": os.environ.get("XLA_FLAGS"), "args": vars(args),
+        "pair": [instruct, thinking],
+        "server": {"requests": len(results), "errors": len(results) - len(ok), "error_samples": errors,
+                   "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                   "ttft_ms": {"p50": float(np.percentile(ttft, 50)), "p99": float(np.percentile(ttft, 99))},
+                   "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
+                   "rss_mib_before": rss_before, "rss_mib_after": rss_after},
+        "offline": {"tokens": off_tokens, "wall_s": off_s, "tokens_per_s": off_tokens / off_s},
+        "speed_ratio": (tokens / wall) / (off_tokens / off_s), "same_tokens_share": float(same),
+    })
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""The ASGI app: routes, API key and body-size guard, OpenAI-shaped errors, engine lifecycle.
+
+    app = create_app(load_serve_config(), pair=None)   # pair None: load cfg.instruct/thinking (or the toy pair)
+    uvicorn.run(app, host=cfg.host, port=cfg.port)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from dami_jax.serve import api
+from dami_jax.serve.config import ServeConfig
+from dami_jax.serve.engine import Engine
+from dami_jax.serve.metrics import Metrics
+from dami_jax.serve.schemas import ApiError, ChatRequest, CompletionRequest, error_body, parse_body
+
+log = logging.getLogger("dami_jax.serve")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+class Server:
+    """Everything a request needs: config, pair, tokenizer, loaded policies, engine, metrics."""
+
+    def __init__(self, cfg: ServeConfig, pair=None):
+        from dami_jax.pair import load_pair
+
+        self.cfg = cfg
+        if pair is None:
+            instruct, thinking = cfg.instruct, cfg.thinking
+            if instruct is None:
+                from dami_jax.toyworld.demo import default_pair_dirs
+
+                instruct, thinking = default_pair_dirs()
+            pair = load_pair(instruct, thinking, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+        if pair.tokenizer is None:
+            raise ValueError("the server needs a tokenizer with a chat template (load_pair(..., tokenizer=...))")
+        self.pair, self.tokenizer = pair, pair.tokenizer
+        self.metrics = Metrics()
+        size = min(pair.cfg.max_position_embeddings, cfg.max_seq_len or 4096)
+        self.engine = Engine(pair, cfg.slots, size, cfg.max_queue, self.metrics, cfg.steps_per_call,
+                             cfg.prefill_rows)
+        self.policies = self._load_policies()
+        self.default_model = cfg.default_model
+        if self.default_model not in self.policies:
+            self.default_model = next(iter(self.policies))
+            log.warning("default_model %r is not served; requests naming no model get %r",
+                        cfg.default_model, self.default_model)
+
+    def _load_policies(self) -> dict:
+        from dami_jax.policies import build_policy
+
+        out = {}
+        for name, spec in self.cfg.policies.items():
+            try:
+                policy = build_policy(spec, self.pair)
+                if self.cfg.warmup:  # compile its scoring now, not on the first request
+                    policy([[0] * 8], self.pair)
+            except Exception as e:  # not servable here: no calibration, no trained model, ...
+                log.warning("model %s (policy %r) is not served: %s", name, spec, e)
+                continue
+            out[name] = policy
+        if not out:
+            raise ValueError(f"no policy of {sorted(self.cfg.policies)} loads; nothing to serve")
+        return out
+
+    def start(self) -> None:
+        if self.cfg.warmup:
+            self.engine.warmup(self.cfg.warmup_buckets)
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+class Guard:
+    """Pure ASGI middleware: metrics per route, Bearer key, body size limit (read before the app runs)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        started, status = time.perf_counter(), [500]
+        metrics, cfg = self.server.metrics, self.server.cfg
+
+        async def send_counted(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            elif msg["type"] == "http.response.body" and not msg.get("more_body"):
+                metrics.request(route, status[0], started)
+            await send(msg)
+
+        headers = dict(scope["headers"])
+        if cfg.api_key and route != "/health":
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {cfg.api_key}".encode()):
+                return await _json(send_counted, 401, error_body(
+                    "invalid or missing API key (send Authorization: Bearer KEY)", "authentication_error",
+                    code="invalid_api_key"))
+        limit = cfg.max_body_bytes
+        too_big = error_body(f"request body exceeds {limit} bytes", "invalid_request_error", code="body_too_large")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _json(send_counted, 413, too_big)
+        body, more = b"", scope["method"] in ("POST", "PUT", "PATCH")
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > limit:
+                return await _json(send_counted, 413, too_big)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_counted)
+
+
+async def _json(send, status: int, payload: dict, headers=()) -> None:
+    data = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _watch_disconnect(request: Request, flow) -> None:
+    """A non-streamed request's client went away: free its slots."""
+    while True:
+        if (await request.receive())["type"] == "http.disconnect":
+            flow.client_gone()
+            return
+
+
+def create_app(cfg: ServeConfig, pair=None, server: Server | None = None) -> "Guard":
+    """The ASGI app (a Guard around FastAPI); `.server` holds the engine, policies and metrics."""
+    server = server or Server(cfg, pair)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await asyncio.to_thread(server.start)
+        yield
+        await asyncio.to_thread(server.stop)
+
+    app = FastAPI(title="dami_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", code=str(e.status_code)),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+    async def generate(request: Request, schema, chat: bool):
+        body = parse_body(schema, await request.body(), server.cfg.max_n, server.engine.slots)
+        prompts = [api.chat_prompt_ids(server, body)] if chat else api.completion_prompt_ids(server, body)
+        flow = api.Flow(server, body, prompts, chat)
+        flow.submit()
+        timeout = server.cfg.request_timeout_s
+        if body.stream:
+            return StreamingResponse(flow.stream(timeout), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_watch_disconnect(request, flow))
+        try:
+            return await flow.collect(timeout)
+        except api.ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"request timed out after {timeout:g} s", type="timeout", code="timeout") from None
+        finally:
+            watcher.cancel()
+            flow.cancel()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, ChatRequest, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, CompletionRequest, chat=False)
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "dami_jax", "policy": p.spec}
+                for name, p in server.policies.items()]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health():
+        e = server.engine
+        return {"status": "ok", "slots": e.slots, "active": e.active(), "queue": e.queue_depth()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+    return Guard(app, server)

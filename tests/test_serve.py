@@ -1,0 +1,346 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over loopback.
+
+A tiny random Instruct/Thinking pair (two independent inits, the toy world's
+tokenizer and chat template) is served by uvicorn in a thread. Greedy and
+seeded outputs are compared token for token with `generate_pair`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import dami_jax as dj
+from dami_jax.models import qwen3
+from dami_jax.pair import generate_pair, load_pair
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+CONTEXT = 512
+QUESTIONS = ["3+4*7", "9-2", "1+1+1+1", "8*8-3", "2*3", "5-5+5"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from dami_jax.toyworld import language as L
+    from dami_jax.toyworld.tokenizer import save_tokenizer
+
+    cfg = dj.ModelConfig(vocab_size=len(L.VOCAB), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, max_position_embeddings=CONTEXT, eos_token_ids=(L.EOS_ID,))
+    root = tmp_path_factory.mktemp("serve-pair")
+    shapes = qwen3.abstract_params(cfg)
+    for name, seed in (("instruct", 0), ("thinking", 1)):  # std 0.04 (not 0.02): varied, non-degenerate outputs
+        rng = np.random.default_rng(seed)
+        params = jax.tree.map(lambda s: rng.normal(0.0, 0.04, s.shape).astype(np.float32) if len(s.shape) > 1
+                              else np.ones(s.shape, np.float32), shapes)
+        dj.save_hf(cfg, params, root / name)
+        save_tokenizer(root / name)
+    return load_pair(root / "instruct", root / "thinking")
+
+
+@pytest.fixture(scope="module")
+def calibration(pair, tmp_path_factory):
+    from dami_jax.generate.chat import chat_prompt
+    from dami_jax.policies import calibrate_conf
+
+    path = tmp_path_factory.mktemp("cal") / "conf.json"
+    calibrate_conf(pair, [chat_prompt(pair.tokenizer, q) for q in QUESTIONS]).save(path)
+    return str(path)
+
+
+def _start(app):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(pair, calibration):
+    from dami_jax.serve import ServeConfig, create_app
+
+    policies = {"dami-instruct": "static:0", "dami-static-0.8": "static:0.8", "dami-thinking": "static:1",
+                "dami-conf": f"conf:{calibration}", "dami-routing": f"routing:0.5:{calibration}", "dami-pref": "pref"}
+    cfg = ServeConfig(slots=8, max_seq_len=CONTEXT, max_queue=64, policies=policies, max_body_bytes=64 << 10,
+                      warmup_buckets=1)
+    app = create_app(cfg, pair=pair)
+    server, thread, url = _start(app)
+    yield app.server, url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _ids(pair, question):
+    from dami_jax.generate.chat import chat_prompt
+
+    return chat_prompt(pair.tokenizer, question)
+
+
+def _reference(pair, prompt, lam, n, **kw):
+    return generate_pair(pair, [prompt], lam, n, **kw).token_lists()[0]
+
+
+def _chat(client, question, lam=None, model="dami-static-0.8", **kw):
+    extra = {"return_token_ids": True, **({} if lam is None else {"lambda": lam})}
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                          extra_body=extra, **kw)
+
+
+# ---------------------------------------------------------------------------
+
+def test_models_list_only_loadable_policies(client):
+    models = {m.id: m.policy for m in client.models.list().data}
+    assert {"dami-instruct", "dami-static-0.8", "dami-thinking", "dami-conf", "dami-routing"} <= set(models)
+    assert "dami-pref" not in models  # no trained reward model: not served
+    assert models["dami-static-0.8"] == "static:0.8"
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.35, 1.0])
+def test_chat_greedy_matches_generate_pair(client, pair, lam):
+    r = _chat(client, "3+4*7", lam, max_tokens=24, temperature=0, seed=5)
+    choice = r.choices[0]
+    ref = _reference(pair, _ids(pair, "3+4*7"), lam, 24, seed=5)
+    assert choice.token_ids == ref
+    assert r.model_extra["lambda"] == lam and choice.model_extra["lambda"] == lam
+    assert r.usage.completion_tokens == len(ref)
+    assert choice.finish_reason == ("stop" if ref[-1] in pair.stop_tokens else "length")
+    text = pair.tokenizer.decode([t for t in ref if t not in pair.stop_tokens], skip_special_tokens=True)
+    reasoning, content = dj.split_thinking(text)
+    assert choice.message.content == content and choice.message.model_extra["reasoning_content"] == reasoning
+
+
+def test_completions_sampled_n2_match_generate_pair(client, pair):
+    prompt = _ids(pair, "8*8-3")
+    r = client.completions.create(model="dami-thinking", prompt=prompt, max_tokens=20, n=2, temperature=0.8,
+                                  top_p=0.9, seed=11, extra_body={"top_k": 12, "return_token_ids": True})
+    sampling = dj.Sample(temperature=0.8, top_k=12, top_p=0.9)
+    ref = generate_pair(pair, [prompt, prompt], 1.0, 20, sampling=sampling, seed=11).token_lists()
+    assert [c.token_ids for c in sorted(r.choices, key=lambda c: c.index)] == ref
+    assert r.model_extra["policy"] == "static:1"
+    greedy = client.completions.create(model="dami-instruct", prompt="1+2=", max_tokens=6, temperature=0,
+                                       extra_body={"return_token_ids": True, "ignore_eos": True}).choices[0]
+    assert len(greedy.token_ids) == 6 and greedy.finish_reason == "length"
+    assert greedy.text == pair.tokenizer.decode(greedy.token_ids, skip_special_tokens=True)
+    stop = greedy.text[2:4]  # a stop string ends the text before its first occurrence
+    assert stop, greedy.text
+    cut = client.completions.create(model="dami-instruct", prompt="1+2=", max_tokens=6, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == greedy.text[: greedy.text.find(stop)]
+
+
+def test_each_policy_serves(client, pair):
+    from dami_jax.policies import build_policy
+
+    for model in [m.id for m in client.models.list().data]:
+        r = _chat(client, "9-2", model=model, max_tokens=4, temperature=0)
+        lam = r.model_extra["lambda"]
+        assert 0.0 <= lam <= 1.0, model
+        spec = r.model_extra["policy"]
+        expected = float(build_policy(spec, pair)([_ids(pair, "9-2")], pair).lam[0])
+        assert lam == pytest.approx(expected, abs=1e-6), model
+        if model == "dami-routing":
+            assert lam in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("lam", [0.2, 0.9])
+def test_stream_adds_up_to_the_whole_response(client, served, pair, lam):
+    kw = dict(max_tokens=30, temperature=0, seed=2)
+    whole = _chat(client, "2*3", lam, **kw).choices[0]
+    stream = client.chat.completions.create(
+        model="dami-static-0.8", messages=[{"role": "user", "content": "2*3"}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"lambda": lam}, **kw)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(whole.token_ids)
+    assert chunks[-2].choices[0].finish_reason == whole.finish_reason
+    assert all(c.model_extra["lambda"] == lam for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks[:-1])
+    # The streaming rule: λ >= reasoning_lambda (0.5) streams reasoning up to the first `</think>`.
+    text = pair.tokenizer.decode([t for t in whole.token_ids if t not in pair.stop_tokens], skip_special_tokens=True)
+    head, tag, tail = text.partition("</think>")
+    expected = ("", text.strip()) if lam < 0.5 else (head.strip(), tail.strip()) if tag else (text.strip(), "")
+    assert (reasoning, content) == expected
+    if lam >= 0.5 and text.count("</think>") == 1:  # then it is split_thinking's answer
+        assert (reasoning, content) == (whole.message.model_extra["reasoning_content"], whole.message.content)
+    raw = httpx.post(served[1] + "/v1/completions", json={"prompt": "1+", "max_tokens": 3, "stream": True})
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_sixteen_concurrent_requests_match_alone(client):
+    jobs = [(QUESTIONS[i % len(QUESTIONS)], round(i / 15, 3), 7 + i) for i in range(16)]
+
+    def ask(job):
+        q, lam, seed = job
+        return _chat(client, q, lam, max_tokens=16, temperature=0.7 if seed % 2 else 0, seed=seed).choices[0].token_ids
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, jobs))
+    alone = [ask(j) for j in jobs]
+    assert together == alone
+    assert len({tuple(t) for t in together}) > 4  # the λ mix really gives different outputs
+
+
+def test_disconnect_mid_stream_frees_the_slot(served):
+    server, url = served
+    before = server.metrics.registry.get_sample_value("dami_completion_tokens_total")
+    body = {"model": "dami-thinking", "messages": [{"role": "user", "content": "1+1"}], "max_tokens": 480,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert [next(lines) for _ in range(6)]  # a few tokens arrived; then the client goes away
+    _wait_idle(url)
+    assert server.metrics.registry.get_sample_value("dami_completion_tokens_total") - before < 480
+
+
+def _wait_idle(url, seconds=20):
+    deadline = time.time() + seconds
+    while httpx.get(url + "/health").json()["active"]:
+        assert time.time() < deadline, "the slot was not freed"
+        time.sleep(0.05)
+
+
+def test_client_gone_before_a_whole_response_frees_the_slot(served):
+    server, url = served
+    before = server.metrics.registry.get_sample_value("dami_completion_tokens_total")
+    body = {"model": "dami-thinking", "messages": [{"role": "user", "content": "1+1"}], "max_tokens": 480,
+            "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    _wait_idle(url)
+    assert server.metrics.registry.get_sample_value("dami_completion_tokens_total") - before < 480
+
+
+def test_request_timeout(pair):
+    from dami_jax.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(slots=8, max_seq_len=CONTEXT, request_timeout_s=0.1, policies={"m": "static:0.5"},
+                      warmup_buckets=1)
+    server, thread, url = _start(create_app(cfg, pair=pair))
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "ignore_eos": True}
+        r = httpx.post(url + "/v1/chat/completions", json=body)
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True})
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert '"timeout"' in events[-2] and events[-1] == "data: [DONE]"
+        _wait_idle(url)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+BAD = [  # (name, body or raw bytes, status, param, words in the message)
+    ("bad json", b'{"model": "dami-instruct", "messages": [', 400, None, "not valid JSON"),
+    ("not an object", b"[1, 2]", 400, None, "JSON object"),
+    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "does not exist"),
+    ("lambda out of range", {"messages": [{"role": "user", "content": "hi"}], "lambda": 1.5}, 400, "lambda", "[0, 1]"),
+    ("lambda NaN", b'{"messages": [{"role": "user", "content": "hi"}], "lambda": NaN}', 400, "lambda", "nan"),
+    ("negative max_tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens", ">= 1"),
+    ("prompt too long", {"messages": [{"role": "user", "content": "1" * 600}]}, 400, "messages", "context"),
+    ("max_tokens past context", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}, 400, "max_tokens", "context"),
+    ("n too large", {"messages": [{"role": "user", "content": "hi"}], "n": 50}, 400, "n", "n must be"),
+    ("wrong type", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422, "temperature", "number"),
+    ("missing messages", {"model": "dami-instruct"}, 422, "messages", "required"),
+    ("empty messages", {"messages": []}, 422, "messages", "at least 1"),
+    ("bad role", {"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role", "user"),
+    ("body too large", {"messages": [{"role": "user", "content": "x" * (80 << 10)}]}, 413, None, "exceeds"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,param,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_openai_error_and_server_keeps_serving(served, name, body, status, param, words):
+    url = served[1]
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(url + "/v1/chat/completions", **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and words in err["message"], err
+    assert err["param"] == param
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        _chat(client, "hi", model="nope")
+    with pytest.raises(openai.BadRequestError, match="lambda"):
+        _chat(client, "hi", lam=-0.1)
+
+
+def test_api_key_and_full_queue(pair):
+    from dami_jax.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(slots=8, max_seq_len=CONTEXT, max_queue=0, api_key="s3cret", policies={"m": "static:0.5"},
+                      warmup_buckets=1)
+    server, thread, url = _start(create_app(cfg, pair=pair))
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/health").status_code == 200  # liveness needs no key
+        c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["m"]
+        with pytest.raises(openai.RateLimitError) as e:  # max_queue=0: every request is refused
+            c.chat.completions.create(**body)
+        assert e.value.response.headers["retry-after"] == "1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_refuses_public_bind_without_key():
+    from dami_jax.config import ConfigError
+    from dami_jax.serve import ServeConfig, main
+
+    with pytest.raises(ConfigError, match="API key"):
+        ServeConfig(host="0.0.0.0").check_bind()
+    ServeConfig(host="0.0.0.0", api_key="k").check_bind()
+    with pytest.raises(SystemExit, match="API key"):
+        main(["--host", "0.0.0.0"])
+
+
+def test_metrics_expose_the_serving_figures(client, served):
+    _chat(client, "1+1", 0.25, max_tokens=3, temperature=0)
+    text = httpx.get(served[1] + "/metrics").text
+    for name in ("dami_requests_total", "dami_completion_tokens_total", "dami_lambda_bucket", "dami_queue_depth",
+                 "dami_time_to_first_token_seconds_bucket", "dami_batch_occupancy_bucket"):
+        assert name in text, name
+    assert 'dami_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+
+
+def test_stream_text_splits_like_split_thinking(pair):
+    from dami_jax.serve.text import ChoiceText
+    from dami_jax.toyworld import language as L
+
+    tok = pair.tokenizer
+    ids = [L.TOKEN_ID[t] for t in ["\n", "1", "+", "2", "\n", "\n", L.THINK_END, "\n", "\n", L.BOX_OPEN, "3", "}"]]
+    for think_first in (True, False):
+        text = ChoiceText(tok, think_first=think_first)
+        parts = [text.deltas() for t in ids if not text.add(t)] + [text.deltas(final=True)]
+        got = ("".join(p[0] for p in parts) or None, "".join(p[1] for p in parts))
+        whole = dj.split_thinking(tok.decode(ids))
+        assert got == whole if think_first else got[1].endswith(whole[1])
+    stop = ChoiceText(tok, stops=["+2"], split=False)
+    assert [stop.add(t) for t in ids[:4]] == [False, False, False, True] and stop.text == "\n1"
