@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="static λ sweep on the shipped toy Instruct/Thinking pair")
     p.add_argument("--out", default=None, help="write sweep.json and pareto.png here")
     p.add_argument("--pair", default=None, help="a toy pair directory (default: the shipped one)")
-    p.add_argument("--per-k", type=int, default=100, help="held-out problems per difficulty k")
+    p.add_argument("--per-k", type=int, default=50, help="held-out problems per difficulty k")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("toyworld", help="toyworld train --out DIR [--config FILE] [key=value ...]")

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dami_jax.checkpoint.hf import (_atomic_replace_dir, _check_no_extra, _hf_shape, _Index, leaf_table,
-                                    resolve_model_dir)
+                                    resolve_model_dir, staging_dir)
 from dami_jax.checkpoint.safetensors_io import _NAMES, CheckpointError
 from dami_jax.config import ModelConfig
 from dami_jax.interpolate import check_lam
@@ -105,9 +104,7 @@ def merge_checkpoints(instruct: str | os.PathLike, thinking: str | os.PathLike, 
         out_dtype = _out_dtype(dtype, in_dtypes)
         items = [dataclasses.replace(it, nbytes=int(np.prod(it.shape, dtype=np.int64)) * out_dtype.itemsize)
                  for it in items]
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir.rstrip("/")) + "-", dir=parent)
+        tmp = staging_dir(out_dir)
         try:
             metadata = {"format": "pt", "dami_lam": repr(float(lam32))}
             with _Worker(threads) as worker:

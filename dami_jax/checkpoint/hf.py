@@ -272,9 +272,7 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
     out_dir = os.fspath(out_dir)
     table = leaf_table(cfg)
     np_dtype = np.dtype(jnp.dtype(dtype or _get(params, table[0].path).dtype))
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    tmp = staging_dir(out_dir)
     try:
         _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress)
         hf_cfg = cfg.to_hf_dict(dtype=str(np_dtype) if np_dtype.name != "bfloat16" else "bfloat16")
@@ -320,6 +318,17 @@ def _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress) -> No
     if n > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def staging_dir(out_dir: str) -> str:
+    """A temporary sibling of out_dir to build it in (renamed into place when complete)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir.rstrip("/")) + "-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should not be
+    return tmp
 
 
 def _atomic_replace_dir(tmp: str, out_dir: str) -> None:
