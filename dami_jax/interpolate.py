@@ -55,20 +55,51 @@ def _merge(theta_i, theta_t, lam, scales):
     return jax.tree.map(lambda i, t, s: _lerp(i, t, lam * s), theta_i, theta_t, scales)
 
 
+def _into(merge):
+    """`merge` writing into donated buffers (`keep_unused`: an unused donated argument is
+    otherwise pruned, and the output gets fresh, page-faulted memory)."""
+    return jax.jit(lambda out, i, t, lam, scales: merge(i, t, lam, scales), donate_argnums=0, keep_unused=True)
+
+
+_merge_many_impl = jax.vmap(_merge, in_axes=(None, None, 0, None))
 _merge_one = jax.jit(_merge)
-_merge_many = jax.jit(jax.vmap(_merge, in_axes=(None, None, 0, None)))
+_merge_many = jax.jit(_merge_many_impl)
+_merge_one_into = _into(_merge)
+_merge_many_into = _into(_merge_many_impl)
 
 
 def interpolate(theta_i, theta_t, lam, *, schedule: Schedule | None = None,
-                allow_extrapolation: bool = False):
+                allow_extrapolation: bool = False, out=None):
     """Θ(λ) for a scalar λ (one pytree) or a (K,) array (pytree with a leading K axis).
 
     Leaves keep their dtype; under jit, elementwise ops keep the inputs' sharding.
+    out: a pytree shaped like the result (e.g. the previous Θ(λ) of a sweep) whose
+    buffers are donated and overwritten in place, so no new memory is allocated
+    (no fresh pages to fault in: 0.63 -> 0.74 of copy bandwidth on CPU). It is
+    deleted by the call; it must not share buffers with theta_i or theta_t.
     """
     _check_same_tree(theta_i, theta_t)
     lam_arr = check_lam(lam, allow_extrapolation)
-    merge = _merge_one if lam_arr.ndim == 0 else _merge_many
-    return merge(theta_i, theta_t, jnp.asarray(lam_arr), _leaf_scales(theta_i, schedule))
+    scales = _leaf_scales(theta_i, schedule)
+    if out is None:
+        merge = _merge_one if lam_arr.ndim == 0 else _merge_many
+        return merge(theta_i, theta_t, jnp.asarray(lam_arr), scales)
+    _check_out(out, theta_i, theta_t, lam_arr)
+    merge = _merge_one_into if lam_arr.ndim == 0 else _merge_many_into
+    return merge(out, theta_i, theta_t, jnp.asarray(lam_arr), scales)
+
+
+def _check_out(out, theta_i, theta_t, lam_arr) -> None:
+    if jax.tree.structure(out) != jax.tree.structure(theta_i):
+        raise ValueError("out must have the structure of the params")
+    lead = lam_arr.shape
+    inputs = {id(x) for x in jax.tree.leaves((theta_i, theta_t))}
+    for (path, o), x in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(theta_i)):
+        name = "/".join(map(str, _path_keys(path)))
+        if o.shape != lead + x.shape or o.dtype != x.dtype:
+            raise ValueError(f"out {name}: {o.shape} {o.dtype}, expected {lead + x.shape} {x.dtype}")
+        if id(o) in inputs:
+            raise ValueError(f"out {name} is an input leaf; it would be donated and deleted")
 
 
 @jax.jit

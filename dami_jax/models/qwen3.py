@@ -53,8 +53,12 @@ def _row_lam(lam: jax.Array, ndim: int, dtype) -> jax.Array:
 def _einsum(spec: str, x: jax.Array, w: jax.Array, lam: jax.Array | None) -> jax.Array:
     if lam is None:
         return jnp.einsum(spec, x, w)
-    base = jnp.einsum(spec, x, w[0])
-    return base + _row_lam(lam, base.ndim, base.dtype) * jnp.einsum(spec, x, w[1])
+    # (Θ_I, Δ) contracted in place as one batched matmul over the stacked axis S:
+    # slicing w[0], w[1] makes XLA copy both halves of every weight at every step.
+    ins, out = spec.split("->")
+    x_spec, w_spec = ins.split(",")
+    both = jnp.einsum(f"S{x_spec},S{w_spec}->S{out}", jnp.broadcast_to(x, (2, *x.shape)), w)
+    return both[0] + _row_lam(lam, both.ndim - 1, both.dtype) * both[1]
 
 
 def _param(shape, dtype, delta, rngs, init):
@@ -88,7 +92,11 @@ class Linear(nnx.Module):
         self.kernel = _param(shape, dtype, delta, rngs, _normal)
 
     def __call__(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
-        return _einsum(self.spec, x, self.kernel[...], lam)
+        w = self.kernel[...]
+        w_rank = len(self.spec.split("->")[0].split(",")[1]) + (lam is not None)
+        if w.ndim > w_rank:  # fold leading input axes into one (a free reshape)
+            w = w.reshape(*w.shape[: w_rank - 2], -1, w.shape[-1])
+        return _einsum(self.spec, x, w, lam)
 
 
 class Embed(nnx.Module):
@@ -99,8 +107,8 @@ class Embed(nnx.Module):
         table = self.embedding[...]
         if lam is None:
             return jnp.take(table, tokens, axis=0)
-        base = jnp.take(table[0], tokens, axis=0)
-        return base + _row_lam(lam, base.ndim, base.dtype) * jnp.take(table[1], tokens, axis=0)
+        both = jnp.take(table, tokens, axis=1)  # rows of Θ_I and Δ, no copy of the table halves
+        return both[0] + _row_lam(lam, both.ndim - 1, both.dtype) * both[1]
 
     def attend(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
         """Tied lm_head: logits against the embedding table."""
@@ -126,7 +134,9 @@ class Attention(nnx.Module):
         self.q_proj = Linear("btd,dnh->btnh", (d, n, h), **kw)
         self.k_proj = Linear("btd,dkh->btkh", (d, k, h), **kw)
         self.v_proj = Linear("btd,dkh->btkh", (d, k, h), **kw)
-        self.o_proj = Linear("btnh,nhd->btd", (n, h, d), **kw)
+        # Stored (N, H, D) like HF's heads, applied as one (N·H) axis: a two-axis
+        # contraction makes XLA copy the kernel on every call.
+        self.o_proj = Linear("btk,kd->btd", (n, h, d), **kw)
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
         self.rope_theta = cfg.rope_theta
@@ -146,7 +156,7 @@ class Attention(nnx.Module):
         scores = scores * (h ** -0.5)
         scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, nk * self.groups, h)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, nk * self.groups * h)
         return self.o_proj(out, lam), (k, v)
 
 
@@ -164,8 +174,12 @@ class MLP(nnx.Module):
 def _ragged(x_md, w_edf, group_sizes, lam_m):
     if lam_m is None:
         return jax.lax.ragged_dot(x_md, w_edf, group_sizes)
-    base = jax.lax.ragged_dot(x_md, w_edf[0], group_sizes)
-    return base + lam_m.astype(base.dtype)[:, None] * jax.lax.ragged_dot(x_md, w_edf[1], group_sizes)
+    # Θ_I and Δ experts as 2E groups of one ragged_dot over [x; x] (no copy of the halves).
+    s, e = w_edf.shape[:2]
+    m = x_md.shape[0]
+    out = jax.lax.ragged_dot(jnp.concatenate([x_md, x_md]), w_edf.reshape(s * e, *w_edf.shape[2:]),
+                             jnp.concatenate([group_sizes, group_sizes]))
+    return out[:m] + lam_m.astype(out.dtype)[:, None] * out[m:]
 
 
 class MoE(nnx.Module):

@@ -43,7 +43,7 @@ class ConfConfig:
     probe_tokens: int = 16  # P
     aggregate: str = "mean"  # over content positions: "mean" or "max"
     w_entropy: float = 1.0  # w_A
-    w_js: float = 1.0  # w_D
+    w_js: float = 0.0  # w_D (0: see the toy-world measurement in configs/policy_conf.yaml)
     w_maxprob: float = 0.0  # w_M
     lam_min: float = 0.0
     lam_max: float = 1.0
