@@ -52,6 +52,43 @@ def _toyworld(args) -> None:
     train.main(args.rest)
 
 
+def _eval(args) -> None:
+    from dami_jax.eval.pairs import load_pair_config, open_pair
+    from dami_jax.eval.run import run_eval
+
+    pair_cfg = load_pair_config(args.pair, args.set)
+    pair = open_pair(pair_cfg)
+    run_eval(pair, pair_cfg, args.bench.split(","), args.policies.split(","), samples=args.samples,
+             out_dir=args.out, limit=args.limit, seed=args.seed)
+
+
+def _calibrate(args) -> None:
+    import json as _json
+
+    from dami_jax.eval.benchmarks import math_prompt
+    from dami_jax.eval.pairs import load_pair_config, open_pair
+    from dami_jax.eval.run import toy_benchmark
+    from dami_jax.generate.chat import chat_prompt
+    from dami_jax.policies.calibrate import calibrate_conf
+
+    if args.policy != "conf":
+        raise ValueError(f"only 'conf' calibrates (routing reuses it), got {args.policy!r}")
+    pair_cfg = load_pair_config(args.pair, args.set)
+    pair = open_pair(pair_cfg)
+    if args.prompts:  # one JSON object with a "question" per line, or plain text lines
+        with open(args.prompts) as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        questions = [_json.loads(ln)["question"] if ln.startswith("{") else ln for ln in lines]
+    elif args.pair == "toy":
+        questions = [p.question for p in toy_benchmark(per_k=50, seed=args.seed)]
+    else:
+        raise ValueError("--prompts FILE is required for a pair other than 'toy'")
+    wrap = math_prompt if pair_cfg.math_instruction else (lambda q: q)
+    cal = calibrate_conf(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions])
+    cal.save(args.out)
+    print(f"calibrated conf on {len(questions)} prompts: mu={cal.mu:.4f} tau={cal.tau:.4f} -> {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dami", description="DAMI: dynamic model interpolation in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", default=None, help="a toy pair directory (default: the shipped one)")
     p.add_argument("--per-k", type=int, default=50, help="held-out problems per difficulty k")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("eval", help="every policy on math benchmarks: accuracy, tokens, speed")
+    p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
+    p.add_argument("--bench", default="toy", help="comma-separated: toy, gsm8k, math500, aime24, aime25, "
+                   "amc23, or a .jsonl path")
+    p.add_argument("--policies", default="static:0,static:0.5,static:0.8,static:1,conf,routing,budget:48",
+                   help="comma-separated policy specs")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem (>1: Thinking sampling defaults)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--out", default="runs/eval", help="records, results.json/csv, pareto_<bench>.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], help="pair config override key=value (repeatable)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("calibrate", help="label-free DAMI-Conf calibration (mu, tau) on a prompt set")
+    p.add_argument("policy", choices=["conf"])
+    p.add_argument("--pair", default="toy")
+    p.add_argument("--prompts", default=None, help="JSONL with 'question' fields, or one prompt per line")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--seed", type=int, default=7, help="toy calibration problems (not the eval seed)")
+    p.add_argument("--set", action="append", default=[], help="pair config override key=value")
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("toyworld", help="toyworld train --out DIR [--config FILE] [key=value ...]")
     p.add_argument("action", choices=["train"])

@@ -1,0 +1,71 @@
+"""Which model pair an eval or server runs: a small YAML config, or `toy`.
+
+    instruct: Qwen/Qwen3-4B-Instruct-2507
+    thinking: Qwen/Qwen3-4B-Thinking-2507
+    dtype: bfloat16
+    max_new_tokens: 32768
+    conf_calibration: runs/qwen3-4b/conf_calibration.json   # what plain `conf`/`routing` use
+    pref_model: runs/qwen3-4b/pref                          # what plain `pref` uses
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from dami_jax.config import load_yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+    instruct: str
+    thinking: str
+    dtype: str = "bfloat16"
+    tokenizer: str = "thinking"
+    max_new_tokens: int = 32768
+    batch_size: int = 64
+    conf_calibration: str | None = None
+    pref_model: str | None = None
+    mesh: tuple[int, ...] = (1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    math_instruction: bool = True  # append the boxed-answer instruction to questions
+
+
+def toy_pair_config() -> PairConfig:
+    from dami_jax.toyworld.demo import DEFAULT_PAIR, MAX_NEW_TOKENS, default_pair_dirs
+
+    instruct, thinking = default_pair_dirs()
+    cal = os.path.join(DEFAULT_PAIR, "conf_calibration.json")
+    pref = os.path.join(DEFAULT_PAIR, "pref")
+    return PairConfig(instruct, thinking, dtype="float32", max_new_tokens=MAX_NEW_TOKENS, batch_size=300,
+                      conf_calibration=cal if os.path.isfile(cal) else None,
+                      pref_model=pref if os.path.isdir(pref) else None, math_instruction=False)
+
+
+def load_pair_config(spec: str, overrides: list[str] = ()) -> PairConfig:
+    """`toy` or a YAML path, plus dotted overrides."""
+    if spec == "toy":
+        if overrides:
+            base = dataclasses.asdict(toy_pair_config())
+            from dami_jax.config import apply_overrides, from_dict
+
+            return from_dict(PairConfig, apply_overrides(base, list(overrides)), where="toy pair")
+        return toy_pair_config()
+    return load_yaml(PairConfig, spec, overrides)
+
+
+def expand_policy(spec: str, pair_cfg: PairConfig) -> str:
+    """Plain `conf`, `routing` and `pref` use the pair config's calibration / reward model."""
+    if spec in ("conf", "routing") and pair_cfg.conf_calibration:
+        return f"{spec}:{pair_cfg.conf_calibration}"
+    if spec == "pref" and pair_cfg.pref_model:
+        return f"pref:{pair_cfg.pref_model}"
+    return spec
+
+
+def open_pair(pair_cfg: PairConfig):
+    from dami_jax.models.sharding import make_mesh
+    from dami_jax.pair import load_pair
+
+    mesh = None if tuple(pair_cfg.mesh) == (1, 1, 1) else make_mesh(*pair_cfg.mesh)
+    return load_pair(pair_cfg.instruct, pair_cfg.thinking, dtype=pair_cfg.dtype, mesh=mesh,
+                     tokenizer=pair_cfg.tokenizer)

@@ -1,0 +1,138 @@
+"""`dami eval`: every policy on the same problems; accuracy, tokens and time side by side.
+
+Per-sample records go to `OUT/records_<bench>.jsonl` as they are produced, so an
+interrupted run resumes where it stopped and a finished one can be re-scored
+without generating again. Outputs: one table per benchmark, `results.json`,
+`results.csv` and `pareto_<bench>.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+from tqdm.auto import tqdm
+
+from dami_jax.eval.benchmarks import Problem, load_benchmark, math_prompt
+from dami_jax.eval.metrics import summarize_by_policy
+from dami_jax.eval.pairs import PairConfig, expand_policy
+from dami_jax.eval.records import RecordStore, make_record
+from dami_jax.generate.chat import chat_prompt
+from dami_jax.generate.sampling import THINKING_DEFAULT, Greedy
+
+REFERENCE = "static:1"  # speed-up and token ratios are against the Thinking model
+COLUMNS = ("policy", "accuracy", "mean_tokens", "median_tokens", "think_share", "token_ratio",
+           "seconds", "tokens_per_s", "speedup", "lam_mean")
+
+
+def toy_benchmark(per_k: int = 50, seed: int = 20261127) -> list[Problem]:
+    from dami_jax.toyworld import language as L
+
+    problems = L.sample_problems(per_k * L.MAX_OPS, seed=seed)
+    return [Problem(f"toy-k{p.k}-{i}", p.text, str(p.answer)) for i, p in enumerate(problems)]
+
+
+def load_problems(name: str, limit: int | None) -> list[Problem]:
+    if name == "toy":
+        problems = toy_benchmark()
+        return problems[:limit] if limit else problems
+    return load_benchmark(name, limit=limit)
+
+
+def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str], *, samples: int = 1,
+             out_dir: str, limit: int | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Run and summarize; returns the result rows (one per benchmark × policy).
+
+    Each policy first runs once untimed on its first batch, so `seconds` (and the
+    speed-up against λ = 1) measure generation, not compilation.
+    """
+    from dami_jax.policies.base import build_policy
+    from dami_jax.policies.execute import answer
+
+    sampling = Greedy() if samples == 1 else THINKING_DEFAULT
+    os.makedirs(out_dir, exist_ok=True)
+    built = {spec: build_policy(expand_policy(spec, pair_cfg), pair) for spec in policies}
+    rows = []
+    for bench in benches:
+        problems = load_problems(bench, limit)
+        prompts = [chat_prompt(pair.tokenizer, math_prompt(p.question) if pair_cfg.math_instruction
+                               else p.question) for p in problems]
+        store = RecordStore(os.path.join(out_dir, f"records_{bench}.jsonl"))
+        done = store.done_keys()
+        for spec, policy in built.items():
+            warmup = True
+            for sample in range(samples):
+                todo = [i for i, p in enumerate(problems) if (spec, p.id, sample) not in done]
+                chunks = [todo[i: i + pair_cfg.batch_size] for i in range(0, len(todo), pair_cfg.batch_size)]
+                if chunks and warmup:  # compile outside the timed runs (same shapes as the first chunk)
+                    answer(pair, policy, [prompts[i] for i in chunks[0]], pair_cfg.max_new_tokens,
+                           sampling=sampling, seed=seed + sample)
+                    warmup = False
+                for chunk in tqdm(chunks, desc=f"{bench} {spec} #{sample}", disable=not progress, leave=False):
+                    t0 = time.perf_counter()
+                    out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens,
+                                         sampling=sampling, seed=seed + sample)
+                    share = (time.perf_counter() - t0) / len(chunk)  # batch time split evenly
+                    store.extend(_records(pair, spec, sample, [problems[i] for i in chunk], out, chosen, share))
+        rows += _summarize(bench, store.load(), policies, out_dir)
+    _write_results(out_dir, rows)
+    return rows
+
+
+def _records(pair, spec, sample, problems, out, chosen, seconds_each):
+    texts = [pair.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_lists()]
+    return [make_record(spec, p.id, sample, text, p.gold, int(out.lengths[j]), lam=float(chosen.lam[j]),
+                        finish_reason=out.finish_reasons[j], seconds=seconds_each)
+            for j, (p, text) in enumerate(zip(problems, texts))]
+
+
+def _summarize(bench: str, records: list[dict], policies: list[str], out_dir: str) -> list[dict]:
+    records = [r for r in records if r["policy"] in policies]
+    wall = {}
+    for r in records:
+        wall[r["policy"]] = wall.get(r["policy"], 0.0) + r.get("seconds", 0.0)
+    ref = REFERENCE if REFERENCE in policies else None
+    summary = summarize_by_policy(records, wall_s=wall, ref_policy=ref)
+    rows = []
+    for spec in policies:
+        s = summary[spec]
+        lams = [r["lam"] for r in records if r["policy"] == spec]
+        rows.append({"bench": bench, "policy": spec, "accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
+                     "median_tokens": s["median_tokens"], "think_share": s["thinking_share"],
+                     "token_ratio": s.get("token_ratio"), "seconds": s["wall_s"],
+                     "tokens_per_s": s["tokens_per_s"], "speedup": s.get("speedup"),
+                     "lam_mean": sum(lams) / len(lams), "n_items": s["n_items"],
+                     "samples": s["samples_per_item"], "pass@1": s["pass@1"],
+                     "gradable_share": s["gradable_share"]})
+    _print_table(bench, rows)
+    _plot(bench, rows, out_dir)
+    return rows
+
+
+def _print_table(bench: str, rows: list[dict]) -> None:
+    print(f"\n{bench}: {rows[0]['n_items']} problems × {rows[0]['samples']} sample(s)")
+    print("  ".join(f"{c:>13}" if i else f"{c:<16}" for i, c in enumerate(COLUMNS)))
+    for r in rows:
+        cells = [f"{r[c]:>13.3f}" if isinstance(r[c], float) else f"{str(r[c]):>13}" for c in COLUMNS[1:]]
+        print(f"{r['policy']:<16}" + "  ".join(cells))
+
+
+def _plot(bench: str, rows: list[dict], out_dir: str) -> None:
+    from dami_jax.eval.plots import pareto_plot
+
+    curve = [(float(r["policy"].split(":")[1]), r["mean_tokens"], r["accuracy"])
+             for r in rows if r["policy"].startswith("static:")]
+    points = {r["policy"]: (r["mean_tokens"], r["accuracy"]) for r in rows if not r["policy"].startswith("static:")}
+    if curve or points:
+        pareto_plot(points, curve, os.path.join(out_dir, f"pareto_{bench}.png"), title=f"{bench}: policies")
+
+
+def _write_results(out_dir: str, rows: list[dict]) -> None:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
