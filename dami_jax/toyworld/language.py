@@ -8,14 +8,20 @@ i always sits at the same position: the model never has to search for it.
 
 Two ways to answer, after the chat template's `<think>\\n`:
 - direct (System 1):  `\\boxed{7}`
-- thinking (System 2): the chain worked out one step per line, a blank line,
-  then a verification pass over all MAX_OPS slots of the form (blank slots leave
-  the value unchanged), then `</think>`, a blank line and `\\boxed{7}`.
+- thinking (System 2): one line per slot of the whole form, `a op b=c` (blank
+  slots as `c__=c`: the value is unchanged), a blank line, then a verification
+  pass that recomputes the k real steps once more, then `</think>`, a blank line
+  and `\\boxed{7}`.
 
-The verification pass is deliberately indiscriminate: it costs the same for k=1
-as for k=6. So thinking costs 6k + 43 tokens (49 for k=1 ... 79 for k=6) against
-4 for a direct answer, and the waste is largest on easy problems, as with real
-thinking models; that is the headroom a per-query λ has to find.
+The first pass is deliberately indiscriminate: it walks all MAX_OPS slots, so it
+costs as much for k=1 as for k=6. Thinking thus costs 6k + 44 tokens (EOS
+included: 50 for k=1 ... 80 for k=6) against 4 for a direct answer, and the
+waste is largest on easy problems, as with real thinking models; that is the
+headroom a per-query λ has to find. Walking the fixed-width form first keeps
+every line's lookup at a position that depends on the line number only (never
+on k). With the verification pass over all slots placed after the k-line work
+instead, its lines read k-dependent positions, and in a trial run that is where
+the small model erred (it copied the wrong operand, then boxed the wrong answer).
 
 Every token is one string of VOCAB, so token lists map to ids without a
 tokenizer; `tokenizer.py` builds the equivalent Hugging Face tokenizer.
@@ -137,13 +143,12 @@ def direct_tokens(problem: Problem) -> list[str]:
 
 
 def thinking_tokens(problem: Problem) -> list[str]:
-    """System 2's completion: work, verification over every slot, answer, EOS."""
-    steps = problem.steps()
-    work = [t for s in steps for t in _line(*s)]
-    final = problem.answer
+    """System 2's completion: every slot of the form, the real steps again, answer, EOS."""
+    steps, final = problem.steps(), problem.answer
     blanks = [(final, BLANK, BLANK, final)] * (MAX_OPS - problem.k)
-    verify = [t for s in steps + blanks for t in _line(*s)]
-    return work + [NEWLINE] + verify + [THINK_END, NEWLINE, NEWLINE] + boxed_tokens(final) + [EOS]
+    form = [t for s in steps + blanks for t in _line(*s)]
+    verify = [t for s in steps for t in _line(*s)]
+    return form + [NEWLINE] + verify + [THINK_END, NEWLINE, NEWLINE] + boxed_tokens(final) + [EOS]
 
 
 def to_ids(tokens: list[str]) -> list[int]:

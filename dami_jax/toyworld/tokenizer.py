@@ -2,7 +2,8 @@
 
 Word-level over `language.VOCAB`: every character is its own token except the
 multi-character words (`\\boxed{`, role names, template and think tokens), which
-are added tokens so they are matched whole before the per-character split.
+are added tokens so they are matched whole before the per-character split (and
+so the DAMI-Conf policy, which skips added tokens, treats them as format).
 Spaces are dropped (they carry nothing in this language). Decoding concatenates,
 so `decode(encode(text)) == text` for text in the language.
 
@@ -38,7 +39,7 @@ def build_tokenizer() -> Tokenizer:
     vocab = {tok: i for i, tok in enumerate(L.VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=L.UNK))
     tok.normalizer = normalizers.Replace(" ", "")
-    # Any character, newline included ("." would skip "\n").
+    # Any one character, newline included ("." would skip "\n").
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     multi_char = [w for w in L.WORDS if len(w) > 1]
@@ -53,6 +54,7 @@ def tokenizer_config() -> dict:
         "eos_token": L.EOS,
         "pad_token": L.PAD,
         "unk_token": L.UNK,
+        "additional_special_tokens": [L.IM_START, L.IM_END],  # all_special_ids, as in Qwen
         "bos_token": None,
         "add_bos_token": False,
         "model_max_length": MODEL_MAX_LENGTH,

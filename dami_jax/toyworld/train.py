@@ -19,6 +19,7 @@ four-token answers to trace length, and with fixed shapes (one compile).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -58,18 +59,21 @@ class ToyTrainConfig:
     # Data: P(think | k) rises linearly from think_min (k=1) to think_max (k=MAX_OPS).
     think_min: float = 0.1
     think_max: float = 0.9
-    batch_size: int = 128
+    batch_size: int = 64
     # Optimisation (AdamW, warmup then cosine decay to 10%, gradient clipping).
-    base_steps: int = 2200
-    base_lr: float = 1e-3
-    finetune_steps: int = 300
+    # Sized for ~7 minutes on 2 CPU cores: a thinking example is ~4x the tokens
+    # of a direct one, so the thinking fine-tune gets fewer steps than the Instruct one.
+    base_steps: int = 600
+    base_lr: float = 2e-3
+    instruct_steps: int = 300
+    thinking_steps: int = 100
     finetune_lr: float = 3e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 40
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     # Check after training: greedy decoding of eval_per_k problems per k on a λ grid.
-    eval_per_k: int = 50
-    eval_lams: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    eval_per_k: int = 25
+    eval_lams: tuple[float, ...] = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0)
 
 
 def model_config(cfg: ToyTrainConfig) -> ModelConfig:
@@ -112,7 +116,7 @@ def sample_batch(rng: np.random.Generator, n_direct: int, n_think: int, p_think:
             continue
         ks = rng.choice(np.arange(1, L.MAX_OPS + 1), size=n, p=w / w.sum())
         tokens, mask = encode([L.sample_problem(rng, int(k)) for k in ks], think)
-        buckets.append((tokens, mask * (n / total) / mask.sum()))
+        buckets.append((tokens, (mask * (n / total / mask.sum())).astype(np.float32)))
     return buckets
 
 
@@ -129,37 +133,53 @@ def loss_fn(mcfg: ModelConfig, params, buckets) -> jax.Array:
     return loss
 
 
-def make_optimizer(cfg: ToyTrainConfig, lr: float, steps: int) -> optax.GradientTransformation:
-    warmup = min(cfg.warmup_steps, max(steps // 10, 1))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # not norm scales
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b2=0.98, weight_decay=cfg.weight_decay, mask=decay_mask),
-    )
+@dataclasses.dataclass(frozen=True)
+class OptSpec:
+    """Hashable optimiser settings: a static argument of the jitted update, so a
+    stage with the same settings and shapes reuses the compiled step."""
+
+    lr: float
+    steps: int
+    warmup: int
+    weight_decay: float
+    grad_clip: float
+
+    def optimizer(self) -> optax.GradientTransformation:
+        total = max(self.steps, self.warmup + 1)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup, total, self.lr * 0.1)
+        decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # not norm scales
+        return optax.chain(
+            optax.clip_by_global_norm(self.grad_clip),
+            optax.adamw(schedule, b2=0.98, weight_decay=self.weight_decay, mask=decay_mask),
+        )
+
+
+def opt_spec(cfg: ToyTrainConfig, lr: float, steps: int) -> OptSpec:
+    return OptSpec(float(lr), int(steps), min(cfg.warmup_steps, max(steps // 10, 1)),
+                   cfg.weight_decay, cfg.grad_clip)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def update(mcfg: ModelConfig, spec: OptSpec, params, opt_state, buckets):
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(mcfg, p, buckets))(params)
+    updates, opt_state = spec.optimizer().update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
 
 def train_stage(cfg, mcfg, params, *, steps, lr, mix, seed, desc, progress=True):
     """`steps` AdamW steps from `params` on batches of (n_direct, n_think) = mix.
     Returns (params, per-step losses)."""
-    opt = make_optimizer(cfg, lr, steps)
-
-    @jax.jit
-    def update(params, opt_state, buckets):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(mcfg, p, buckets))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    spec = opt_spec(cfg, lr, steps)
     rng = np.random.default_rng(seed)
     p_think = think_probs(cfg)
-    opt_state, losses = opt.init(params), []
+    opt_state, losses = spec.optimizer().init(params), []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
-        params, opt_state, loss = update(params, opt_state, sample_batch(rng, *mix, p_think))
-        losses.append(loss)
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-    return params, [float(x) for x in jax.device_get(losses)]
+        params, opt_state, loss = update(mcfg, spec, params, opt_state, sample_batch(rng, *mix, p_think))
+        losses.append(float(loss))  # waits for the step: keeps the bar's rate honest
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
+    return params, losses
 
 
 def stage_mixes(cfg: ToyTrainConfig) -> dict[str, tuple[int, int]]:
@@ -176,9 +196,10 @@ def train_params(cfg: ToyTrainConfig, progress: bool = True):
     base, base_losses = train_stage(cfg, mcfg, params, steps=cfg.base_steps, lr=cfg.base_lr,
                                     mix=mixes["base"], seed=[cfg.seed, 0], desc="toy base", progress=progress)
     out, losses = {}, {"base": base_losses}
+    steps = {"instruct": cfg.instruct_steps, "thinking": cfg.thinking_steps}
     for i, name in enumerate(("instruct", "thinking"), start=1):
         out[name], losses[name] = train_stage(
-            cfg, mcfg, base, steps=cfg.finetune_steps, lr=cfg.finetune_lr, mix=mixes[name],
+            cfg, mcfg, base, steps=steps[name], lr=cfg.finetune_lr, mix=mixes[name],
             seed=[cfg.seed, i], desc=f"toy {name}", progress=progress)
     return out["instruct"], out["thinking"], losses
 
@@ -196,7 +217,7 @@ def train_pair(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(
     and out_dir/provenance.json. Returns the provenance dict."""
     from dami_jax.checkpoint.hf import save_hf  # import late: only this step needs it
 
-    start = time.time()
+    start, cpu0 = time.time(), sum(os.times()[:2])
     mcfg = model_config(cfg)
     instruct, thinking, losses = train_params(cfg, progress)
     train_s = time.time() - start
@@ -217,12 +238,23 @@ def train_pair(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(
         "loss_curves_every_50": {k: v[::50] for k, v in losses.items()},
         "train_wall_s": round(train_s, 1),
         "total_wall_s": round(time.time() - start, 1),
+        # CPU seconds of this process: comparable across runs on a shared machine.
+        "total_cpu_s": round(sum(os.times()[:2]) - cpu0, 1),
         "eval": report,
         "versions": _versions(),
+        "sha256": {name: _sha256(os.path.join(out_dir, name, "model.safetensors"))
+                   for name in ("instruct", "thinking")},
     }
     with open(os.path.join(out_dir, "provenance.json"), "w") as f:
         json.dump(provenance, f, indent=2)
     return provenance
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -251,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. base_steps=100")
     args = ap.parse_args(argv)
     cfg = load_yaml(ToyTrainConfig, args.config, args.overrides)
-    prov = train_pair(args.out, cfg)
+    argv = sys.argv[1:] if argv is None else argv
+    prov = train_pair(args.out, cfg, command=" ".join(["python -m dami_jax.toyworld.train", *argv]))
     print(json.dumps({"final_losses": prov["final_losses"], "train_wall_s": prov["train_wall_s"],
                       "summary": prov["eval"]["summary"]}, indent=2))
 
