@@ -11,10 +11,9 @@ process; every ratio's reference is measured in the same run.
     best of both, measured before and after, is the "copy" bandwidth. Rows:
       interpolate (library)   `dj.interpolate(Θ_I, Θ_T, λ)` as shipped: fresh output
                               buffers every call;
-      interpolate into buffer the proposed formulation: the same jitted tree_map
-                              with a previous Θ(λ) donated as the output
-                              (`keep_unused=True`, so XLA writes in place: no
-                              fresh pages to fault in);
+      interpolate into buffer `dj.interpolate(Θ_I, Θ_T, λ, out=Θ(λ)_prev)`: the
+                              previous Θ(λ)'s buffers donated and overwritten in
+                              place (no fresh pages to fault in);
       numpy kernel            `dami_jax.merge`'s block kernel (threads x cache-sized
                               chunks) into preallocated NumPy arrays, in memory;
       merge_checkpoints       `dami merge` file to file: both checkpoints written
@@ -29,12 +28,10 @@ process; every ratio's reference is measured in the same run.
     2x (twice the weight bytes); target <= 2.2x. Merged params are Θ(0.8) =
     Θ_I + 0.8·Δ built from the delta stack (so only Θ_I, Δ and Θ(0.8) are resident;
     the bytes read per step are the same for any λ); delta rows all use λ=0.8 so
-    the tokens of both modes can be compared (a sanity note). With --proposed
-    (default) the rows are repeated with the proposed dami_jax/models/qwen3.py
-    delta ops (`proposed_delta_ops` below, patched in at run time, not applied
-    to the library): contract the stacked weight in place instead of slicing
-    w[0], w[1] (XLA copies each slice, every step), and contract o_proj as one
-    (n·h) axis (XLA copies the kernel for a two-axis contraction).
+    the tokens of both modes can be compared (a sanity note). Rows measure the
+    library as shipped ("library"): dami_jax/models/qwen3.py's delta ops contract
+    the stacked (Θ_I, Δ) weight in place (no per-step copies of w[0], w[1]) and
+    contract o_proj as one (n·h) axis.
 (c) A K=11 λ sweep (0, 0.1, ..., 1) on one batch: `dami_jax.pair.sweep` (one
     vmapped program over the stack of 11 merged models) vs 11 sequential runs of
     `generate` on `pair.merged(λ)`; both include building the merged params. On a
@@ -70,17 +67,6 @@ def log(msg: str) -> None:
     print(f"[interpolate] {msg}", file=sys.stderr, flush=True)
 
 
-def best_time(fn, repeats: int, warmup: bool = True) -> float:
-    if warmup:
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 # ---------------------------------------------------------------------------
 # (a) merge bandwidth
 
@@ -101,7 +87,7 @@ def copy_bandwidth(nbytes: int, threads: int, repeats: int) -> dict[str, float]:
                 list(pool.map(lambda k: np.copyto(dst[bounds[k]:bounds[k + 1]], src[bounds[k]:bounds[k + 1]]),
                               range(threads)))
 
-            out["numpy_copy_mt"] = 2 * src.nbytes / best_time(np_copy, repeats)
+            out["numpy_copy_mt"] = 2 * src.nbytes / _common.best_time(np_copy, repeats)
         del src, dst
     x = jax.jit(lambda: jnp.full((n,), 1.5, jnp.float32))()
     copy = jax.jit(lambda buf, x: x * 1.0, donate_argnums=0, keep_unused=True)
@@ -111,27 +97,16 @@ def copy_bandwidth(nbytes: int, threads: int, repeats: int) -> dict[str, float]:
         buf[0] = copy(buf[0], x)
         buf[0].block_until_ready()
 
-    out["xla_copy_donated"] = 2 * x.nbytes / best_time(xla_copy, repeats)
+    out["xla_copy_donated"] = 2 * x.nbytes / _common.best_time(xla_copy, repeats)
     return out
-
-
-def interpolate_into_fn():
-    """The proposed formulation: the library's tree_map, output buffers donated and reused."""
-    import jax
-
-    from dami_jax.interpolate import _merge
-
-    return jax.jit(lambda out, ti, tt, lam, scales: _merge(ti, tt, lam, scales),
-                   donate_argnums=0, keep_unused=True)
 
 
 def bench_merge(cfg, ti, tt, weight_bytes: int, args, threads: int) -> list[dict]:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from dami_jax import merge as merge_mod
-    from dami_jax.interpolate import _leaf_scales, interpolate
+    from dami_jax.interpolate import interpolate
 
     rows = []
     moved = 3 * weight_bytes
@@ -143,23 +118,20 @@ def bench_merge(cfg, ti, tt, weight_bytes: int, args, threads: int) -> list[dict
         jax.block_until_ready(out)
         del out
 
-    t = best_time(lib, args.repeats)
+    t = _common.best_time(lib, args.repeats)
     rows.append(dict(name="interpolate (library)", time_s=t, bytes_s=moved / t))
 
-    log("interpolate into a donated buffer (proposed)")
-    into = interpolate_into_fn()
-    scales = _leaf_scales(ti, None)
-    lam = jnp.asarray(np.float32(LAM))
+    log("interpolate into a donated buffer (library, out=)")
     buf = [interpolate(ti, tt, LAM)]
     want = np.array(jax.tree.leaves(buf[0])[0])  # a copy: buf[0] is donated below
 
     def donated():
-        buf[0] = into(buf[0], ti, tt, lam, scales)
+        buf[0] = interpolate(ti, tt, LAM, out=buf[0])
         jax.block_until_ready(buf[0])
 
-    t = best_time(donated, args.repeats)
+    t = _common.best_time(donated, args.repeats)
     same = bool(np.array_equal(np.asarray(jax.tree.leaves(buf[0])[0]), want))
-    rows.append(dict(name="interpolate into buffer (proposed)", time_s=t, bytes_s=moved / t, equal_to_library=same))
+    rows.append(dict(name="interpolate into buffer (library, out=)", time_s=t, bytes_s=moved / t, equal_to_library=same))
     del buf, want
     if jax.default_backend() != "cpu":  # the rest runs on host memory
         return rows
@@ -174,7 +146,7 @@ def bench_merge(cfg, ti, tt, weight_bytes: int, args, threads: int) -> list[dict
             for o, a, b in zip(outs, li, lt):
                 worker._compute(o, a, b, lam32)
 
-        t = best_time(kernel, args.repeats)
+        t = _common.best_time(kernel, args.repeats)
     rows.append(dict(name="numpy kernel (merge.py, in memory)", time_s=t, bytes_s=moved / t))
     del outs, li, lt
 
@@ -211,67 +183,6 @@ def bench_merge_files(cfg, ti, tt, weight_bytes: int, args, threads: int) -> dic
 
 # ---------------------------------------------------------------------------
 # (b) delta vs merged decode
-
-def proposed_delta_ops():
-    """Proposed dami_jax/models/qwen3.py delta ops, as replacements for the module's functions.
-
-    * `_einsum`: delta weights (2, ...) contracted in place as a batched matmul with
-      x broadcast to (2, ...), instead of w[0] and w[1] (XLA materializes both
-      slices every call: 2x extra weight reads + writes per step);
-      `btnh,nhd->btd` (o_proj) contracted as one (n·h) axis (XLA copies the kernel
-      for a two-axis contraction, in merged mode too).
-    * `Embed.__call__`: gather rows of both halves from the stacked table.
-    * `_ragged`: Θ_I and Δ experts as 2E groups of one ragged_dot over [x; x].
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from dami_jax.models import qwen3
-
-    def _einsum(spec, x, w, lam):
-        if spec == "btnh,nhd->btd":
-            x = x.reshape(*x.shape[:2], -1)
-            w = w.reshape(*w.shape[:-3], -1, w.shape[-1])
-            spec = "btk,kd->btd"
-        if lam is None:
-            return jnp.einsum(spec, x, w)
-        ins, out = spec.split("->")
-        xs, ws = ins.split(",")
-        both = jnp.einsum(f"S{xs},S{ws}->S{out}", jnp.broadcast_to(x, (2, *x.shape)), w)
-        return both[0] + qwen3._row_lam(lam, both.ndim - 1, both.dtype) * both[1]
-
-    def embed_call(self, tokens, lam):
-        table = self.embedding[...]
-        if lam is None:
-            return jnp.take(table, tokens, axis=0)
-        both = jnp.take(table, tokens, axis=1)
-        return both[0] + qwen3._row_lam(lam, both.ndim - 1, both.dtype) * both[1]
-
-    def _ragged(x_md, w_edf, group_sizes, lam_m):
-        if lam_m is None:
-            return jax.lax.ragged_dot(x_md, w_edf, group_sizes)
-        s, e = w_edf.shape[:2]
-        m = x_md.shape[0]
-        out = jax.lax.ragged_dot(jnp.concatenate([x_md, x_md]), w_edf.reshape(s * e, *w_edf.shape[2:]),
-                                 jnp.concatenate([group_sizes, group_sizes]))
-        return out[:m] + lam_m.astype(out.dtype)[:, None] * out[m:]
-
-    return {"_einsum": _einsum, "Embed.__call__": embed_call, "_ragged": _ragged}
-
-
-def apply_proposed_delta_ops() -> None:
-    import jax
-
-    from dami_jax.generate import decode
-    from dami_jax.models import qwen3
-
-    ops = proposed_delta_ops()
-    qwen3._einsum = ops["_einsum"]
-    qwen3.Embed.__call__ = ops["Embed.__call__"]
-    qwen3._ragged = ops["_ragged"]
-    decode._compiled.cache_clear()  # retrace with the new ops
-    jax.clear_caches()
-
 
 def bench_decode(cfg, delta, merged, args, label: str) -> list[dict]:
     import numpy as np
@@ -378,7 +289,6 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=8, help="(b) tokens per timed call")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--decode-repeats", type=int, default=3, help="(b) alternating rounds")
-    ap.add_argument("--no-proposed", action="store_true", help="(b) skip the proposed delta ops")
     ap.add_argument("--sweep-layers", type=int, default=4)
     ap.add_argument("--sweep-vocab", type=int, default=16384)
     ap.add_argument("--sweep-k", type=int, default=11)
@@ -428,9 +338,6 @@ def main(argv=None) -> int:
         del ti, tt
         merged = merged_from_delta(delta)
         results["decode"] = bench_decode(cfg, delta, merged, args, "library")
-        if not args.no_proposed:
-            apply_proposed_delta_ops()
-            results["decode"] += bench_decode(cfg, delta, merged, args, "proposed ops")
 
     columns = ["measurement", "time", "GB/s", "ratio", "target"]
     rows = []
