@@ -100,13 +100,15 @@ def test_stop_tokens_per_row(tiny_hf, prompts):
 def test_full_cache_is_reported(tiny_hf, prompts):
     ckpt = tiny_hf("dense_gqa")
     full = _ours_greedy(ckpt, prompts).tokens
-    # The 20-token prompt is padded to a 32-slot bucket: 36 slots leave room for
-    # exactly 5 tokens (the 5th is predicted from slot 35), then the cache is full.
+    # The 32-slot bucket would leave too little room, so the 20-token prompt is padded
+    # to 20 only: 36 slots hold the prompt and 16 decoded tokens, and the 17th token is
+    # predicted from slot 35; then the cache is full.
+    assert NEW > 17
     out = dj.generate(ckpt.cfg, ckpt.params(), prompts, NEW, max_cache=36)
     assert out.cache_full is True
     assert out.finish_reasons == ["length"] * 4
-    assert out.lengths.tolist() == [5] * 4
-    np.testing.assert_array_equal(out.tokens[:, :5], full[:, :5])  # never truncated silently, never wrong
+    assert out.lengths.tolist() == [17] * 4
+    np.testing.assert_array_equal(out.tokens[:, :17], full[:, :17])  # never truncated silently, never wrong
     # Asking for no more than fits is not a full cache.
     out = dj.generate(ckpt.cfg, ckpt.params(), prompts, 5, max_cache=36)
     assert out.cache_full is False and out.lengths.tolist() == [5] * 4
