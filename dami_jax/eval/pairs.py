@@ -35,10 +35,9 @@ def toy_pair_config() -> PairConfig:
 
     instruct, thinking = default_pair_dirs()
     cal = os.path.join(DEFAULT_PAIR, "conf_calibration.json")
-    pref = os.path.join(DEFAULT_PAIR, "pref")
+    # Plain `pref` already loads the reward model shipped for this pair (dami_jax/pref/assets/toy).
     return PairConfig(instruct, thinking, dtype="float32", max_new_tokens=MAX_NEW_TOKENS, batch_size=300,
-                      conf_calibration=cal if os.path.isfile(cal) else None,
-                      pref_model=pref if os.path.isdir(pref) else None, math_instruction=False)
+                      conf_calibration=cal if os.path.isfile(cal) else None, math_instruction=False)
 
 
 def load_pair_config(spec: str, overrides: list[str] = ()) -> PairConfig:
