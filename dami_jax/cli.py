@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="static λ sweep on the shipped toy Instruct/Thinking pair")
     p.add_argument("--out", default=None, help="write sweep.json and pareto.png here")
     p.add_argument("--pair", default=None, help="a toy pair directory (default: the shipped one)")
-    p.add_argument("--per-k", type=int, default=50, help="held-out problems per difficulty k")
+    p.add_argument("--per-k", type=int, default=20, help="held-out problems per difficulty k")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("eval", help="every policy on math benchmarks: accuracy, tokens, speed")

@@ -104,7 +104,7 @@ def print_table(summaries: list[dict], orc: dict, ks: list[int]) -> None:
     print(f"{'oracle':>6} {orc['accuracy']:>6.3f} {orc['mean_tokens']:>7.1f}")
 
 
-def run_demo(out_dir: str | None = None, pair_dir: str | None = None, per_k: int = 50,
+def run_demo(out_dir: str | None = None, pair_dir: str | None = None, per_k: int = 20,
              seed: int = HELD_OUT_SEED) -> list[dict]:
     from dami_jax.pair import load_pair
 

@@ -1,0 +1,104 @@
+"""`PrefConfig`: every constant of DAMI-Pref (DESIGN 1.3) as one frozen dataclass.
+
+configs/pref_toy.yaml holds the toy-world values; `load_pref_config(path, overrides)`
+adds dotted `key=value` overrides. Unknown keys and out-of-range values are
+`ConfigError`s naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+
+from dami_jax.config import ConfigError, load_yaml
+
+DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+POOLINGS = ("last", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefConfig:
+    # The pair: a directory holding instruct/ and thinking/ (None: the shipped toy pair).
+    pair: str | None = None
+    # Task prompts (toy world): training prompts, the share held out for pair accuracy, eval set.
+    train_prompts: int = 600
+    heldout_share: float = 0.2
+    prompt_seed: int = 1234
+    eval_prompts: int = 300
+    eval_seed: int = 20261127
+    # 1. Rollouts: n samples per (q, λ) on the grid, sampled at this temperature / top-k / top-p.
+    lam_grid: tuple[float, ...] = DEFAULT_GRID
+    n_samples: int = 4
+    temperature: float = 0.6
+    top_k: int = 20
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    rollout_batch: int = 128  # prompts per `sweep` call (each runs every λ of the grid)
+    rollout_seed: int = 0
+    # 2. Preferences.
+    eps_acc: float = 0.0
+    eps_cost: float = 0.1
+    # 3. Reward model r(q, λ) = MLP([h(q); f(λ)]).
+    hidden_layer: int = -1  # HF convention: 0 embeddings, i after layer i, -1 / num_layers final (normed)
+    pooling: str = "last"  # "last" prompt token or "mean" over the prompt
+    feature_batch: int = 256
+    fourier_features: int = 8  # f(λ) = [λ, sin(πkλ), cos(πkλ) for k = 1..n]
+    mlp_widths: tuple[int, ...] = (128, 128)
+    # 4. Training (AdamW, warmup + cosine), batches of preference pairs from (seed, step).
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    steps: int = 2000
+    batch_size: int = 256
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    mesh_data: int = -1  # devices on the data axis (-1: all)
+    # 5. Inference: argmax of r(q, ·) over a fine grid of this many points on [0, 1].
+    inference_points: int = 101
+
+    def __post_init__(self):
+        grid = self.lam_grid
+        checks = [
+            (len(grid) >= 2, f"lam_grid needs at least 2 values, got {list(grid)}"),
+            (all(isinstance(x, (int, float)) and not math.isnan(x) and 0.0 <= x <= 1.0 for x in grid),
+             f"lam_grid values must be in [0, 1], got {list(grid)}"),
+            (len(set(grid)) == len(grid), f"lam_grid has duplicates: {list(grid)}"),
+            (self.n_samples >= 1, "n_samples must be >= 1"),
+            (self.train_prompts >= 2 and self.eval_prompts >= 0, "train_prompts must be >= 2"),
+            (0.0 < self.heldout_share < 1.0, "heldout_share must be in (0, 1)"),
+            (self.max_new_tokens >= 1 and self.rollout_batch >= 1, "max_new_tokens, rollout_batch must be >= 1"),
+            (0.0 <= self.eps_acc < 1.0, "eps_acc must be in [0, 1)"),
+            (0.0 <= self.eps_cost < 1.0, "eps_cost must be in [0, 1)"),
+            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
+            (self.fourier_features >= 0, "fourier_features must be >= 0"),
+            (all(w >= 1 for w in self.mlp_widths), "mlp_widths must be positive"),
+            (self.lr > 0 and self.steps >= 1 and self.batch_size >= 1, "lr, steps, batch_size must be > 0"),
+            (min(self.log_every, self.eval_every, self.checkpoint_every, self.keep_checkpoints) >= 1,
+             "log_every, eval_every, checkpoint_every, keep_checkpoints must be >= 1"),
+            (self.inference_points >= 2, "inference_points must be >= 2"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"PrefConfig: {msg}")
+
+    def fingerprint(self, fields: tuple[str, ...]) -> str:
+        """sha256 (12 hex) of the named fields: ties caches/checkpoints to the settings they used."""
+        data = {f: getattr(self, f) for f in fields}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+ROLLOUT_FIELDS = ("lam_grid", "n_samples", "temperature", "top_k", "top_p", "max_new_tokens", "rollout_seed")
+MODEL_FIELDS = ("hidden_layer", "pooling", "fourier_features", "mlp_widths")
+TRAIN_FIELDS = MODEL_FIELDS + ROLLOUT_FIELDS + (
+    "train_prompts", "heldout_share", "prompt_seed", "eps_acc", "eps_cost", "lr", "weight_decay",
+    "warmup_steps", "steps", "batch_size", "seed")
+
+
+def load_pref_config(path: str | os.PathLike | None = None, overrides=()) -> PrefConfig:
+    return load_yaml(PrefConfig, path, list(overrides))

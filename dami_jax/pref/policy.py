@@ -1,0 +1,90 @@
+"""`pref` / `pref:DIR`: DAMI-Pref inference, λ(q) = argmax of r_φ(q, λ) over a fine grid (DESIGN 1.3).
+
+    policy = PrefPolicy.from_dir("dami_jax/pref/assets/toy", pair)   # or build_policy("pref:DIR")
+    result = policy(prompts, pair)      # result.lam (B,); info: reward (B,) at the chosen λ
+
+A reward-model directory (written by `train_pref.py`) records the pair it was
+trained for; another pair is refused. h(q) is computed on the pair's Instruct
+params with the layer and pooling recorded there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dami_jax.config import ConfigError
+from dami_jax.policies.base import Policy, PolicyResult, pair_fingerprint, register_policy
+from dami_jax.pref.features import prompt_features
+from dami_jax.pref.reward_model import load_reward_model
+
+DEFAULT_DIR = os.path.join(os.path.dirname(__file__), "assets", "toy")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _best(graphdef, state, h_bd, grid_k):
+    scores = nnx.merge(graphdef, state).grid_scores(h_bd, grid_k)
+    best = jnp.argmax(scores, axis=1)
+    return grid_k[best], jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
+
+
+class PrefPolicy(Policy):
+    def __init__(self, model, spec: dict, path: str | None = None):
+        self.model, self.meta, self.path = model, spec, path
+        self.graphdef, self.state = nnx.split(model)
+        self.grid = jnp.linspace(0.0, 1.0, int(spec.get("inference_points", 101)), dtype=jnp.float32)
+        self.spec = f"pref:{path}" if path else "pref"
+        self._checked = None
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, pair=None) -> "PrefPolicy":
+        path = os.fspath(path)
+        model, spec = load_reward_model(path)
+        policy = cls(model, spec, path)
+        if pair is not None:
+            policy.check(pair)
+        return policy
+
+    def check(self, pair) -> None:
+        """Refuse a pair other than the one the reward model was trained on (once per pair object)."""
+        key = (id(pair.instruct), id(pair.thinking))
+        if self._checked == key:
+            return
+        found = pair_fingerprint(pair)
+        if found != self.meta.get("fingerprint"):
+            raise ConfigError(f"reward model {self.path or ''} was trained for pair {self.meta.get('fingerprint')}, "
+                              f"but this pair is {found}; train one for it with train_pref.py")
+        self._checked = key
+
+    def features(self, prompts, pair) -> np.ndarray:
+        return prompt_features(pair.cfg, pair.instruct, prompts, layer=int(self.meta["hidden_layer"]),
+                               pooling=self.meta["pooling"], batch=int(self.meta.get("feature_batch", 256)))
+
+    def __call__(self, prompts, pair) -> PolicyResult:
+        if pair is None:
+            raise ConfigError("the pref policy needs the pair (its Instruct model computes h(q))")
+        self.check(pair)
+        lam, reward = self.lam_from_features(self.features(prompts, pair))
+        return PolicyResult(lam, {"reward": reward})
+
+    def lam_from_features(self, feats_bd) -> tuple[np.ndarray, np.ndarray]:
+        lam, reward = _best(self.graphdef, self.state, jnp.asarray(feats_bd, jnp.float32), self.grid)
+        return np.asarray(lam, np.float32), np.asarray(reward, np.float32)
+
+    def __repr__(self) -> str:
+        return f"PrefPolicy(path={self.path!r}, grid={self.grid.shape[0]} points)"
+
+
+def make_pref(pair=None, path: str | None = None) -> PrefPolicy:
+    path = path or DEFAULT_DIR
+    if not os.path.isdir(path):
+        raise ConfigError(f"pref policy: no reward model directory {path} (train one with train_pref.py --out DIR)")
+    return PrefPolicy.from_dir(path, pair)
+
+
+register_policy("pref", make_pref, lambda args: {"path": ":".join(args)})
