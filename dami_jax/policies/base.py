@@ -31,7 +31,7 @@ MODULES = {
     "static": "dami_jax.policies.static",
     "conf": "dami_jax.policies.conf",
     "routing": "dami_jax.policies.routing",
-    "pref": "dami_jax.policies.pref",
+    "pref": "dami_jax.pref.policy",
     "budget": "dami_jax.policies.budget",
 }
 
