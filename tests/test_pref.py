@@ -381,3 +381,62 @@ def test_two_processes_follow_the_single_process_curve(tmp_path):
                                 mesh=make_mesh(data=8), progress=False)
     np.testing.assert_allclose(multi, [single.losses[s] for s in range(20)], rtol=1e-5)
     assert os.path.isdir(tmp_path / "ckpt" / "20")
+
+
+# ---------------------------------------------------------------------------
+# The shipped toy reward model and the end-to-end pipeline on the shipped toy pair.
+
+PREF_ASSET = os.path.join(ROOT, "dami_jax", "pref", "assets", "toy")
+
+
+def _toy_pair():
+    from dami_jax.pair import load_pair
+    from dami_jax.toyworld.demo import default_pair_dirs
+
+    try:
+        dirs = default_pair_dirs()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return load_pair(*dirs)
+
+
+def test_shipped_reward_model_serves_the_shipped_pair():
+    from dami_jax.policies.base import build_policy
+    from dami_jax.pref.toy import toy_task
+
+    if not os.path.isfile(os.path.join(PREF_ASSET, "reward_model.json")):
+        pytest.skip("no shipped reward model")
+    policy = build_policy("pref", _toy_pair())
+    problems, prompts, _ = toy_task(12, seed=5)
+    out = policy(prompts, _toy_pair())
+    assert out.lam.shape == (12,) and out.info["reward"].shape == (12,)
+    with open(os.path.join(PREF_ASSET, "report.json")) as f:
+        assert json.load(f)["heldout"]["heldout_acc"] >= 0.75
+
+
+@pytest.mark.slow
+def test_pipeline_runs_and_resumes_on_the_toy_pair(tmp_path, monkeypatch):
+    from dami_jax.pref.pipeline import run
+
+    _toy_pair()
+    cfg = load_pref_config(os.path.join(ROOT, "configs", "pref_toy.yaml"), [
+        "train_prompts=12", "n_samples=1", "lam_grid=[0.0, 1.0]", "max_new_tokens=8", "rollout_batch=12",
+        "steps=6", "batch_size=8", "log_every=2", "eval_every=3", "checkpoint_every=3", "eval_prompts=6",
+        "heldout_share=0.25"])
+    report = run(cfg, str(tmp_path / "out"), progress=False)
+    assert report["eval"]["policies"]["static:1"]["mean_tokens"] <= 8
+    for name in ("reward_model.json", "params.npz", "metrics.jsonl", "report.json", "work/rollouts.jsonl"):
+        assert (tmp_path / "out" / name).exists(), name
+
+    def no_sweep(*a, **k):
+        raise AssertionError("a finished run must not generate rollouts again")
+
+    monkeypatch.setattr("dami_jax.pref.rollouts.sweep", no_sweep)
+    again = run(dataclasses_replace(cfg, eval_prompts=0), str(tmp_path / "out"), progress=False)
+    assert again["heldout"] == report["heldout"]
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)

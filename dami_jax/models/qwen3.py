@@ -286,7 +286,7 @@ def _graphdef(cfg: ModelConfig, delta: bool) -> nnx.GraphDef:
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32, delta: bool = False) -> Params:
     """The params pytree as ShapeDtypeStructs (shapes for loading and sharding)."""
     model = nnx.eval_shape(lambda: Qwen3(cfg, delta=delta, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
-    return nnx.state(model).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model))
 
 
 def init_params(cfg: ModelConfig, key: int | jax.Array = 0, dtype=jnp.float32) -> Params:
@@ -295,7 +295,7 @@ def init_params(cfg: ModelConfig, key: int | jax.Array = 0, dtype=jnp.float32) -
 
     @functools.partial(jax.jit)
     def make():
-        return nnx.state(Qwen3(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(Qwen3(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))))
 
     return make()
 

@@ -74,6 +74,7 @@ def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None
     t0 = time.perf_counter()
     work = work_dir or os.path.join(out_dir, "work")
     os.makedirs(work, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     pair = load_task_pair(cfg)
     _, prompts, grader = toy_task(cfg.train_prompts, cfg.prompt_seed)
     data, ro = build_data(pair, prompts, grader, cfg, work, mesh, progress)
