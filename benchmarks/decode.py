@@ -8,9 +8,10 @@ token, so every row generates exactly `--new-tokens` tokens.
 Method (decode separated from prefill and compilation):
   * warm-up: one call with N = --new-tokens and one with N = 1 (compiles both
     JAX programs; first-call allocations for torch);
-  * then --repeats rounds of [N-token call, 1-token call], timed end to end
-    (tokens back on the host); the minimum of each is kept (the machine is shared,
-    so the minimum is the least disturbed run);
+  * then --repeats rounds; in each, each implementation in turn makes an N-token
+    call and a 1-token call, timed end to end (tokens back on the host). Taking
+    turns inside a round exposes both to the same machine load; the minimum of
+    each is kept (the machine is shared: the minimum is the least disturbed run);
   * decode step time = (t_N - t_1) / (N - 1): a 1-token call is exactly the
     prefill plus the first sampled token, so the difference is N - 1 decode steps
     (our 1-token call allocates bucket + 1 cache slots instead of bucket + N; the
@@ -56,23 +57,32 @@ def log(msg: str) -> None:
     print(f"[decode] {msg}", file=sys.stderr, flush=True)
 
 
-def time_decode(run, new_tokens: int, repeats: int) -> dict:
-    """Times of run(n) for n = new_tokens and n = 1 (see the module docstring); run returns tokens."""
-    t0 = time.perf_counter()
-    run(new_tokens)
-    run(1)
-    warmup = time.perf_counter() - t0
-    t_n, t_1, tokens = [], [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        tokens = run(new_tokens)
-        t_n.append(time.perf_counter() - t)
-        t = time.perf_counter()
+def time_decode(runners: dict, new_tokens: int, repeats: int, batch: int) -> dict[str, dict]:
+    """Times of run(n) for n = new_tokens and n = 1 for each runner (see the module docstring).
+
+    The runners take turns within each round, so a change in the machine's load
+    between rounds hits every implementation alike. run(n) returns the tokens.
+    """
+    out = {}
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        run(new_tokens)
         run(1)
-        t_1.append(time.perf_counter() - t)
-    step = (min(t_n) - min(t_1)) / max(new_tokens - 1, 1)
-    return dict(warmup_s=warmup, total_s=min(t_n), prefill_s=min(t_1), step_s=step,
-                all_total_s=t_n, all_prefill_s=t_1, tokens=tokens)
+        out[name] = dict(warmup_s=time.perf_counter() - t0, all_total_s=[], all_prefill_s=[])
+    for _ in range(repeats):
+        for name, run in runners.items():
+            t = time.perf_counter()
+            out[name]["tokens"] = run(new_tokens)
+            out[name]["all_total_s"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            run(1)
+            out[name]["all_prefill_s"].append(time.perf_counter() - t)
+    for name, r in out.items():
+        r.update(total_s=min(r["all_total_s"]), prefill_s=min(r["all_prefill_s"]))
+        r["step_s"] = (r["total_s"] - r["prefill_s"]) / max(new_tokens - 1, 1)
+        log(f"  {name}: warm-up {r['warmup_s']:.1f} s, prefill+1 {r['prefill_s']:.3f} s, "
+            f"{1e3 * r['step_s']:.2f} ms/step, {batch / r['step_s']:.1f} tok/s")
+    return out
 
 
 def jax_runner(cfg, params, prompts):
@@ -110,11 +120,6 @@ def hf_runner(model, prompts, device: str):
         return out
 
     return run
-
-
-def _summary(r: dict, batch: int) -> str:
-    return (f"  warm-up {r['warmup_s']:.1f} s, prefill+1 {r['prefill_s']:.3f} s, "
-            f"{1e3 * r['step_s']:.2f} ms/step, {batch / r['step_s']:.1f} tok/s")
 
 
 def agreement(a, b) -> dict:
@@ -193,31 +198,26 @@ def run_all(args, cfg, batches: list[int], hf_device: str | None) -> tuple[list[
     kv_bytes_per_row = 2 * cfg.num_layers * cache_slots * cfg.num_kv_heads * cfg.head_dim * leaves[0].dtype.itemsize
     del leaves
 
-    tmp = hf_model = None
+    hf_model = None
     if hf_device:
-        tmp = tempfile.TemporaryDirectory(prefix="dami-bench-decode-")
-        log(f"saving HF copy of the weights to {tmp.name}")
-        dj.save_hf(cfg, params, tmp.name, progress=False)
+        with tempfile.TemporaryDirectory(prefix="dami-bench-decode-") as tmp:
+            log(f"saving HF copy of the weights to {tmp}")
+            dj.save_hf(cfg, params, tmp, progress=False)
+            hf_model = load_hf_model(tmp, args.dtype, hf_device)
     rng = np.random.default_rng(0)
     results = []
-    try:
-        for b in batches:
-            prompts = rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist()
-            log(f"dami_jax batch {b}")
-            ours = time_decode(jax_runner(cfg, params, prompts), args.new_tokens, args.repeats)
-            log(_summary(ours, b))
-            results.append(dict(impl="dami_jax", batch=b, kv_bytes_per_step=b * kv_bytes_per_row, **ours))
-            if hf_device:
-                log(f"HF transformers ({hf_device}) batch {b}")
-                if hf_model is None:
-                    hf_model = load_hf_model(tmp.name, args.dtype, hf_device)
-                theirs = time_decode(hf_runner(hf_model, prompts, hf_device), args.new_tokens, args.repeats)
-                log(_summary(theirs, b))
-                results.append(dict(impl="hf", batch=b, agreement=agreement(ours["tokens"], theirs["tokens"]),
-                                    **theirs))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    for b in batches:
+        prompts = rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist()
+        runners = {"dami_jax": jax_runner(cfg, params, prompts)}
+        if hf_model is not None:
+            runners["hf"] = hf_runner(hf_model, prompts, hf_device)
+        log(f"batch {b}: {', '.join(runners)}")
+        timed = time_decode(runners, args.new_tokens, args.repeats, b)
+        ours = timed["dami_jax"]
+        results.append(dict(impl="dami_jax", batch=b, kv_bytes_per_step=b * kv_bytes_per_row, **ours))
+        if "hf" in timed:
+            results.append(dict(impl="hf", batch=b, agreement=agreement(ours["tokens"], timed["hf"]["tokens"]),
+                                **timed["hf"]))
     for r in results:
         del r["tokens"]
     return results, weights

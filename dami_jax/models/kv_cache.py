@@ -18,8 +18,11 @@ from dami_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer (B, S, K, H)
-    v: tuple[jax.Array, ...]  # per layer (B, S, K, H)
+    # Laid out as the attention dots read them, each contracting its minor axis:
+    # scores = q·kᵀ over H, out = p·vᵀ over S. With any other layout XLA:CPU
+    # copies (transposes) the whole cache of every layer at every decode step.
+    k: tuple[jax.Array, ...]  # per layer (B, K, S, H)
+    v: tuple[jax.Array, ...]  # per layer (B, K, H, S)
     valid: jax.Array  # (B, S) bool
     index: jax.Array  # () int32, next slot to write
     next_pos: jax.Array  # (B,) int32
@@ -30,11 +33,10 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, size: int, dtype) -> "KVCache":
-        shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        bk, h, n = (batch, cfg.num_kv_heads), cfg.head_dim, cfg.num_layers
         return cls(
-            k=zeros,
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            k=tuple(jnp.zeros((*bk, size, h), dtype) for _ in range(n)),
+            v=tuple(jnp.zeros((*bk, h, size), dtype) for _ in range(n)),
             valid=jnp.zeros((batch, size), bool),
             index=jnp.zeros((), jnp.int32),
             next_pos=jnp.zeros((batch,), jnp.int32),

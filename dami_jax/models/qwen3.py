@@ -147,17 +147,21 @@ class Attention(nnx.Module):
         q = rope(self.q_norm(self.q_proj(x, lam), lam), pos_bt, self.rope_theta)
         k = rope(self.k_norm(self.k_proj(x, lam), lam), pos_bt, self.rope_theta)
         v = self.v_proj(x, lam)
+        # Keys (B, K, T, H) and values (B, K, H, T): the layouts of KVCache, where
+        # both attention dots contract their minor axis (see KVCache for why).
+        k = k.transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 3, 1)
         if kv is not None:  # write this chunk into the cache, attend over all slots
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-        nk, h = k.shape[2], k.shape[3]
-        q_btkgh = q.reshape(b, t, nk, self.groups, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k, preferred_element_type=jnp.float32)
-        scores = scores * (h ** -0.5)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, 0, index))
+        nk, h, g = k.shape[1], k.shape[3], self.groups
+        q_bkqh = q.reshape(b, t, nk, g, h).transpose(0, 2, 3, 1, 4).reshape(b, nk, g * t, h)
+        scores = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, k, preferred_element_type=jnp.float32)
+        scores = (scores * (h ** -0.5)).reshape(b, nk, g, t, -1)
         scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, nk * self.groups * h)
-        return self.o_proj(out, lam), (k, v)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, nk, g * t, -1)
+        out = jnp.einsum("bkqs,bkhs->bkqh", probs, v).reshape(b, nk, g, t, h)
+        return self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(b, t, nk * g * h), lam), (k, v)
 
 
 class MLP(nnx.Module):

@@ -5,7 +5,8 @@ S positions with its own write index and RoPE position, so rows need not move
 in lock step (the model's `KVCache` shares one index across rows). The model
 is called on every row as a batch of one and the call is vmapped over slots:
 
-    cache.k[l]: (B, S, K, H)   valid: (B, S)   index: (B,)   next_pos: (B,)
+    cache.k[l]: (B, K, S, H)   cache.v[l]: (B, K, H, S)
+    valid: (B, S)   index: (B,)   next_pos: (B,)
 
 Under vmap the per-row `dynamic_update_slice` at the row's own index becomes
 one scatter, and the params (unbatched) are shared by all rows: a step is one
@@ -81,7 +82,8 @@ def _step_keys(raw_b2, step_b):
 
 
 def _row_call(cfg, params, k, v, valid, index, next_pos, token, lam):
-    """One slot as a batch of one: (S, K, H) per layer in, logits (V,) and the row's cache out."""
+    """One slot as a batch of one: its (K, S, H) keys and (K, H, S) values per layer in,
+    logits (V,) and the row's cache out."""
     cache = KVCache(k=tuple(x[None] for x in k), v=tuple(x[None] for x in v), valid=valid[None],
                     index=index, next_pos=next_pos[None])
     logits, cache = qwen3.apply(cfg, params, token.reshape(1, 1), jnp.ones((1, 1), jnp.int32),
