@@ -1,4 +1,4 @@
-"""The `dami` command: convert, merge, generate, demo, toyworld, ...
+"""The `dami` command: convert, merge, generate, demo, sweep, eval, train-pref, serve, ...
 
 Each subcommand is a small function over the library; heavy imports happen
 inside them so `dami --help` is instant.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -52,14 +53,60 @@ def _toyworld(args) -> None:
     train.main(args.rest)
 
 
-def _eval(args) -> None:
+def _run_policies(args, policies: list[str]) -> None:
     from dami_jax.eval.pairs import load_pair_config, open_pair
     from dami_jax.eval.run import run_eval
 
     pair_cfg = load_pair_config(args.pair, args.set)
     pair = open_pair(pair_cfg)
-    run_eval(pair, pair_cfg, args.bench.split(","), args.policies.split(","), samples=args.samples,
+    run_eval(pair, pair_cfg, args.bench.split(","), policies, samples=args.samples,
              out_dir=args.out, limit=args.limit, seed=args.seed)
+
+
+def _eval(args) -> None:
+    _run_policies(args, args.policies.split(","))
+
+
+def _sweep(args) -> None:
+    # A static sweep is an eval of static:λ policies: same records (resumable), grading, table,
+    # results.json/csv and Pareto plot (the static curve).
+    _run_policies(args, [f"static:{lam:g}" for lam in args.lams])
+
+
+def _lam_grid(text: str) -> list[float]:
+    """`--lams 0,0.25,1` -> [0.0, 0.25, 1.0]; argparse reports an ArgumentTypeError as exit 2."""
+    lams = []
+    for item in text.split(","):
+        try:
+            lam = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not a number (expected e.g. 0,0.5,1)") from None
+        if math.isnan(lam) or not 0.0 <= lam <= 1.0:
+            raise argparse.ArgumentTypeError(f"λ={item.strip()} is outside [0, 1]")
+        lams.append(lam)
+    if len({f"{x:g}" for x in lams}) != len(lams):  # the policy names, static:<λ:g>, must differ
+        raise argparse.ArgumentTypeError(f"duplicate λ in {text!r}")
+    return lams
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _train_pref(args) -> None:
+    from dami_jax.pref.config import load_pref_config
+    from dami_jax.pref.pipeline import run
+
+    cfg = load_pref_config(args.config, args.overrides)
+    run(cfg, args.out, args.work, progress=not args.no_progress)
+
+
+def _serve(args) -> None:
+    from dami_jax.serve import main as serve_main
+
+    serve_main(args.rest)
 
 
 def _calibrate(args) -> None:
@@ -120,17 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("eval", help="every policy on math benchmarks: accuracy, tokens, speed")
-    p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
-    p.add_argument("--bench", default="toy", help="comma-separated: toy, gsm8k, math500, aime24, aime25, "
-                   "amc23, or a .jsonl path")
     p.add_argument("--policies", default="static:0,static:0.5,static:0.8,static:1,conf,routing,budget:48",
                    help="comma-separated policy specs")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem (>1: Thinking sampling defaults)")
-    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    p.add_argument("--out", default="runs/eval", help="records, results.json/csv, pareto_<bench>.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], help="pair config override key=value (repeatable)")
+    _add_run_arguments(p, out="runs/eval")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("sweep", help="static λ sweep on a pair: accuracy, tokens and think share per λ")
+    p.add_argument("--lams", type=_lam_grid, default=[round(0.1 * i, 1) for i in range(11)],
+                   help="comma-separated λ in [0, 1] (default 0,0.1,...,1)")
+    _add_run_arguments(p, out="runs/sweep")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("calibrate", help="label-free DAMI-Conf calibration (mu, tau) on a prompt set")
     p.add_argument("policy", choices=["conf"])
@@ -146,9 +192,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the toy trainer")
     p.set_defaults(func=_toyworld)
 
+    p = sub.add_parser("train-pref", help="train the DAMI-Pref reward model (resumable; = python train_pref.py)")
+    p.add_argument("--config", required=True, help="YAML of PrefConfig fields (configs/pref_toy.yaml)")
+    p.add_argument("--out", default="runs/pref", help="reward model, metrics.jsonl, report.json")
+    p.add_argument("--work", default=None, help="resumable state (default OUT/work)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=500")
+    p.set_defaults(func=_train_pref)
+
+    # No option prefix: every argument, --help included, goes on to serve.py's own parser.
+    p = sub.add_parser("serve", help="OpenAI-compatible server (= python serve.py; see dami serve --help)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of serve.py")
+    p.set_defaults(func=_serve)
+
     for register in _optional_commands():
         register(sub)
     return parser
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """What `eval` and `sweep` share: the pair, the problems, samples and where results go."""
+    p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
+    p.add_argument("--bench", default="toy", help="comma-separated: toy, gsm8k, math500, aime24, aime25, "
+                   "amc23, or a .jsonl path")
+    p.add_argument("--samples", type=_positive_int, default=1,
+                   help="samples per problem (>1: Thinking sampling defaults)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--out", default=out, help="records, results.json/csv, pareto_<bench>.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], help="pair config override key=value (repeatable)")
 
 
 def _optional_commands():

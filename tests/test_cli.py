@@ -1,0 +1,110 @@
+"""The `dami` command: every DESIGN 2 subcommand exists and has --help, bad input exits 2 with a
+message naming the problem, train_pref.py is `dami train-pref`, and a real `dami sweep` on the
+shipped toy pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dami_jax.cli import build_parser, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREF_TOY = os.path.join(ROOT, "configs", "pref_toy.yaml")
+DESIGN_COMMANDS = {"convert", "merge", "sweep", "eval", "demo", "train-pref", "serve"}
+
+
+def _commands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+def _exit_code(argv) -> int:
+    """main's return value, or the code argparse (or serve.py's parser) exits with."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_every_design_command_is_there():
+    assert DESIGN_COMMANDS <= set(_commands()), DESIGN_COMMANDS - set(_commands())
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_help(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    assert _exit_code([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    # serve hands --help to serve.py's own parser: its options show that the arguments got there
+    expected = {"serve": "usage: serve.py", "sweep": "--lams", "train-pref": "--config CONFIG",
+                "eval": "--policies"}.get(command, f"usage: dami {command}")
+    assert expected in out, out
+    if command == "serve":
+        assert "--api-key" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--lams", "0,abc"], "argument --lams: 'abc' is not a number"),
+    (["sweep", "--lams", "0,1.5"], "argument --lams: λ=1.5 is outside [0, 1]"),
+    (["sweep", "--lams", "nan"], "argument --lams: λ=nan is outside [0, 1]"),
+    (["sweep", "--lams", "0.5,0.50"], "argument --lams: duplicate λ"),
+    (["sweep", "--limit", "0"], "argument --limit: expected a whole number >= 1, got '0'"),
+    (["sweep", "--pair", "no/such/pair.yaml"], "dami sweep: error: [Errno 2] No such file or directory: "
+                                               "'no/such/pair.yaml'"),
+    (["train-pref"], "the following arguments are required: --config"),
+    (["train-pref", "--config", PREF_TOY, "eps=0.1"], "dami train-pref: error: " + PREF_TOY + ": unknown key(s) ['eps']"),
+    (["train-pref", "--config", "no/such.yaml"], "No such file or directory: 'no/such.yaml'"),
+    (["serve", "--port", "abc"], "argument --port: invalid int value: 'abc'"),
+])
+def test_bad_input_exits_2_naming_the_problem(argv, message, capsys):
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_train_pref_py_is_dami_train_pref(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.syspath_prepend(ROOT)
+    import train_pref
+
+    with pytest.raises(SystemExit) as e:
+        train_pref.main(["--help"])
+    assert e.value.code == 0
+    script_help = capsys.readouterr().out
+    assert _exit_code(["train-pref", "--help"]) == 0
+    assert script_help == capsys.readouterr().out and "--work WORK" in script_help
+    # as a script: bad input is exit code 2 and a message, not a traceback
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_pref.py"), "--config", PREF_TOY, "steps=0"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2, proc.stderr
+    assert "steps" in proc.stderr and "must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_on_the_shipped_toy_pair(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--pair", "toy", "--lams", "0,0.5,1", "--limit", "6", "--out", str(out)]) == 0
+    assert "static:0.5" in capsys.readouterr().out  # the printed table
+    rows = {r["policy"]: r for r in json.loads((out / "results.json").read_text())}
+    assert list(rows) == ["static:0", "static:0.5", "static:1"]
+    lam0, lam1 = rows["static:0"], rows["static:1"]
+    assert all(r["n_items"] == 6 and r["bench"] == "toy" for r in rows.values())
+    assert [r["lam_mean"] for r in rows.values()] == [0.0, 0.5, 1.0]
+    # Instruct answers at once, Thinking thinks first (toy: <= 4 vs ~65 tokens) and is right on every problem
+    assert lam0["mean_tokens"] <= 4 < 40 < lam1["mean_tokens"]
+    assert lam0["think_share"] == 0.0 and lam1["think_share"] == 1.0
+    assert lam1["accuracy"] == 1.0 >= rows["static:0.5"]["accuracy"] >= lam0["accuracy"]
+    assert lam1["token_ratio"] == 1.0 and lam0["token_ratio"] < 0.1
+    assert len((out / "records_toy.jsonl").read_text().splitlines()) == 18
+    assert (out / "pareto_toy.png").stat().st_size > 0
+    # A rerun on the same directory reuses the records (eval's resume): nothing is generated again.
+    assert main(["sweep", "--pair", "toy", "--lams", "0,1", "--limit", "6", "--out", str(out)]) == 0
+    assert len((out / "records_toy.jsonl").read_text().splitlines()) == 18
+    again = {r["policy"]: r for r in json.loads((out / "results.json").read_text())}
+    assert list(again) == ["static:0", "static:1"] and again["static:1"]["accuracy"] == 1.0
