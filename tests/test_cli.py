@@ -60,6 +60,7 @@ def test_help(command, capsys, monkeypatch):
     (["train-pref", "--config", PREF_TOY, "eps=0.1"], "dami train-pref: error: " + PREF_TOY + ": unknown key(s) ['eps']"),
     (["train-pref", "--config", "no/such.yaml"], "No such file or directory: 'no/such.yaml'"),
     (["serve", "--port", "abc"], "argument --port: invalid int value: 'abc'"),
+    (["serve", "bogus=1"], "unknown key(s) ['bogus']"),
 ])
 def test_bad_input_exits_2_naming_the_problem(argv, message, capsys):
     assert _exit_code(argv) == 2

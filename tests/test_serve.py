@@ -311,15 +311,17 @@ def test_api_key_and_full_queue(pair):
         thread.join(timeout=30)
 
 
-def test_refuses_public_bind_without_key():
+def test_refuses_public_bind_without_key(capsys):
     from dami_jax.config import ConfigError
     from dami_jax.serve import ServeConfig, main
 
     with pytest.raises(ConfigError, match="API key"):
         ServeConfig(host="0.0.0.0").check_bind()
     ServeConfig(host="0.0.0.0", api_key="k").check_bind()
-    with pytest.raises(SystemExit, match="API key"):
+    with pytest.raises(SystemExit) as exit_:
         main(["--host", "0.0.0.0"])
+    assert exit_.value.code == 2
+    assert "API key" in capsys.readouterr().err
 
 
 def test_metrics_expose_the_serving_figures(client, served):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -16,6 +17,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. slots=16 instruct=DIR thinking=DIR")
     return p.parse_args(argv)
+
+
+def _fail(message: str):
+    """Bad configuration: a message and exit status 2, like an argparse error."""
+    print(f"serve.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv=None) -> None:
@@ -36,9 +43,9 @@ def main(argv=None) -> None:
         cfg = load_serve_config(args.config, overrides)
         cfg.check_bind()  # before loading anything
     except ConfigError as e:
-        raise SystemExit(f"serve.py: {e}") from None
+        _fail(str(e))
     try:
         app = create_app(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:  # no pair, no servable policy, ...
-        raise SystemExit(f"serve.py: {e}") from None
+        _fail(str(e))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=5)
