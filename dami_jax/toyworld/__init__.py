@@ -8,7 +8,7 @@ chained mod-10 arithmetic:
   thinking traces, `parse_answer` / `grade`;
 - `tokenizer`: the matching HF tokenizer and Qwen-like chat template;
 - `train`: the trainer (`train_pair`, `ToyTrainConfig`, recipe in configs/toyworld.yaml);
-- `evaluate`: greedy decoding over a λ grid, recorded beside the pair.
+- `demo`: the static λ sweep (`dami demo`); the trainer records the same check beside the pair.
 """
 
 import os

@@ -104,6 +104,25 @@ def print_table(summaries: list[dict], orc: dict, ks: list[int]) -> None:
     print(f"{'oracle':>6} {orc['accuracy']:>6.3f} {orc['mean_tokens']:>7.1f}")
 
 
+def evaluate_pair(pair, problems, lams, refine_switch: bool = False) -> tuple[list[dict], dict]:
+    """Per-λ summaries and the oracle (with the switch λ by k) of `problems` on a grid;
+    `refine_switch` adds grid points where the think share crosses 0.5."""
+    ks = sorted({p.k for p in problems})
+    kk = [p.k for p in problems]
+    records = run_grid(pair, problems, lams)
+    extra = refine([summarize(r, kk) for r in records]) if refine_switch else []
+    if extra:
+        records = sorted(records + run_grid(pair, problems, extra), key=lambda r: r["lam"])
+    summaries = [summarize(r, kk) for r in records]
+    orc = oracle(records)
+    orc["switch_lambda_by_k"] = {k: switch_lambda(summaries, k) for k in ks}
+    return summaries, orc
+
+
+def held_out_problems(per_k: int, seed: int = HELD_OUT_SEED):
+    return L.sample_problems(per_k * L.MAX_OPS, seed=seed, ks=list(range(1, L.MAX_OPS + 1)))
+
+
 def run_demo(out_dir: str | None = None, pair_dir: str | None = None, per_k: int = 20,
              seed: int = HELD_OUT_SEED) -> list[dict]:
     from dami_jax.pair import load_pair
@@ -112,16 +131,9 @@ def run_demo(out_dir: str | None = None, pair_dir: str | None = None, per_k: int
     instruct, thinking = default_pair_dirs(pair_dir)
     pair = load_pair(instruct, thinking)
     ks = list(range(1, L.MAX_OPS + 1))
-    problems = L.sample_problems(per_k * len(ks), seed=seed, ks=ks)
-    kk = [p.k for p in problems]
+    problems = held_out_problems(per_k, seed)
     grid = [round(x, 2) for x in np.linspace(0, 1, 11)]
-    records = run_grid(pair, problems, grid)
-    extra = refine([summarize(r, kk) for r in records])
-    if extra:
-        records = sorted(records + run_grid(pair, problems, extra), key=lambda r: r["lam"])
-    summaries = [summarize(r, kk) for r in records]
-    orc = oracle(records)
-    orc["switch_lambda_by_k"] = {k: switch_lambda(summaries, k) for k in ks}
+    summaries, orc = evaluate_pair(pair, problems, grid, refine_switch=True)
     print(f"toy pair {os.path.dirname(instruct)}: {len(problems)} held-out problems, "
           f"{per_k} per difficulty k, greedy, max {MAX_NEW_TOKENS} new tokens")
     print_table(summaries, orc, ks)

@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 from dami_jax.config import ModelConfig
 from dami_jax.models.qwen3 import apply, init_params
 from dami_jax.toyworld import language as L
-from dami_jax.toyworld.evaluate import evaluate_pair
 from dami_jax.toyworld.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
 
 PROMPT_LEN = len(L.prompt_tokens(L.Problem((0, 0), ("+",))))
@@ -211,6 +210,16 @@ def _final(losses: list[float], window: int = 20) -> float:
     return float(np.mean(losses[-window:])) if losses else float("nan")
 
 
+def _evaluate(mcfg, instruct, thinking, cfg: ToyTrainConfig) -> dict:
+    """What the pair does on fresh problems: per-λ accuracy/tokens/think share and the oracle."""
+    from dami_jax.pair import ModelPair
+    from dami_jax.toyworld.demo import evaluate_pair, held_out_problems
+
+    pair = ModelPair(cfg=mcfg, instruct=instruct, thinking=thinking)
+    summaries, orc = evaluate_pair(pair, held_out_problems(cfg.eval_per_k, cfg.seed + 10_000), cfg.eval_lams)
+    return {"summary": orc, "by_lambda": summaries}
+
+
 def train_pair(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(), *,
                progress: bool = True, command: str | None = None) -> dict:
     """Train and write out_dir/{instruct,thinking}/ (HF checkpoints with tokenizer)
@@ -221,8 +230,7 @@ def train_pair(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(
     mcfg = model_config(cfg)
     instruct, thinking, losses = train_params(cfg, progress)
     train_s = time.time() - start
-    report = evaluate_pair(mcfg, instruct, thinking, cfg.eval_per_k, cfg.eval_lams,
-                           seed=cfg.seed + 10_000, progress=progress)
+    report = _evaluate(mcfg, instruct, thinking, cfg)
     out_dir = os.fspath(out_dir)
     with tempfile.TemporaryDirectory() as tok_dir:
         files = save_tokenizer(tok_dir)
