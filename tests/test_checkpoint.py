@@ -179,17 +179,12 @@ def _rewrite(path, fn):
     save_file(fn(dict(tensors)), str(path), metadata={"format": "pt"})
 
 
-def test_missing_tensor(tiny_hf, tmp_path):
-    bad = _copy(tiny_hf("dense_gqa"), tmp_path)
-    name = "model.layers.1.mlp.down_proj.weight"
-    _rewrite(bad / "model.safetensors", lambda t: {k: v for k, v in t.items() if k != name})
-    with pytest.raises(dj.CheckpointError, match=f"missing tensor '{name}'"):
-        dj.load_hf(bad, progress=False)
-
-
-def test_missing_expert_tensor(tiny_hf, tmp_path):
-    bad = _copy(tiny_hf("moe_norm"), tmp_path)
-    name = "model.layers.2.mlp.experts.5.up_proj.weight"
+@pytest.mark.parametrize("config, name", [
+    ("dense_gqa", "model.layers.1.mlp.down_proj.weight"),
+    ("moe_norm", "model.layers.2.mlp.experts.5.up_proj.weight"),  # one expert of a stacked leaf
+])
+def test_missing_tensor(tiny_hf, tmp_path, config, name):
+    bad = _copy(tiny_hf(config), tmp_path)
     _rewrite(bad / "model.safetensors", lambda t: {k: v for k, v in t.items() if k != name})
     with pytest.raises(dj.CheckpointError, match=f"missing tensor '{name}'"):
         dj.load_hf(bad, progress=False)
