@@ -111,15 +111,27 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
 
 
 def sweep(pair: ModelPair, prompts: list[list[int]], lams, max_new_tokens: int, *,
-          sampling=Greedy(), seed: int = 0, stop_tokens=None, max_cache: int | None = None
-          ) -> list[GenerateOutput]:
-    """Every prompt at every λ of the grid, as one vmapped program over K merged models."""
+          sampling=Greedy(), seed: int = 0, stop_tokens=None, max_cache: int | None = None,
+          models_per_call: int | None = None) -> list[GenerateOutput]:
+    """Every prompt at every λ of the grid, as one vmapped program over K merged models.
+
+    models_per_call caps how many merged models are stacked at once (K copies of
+    the weights must fit in memory); the grid then runs in chunks of that size.
+    The output is the same either way: a row's draws depend on (seed, row, step) only.
+    """
     lams = check_lam(lams, what="lam grid")
     if lams.ndim != 1 or lams.size == 0:
         raise ValueError("the λ grid must be a non-empty 1-D list")
+    if models_per_call is not None and models_per_call < 1:
+        raise ValueError(f"models_per_call must be >= 1 or None (all at once), got {models_per_call}")
     stops = pair.stop_tokens if stop_tokens is None else stop_tokens
-    return generate_stacked(pair.cfg, pair.merged(lams), [list(prompts)] * len(lams), max_new_tokens,
-                            sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
+    step = lams.size if models_per_call is None else models_per_call
+    outs = []
+    for i in range(0, lams.size, step):
+        chunk = lams[i: i + step]
+        outs += generate_stacked(pair.cfg, pair.merged(chunk), [list(prompts)] * chunk.size, max_new_tokens,
+                                 sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
+    return outs
 
 
 def _scatter(outs: list[GenerateOutput], rows: list[list[int]], b: int, n: int) -> GenerateOutput:

@@ -100,6 +100,18 @@ def test_sweep_equals_separate_merged_runs(tp):
         np.testing.assert_array_equal(out.lengths, one.lengths)
 
 
+def test_sweep_in_chunks_of_models_equals_one_call(tp):
+    lams = [0.0, 0.3, 0.6, 1.0, 0.45]
+    sampling = dj.Sample(0.8, top_k=5)
+    whole = sweep(tp.pair, tp.prompts[:3], lams, NEW, sampling=sampling, seed=3)
+    chunked = sweep(tp.pair, tp.prompts[:3], lams, NEW, sampling=sampling, seed=3, models_per_call=2)
+    assert len(chunked) == len(lams)
+    for lam, a, b in zip(lams, whole, chunked):
+        np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=f"λ={lam}")
+    with pytest.raises(ValueError, match="models_per_call"):
+        sweep(tp.pair, tp.prompts[:3], lams, NEW, models_per_call=0)
+
+
 def test_bad_lam_is_refused(tp):
     p = tp.prompts[:2]
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
