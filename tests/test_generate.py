@@ -315,3 +315,25 @@ def test_bucket_padding_leaves_room_to_generate(tiny_hf):
     # 17 prompt tokens + 4 new tokens = 21 <= 24 slots: everything fits without padding.
     out = dj.generate(ckpt.cfg, ckpt.params(), [list(range(1, 18))], 4, max_cache=24)
     assert out.lengths.tolist() == [4] and out.cache_full is False
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_last_only_logits_are_the_last_column(tiny_hf, prompts, delta):
+    from dami_jax.interpolate import delta_params
+    from dami_jax.models import qwen3
+    from dami_jax.models.kv_cache import KVCache
+    from conftest import left_pad
+
+    ckpt = tiny_hf("dense_gqa")
+    params = ckpt.params()
+    lam = None
+    if delta:  # a second model for Δ, per-row λ
+        params = delta_params(params, tiny_hf("dense_gqa", seed=1).params())
+        lam = jnp.linspace(0.0, 1.0, len(prompts))
+    tokens, mask = left_pad(prompts)
+    cache = KVCache.init(ckpt.cfg, tokens.shape[0], tokens.shape[1] + 2, jnp.float32)
+    full, _ = qwen3.apply(ckpt.cfg, params, tokens, mask, cache=cache, lam=lam)
+    last, last_cache = qwen3.apply(ckpt.cfg, params, tokens, mask, cache=cache, lam=lam, last_only=True)
+    assert last.shape == (tokens.shape[0], 1, ckpt.cfg.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    assert int(last_cache.index) == tokens.shape[1]

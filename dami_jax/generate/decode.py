@@ -95,7 +95,7 @@ def _prefill_impl(cfg, params, tokens, mask, lam, stops, key, row_ids, *, sampli
     b = tokens.shape[0]
     dtype = jax.tree.leaves(params)[0].dtype
     cache = KVCache.init(cfg, b, cache_size, dtype)
-    logits, cache = qwen3.apply(cfg, params, tokens, mask, cache=cache, lam=lam)
+    logits, cache = qwen3.apply(cfg, params, tokens, mask, cache=cache, lam=lam, last_only=True)
     first = sampling.next_tokens(logits[:, -1], _row_keys(key, row_ids, 0))
     state = _State(
         out=jnp.zeros((b, max_new), jnp.int32), last=first, done=jnp.zeros((b,), bool),

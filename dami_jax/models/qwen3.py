@@ -248,7 +248,7 @@ class Qwen3(nnx.Module):
             self.lm_head = Linear("btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), **kw)
         self.tied = cfg.tie_word_embeddings
 
-    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None):
+    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False):
         b, t = tokens_bt.shape
         mask_bt = mask_bt.astype(bool)
         offset = jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1
@@ -270,6 +270,8 @@ class Qwen3(nnx.Module):
             x, (k, v) = layer(x, pos_bt, allowed_bts, kv, index, lam)
             new_k.append(k)
             new_v.append(v)
+        if last_only:  # a prefill needs only the next token's logits: skip T-1 rows of the lm_head
+            x = x[:, -1:]
         x = self.final_norm(x, lam)
         logits = self.embed.attend(x, lam) if self.tied else self.lm_head(x, lam)
         if cache is not None:
@@ -311,10 +313,12 @@ def is_delta(params: Params) -> bool:
     return params["embed"]["embedding"].ndim == 3
 
 
-def apply(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, cache=None, lam=None):
+def apply(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, cache=None, lam=None, last_only: bool = False):
     """One model call (not jitted): logits (B, T, V) float32 and the updated cache.
 
     `lam` (B,) is required for delta-mode params and refused for plain ones.
+    `last_only`: logits of the last column only, (B, 1, V) (left padding puts
+    every row's last token there).
     """
     delta = is_delta(params)
     if delta != (lam is not None):
@@ -323,7 +327,7 @@ def apply(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, cache=None, lam=
             else "lam was given but params are not in delta mode (see dami_jax.interpolate.delta_params)"
         )
     model = nnx.merge(_graphdef(cfg, delta), params)
-    return model(tokens_bt, mask_bt, cache=cache, lam=lam)
+    return model(tokens_bt, mask_bt, cache=cache, lam=lam, last_only=last_only)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -109,8 +109,8 @@ def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_
     """
     b, t = tokens_bt.shape
     caches = [KVCache.init(cfg, b, t + probe_len, jax.tree.leaves(p)[0].dtype) for p in (params_i, params_t)]
-    li, ci = apply(cfg, params_i, tokens_bt, mask_bt, cache=caches[0])
-    lt, ct = apply(cfg, params_t, tokens_bt, mask_bt, cache=caches[1])
+    li, ci = apply(cfg, params_i, tokens_bt, mask_bt, cache=caches[0], last_only=True)
+    lt, ct = apply(cfg, params_t, tokens_bt, mask_bt, cache=caches[1], last_only=True)
 
     def emit(li, lt, ended):  # the probe token at this position and its signals
         tok = jnp.where(ended, 0, jnp.argmax(li, -1).astype(jnp.int32))

@@ -120,7 +120,7 @@ def _prefill(cfg, params, tokens_gw, mask_gw, lam_g):
     last logits (G, V) and a cache of W positions."""
     dtype = jax.tree.leaves(params)[0].dtype
     cache = KVCache.init(cfg, tokens_gw.shape[0], tokens_gw.shape[1], dtype)
-    logits, cache = qwen3.apply(cfg, params, tokens_gw, mask_gw, cache=cache, lam=lam_g)
+    logits, cache = qwen3.apply(cfg, params, tokens_gw, mask_gw, cache=cache, lam=lam_g, last_only=True)
     return logits[:, -1], cache
 
 
