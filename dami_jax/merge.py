@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from dami_jax.checkpoint.hf import (_atomic_replace_dir, _check_no_extra, _hf_shape, _Index, leaf_table,
+from dami_jax.checkpoint.hf import (_atomic_replace_dir, _check_no_extra, _Index, leaf_table,
                                     resolve_model_dir, staging_dir)
 from dami_jax.checkpoint.safetensors_io import _NAMES, CheckpointError
 from dami_jax.config import ModelConfig
@@ -161,7 +161,7 @@ def _plan(cfg: ModelConfig, index_i: _Index, index_t: _Index, lam32, schedule, d
     for leaf in table:
         want = _get(abstract, leaf.path).shape
         per = want[1:] if leaf.stacked else want
-        hf_shape = per if leaf.n_in is None else _hf_shape(per, leaf.n_in)
+        hf_shape = leaf.hf_shape(per)
         scale = np.float32(1.0 if schedule is None else schedule.scale(leaf.path))
         eff = np.float32(np.float32(lam32) * scale)  # the float32 product interpolate computes
         for name in leaf.hf_names:

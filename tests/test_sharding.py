@@ -17,20 +17,20 @@ pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices 
 # Expected spec of each param role on this project's default rules, written out by hand.
 EXPECTED = {
     ("embed", "embedding"): P("tensor", "fsdp"),
-    ("lm_head", "kernel"): P("fsdp", "tensor"),
+    ("lm_head", "kernel"): P("tensor", "fsdp"),
     ("final_norm", "scale"): P(None),
     ("input_norm", "scale"): P(None),
     ("post_attn_norm", "scale"): P(None),
     ("q_norm", "scale"): P(None),
     ("k_norm", "scale"): P(None),
-    ("q_proj", "kernel"): P("fsdp", "tensor", None),
-    ("k_proj", "kernel"): P("fsdp", "tensor", None),
-    ("v_proj", "kernel"): P("fsdp", "tensor", None),
-    ("o_proj", "kernel"): P("tensor", None, "fsdp"),
-    ("router", "kernel"): P("fsdp", None),
-    ("gate_proj", "kernel"): P("fsdp", "tensor"),  # dense MLP (D, F)
-    ("up_proj", "kernel"): P("fsdp", "tensor"),
-    ("down_proj", "kernel"): P("tensor", "fsdp"),
+    ("q_proj", "kernel"): P("tensor", None, "fsdp"),
+    ("k_proj", "kernel"): P("tensor", None, "fsdp"),
+    ("v_proj", "kernel"): P("tensor", None, "fsdp"),
+    ("o_proj", "kernel"): P("fsdp", "tensor", None),
+    ("router", "kernel"): P(None, "fsdp"),
+    ("gate_proj", "kernel"): P("tensor", "fsdp"),  # dense MLP (F, D)
+    ("up_proj", "kernel"): P("tensor", "fsdp"),
+    ("down_proj", "kernel"): P("fsdp", "tensor"),
     ("mlp", "gate_proj"): P(None, "fsdp", "tensor"),  # stacked experts (E, D, F)
     ("mlp", "up_proj"): P(None, "fsdp", "tensor"),
     ("mlp", "down_proj"): P(None, "tensor", "fsdp"),
@@ -81,8 +81,8 @@ def test_load_hf_on_mesh(tiny_hf, mesh, name):
     sharded = dj.load_hf(ckpt.path, mesh=mesh, progress=False)
     _check_placement(sharded, ckpt.params(), mesh, _default_expected)
     # Spot checks of real splitting on the tiny dims.
-    q = sharded["layers"][0]["attn"]["q_proj"]["kernel"]  # (64, 4, 16) over fsdp=2, tensor=2
-    assert q.addressable_shards[0].data.shape == (32, 2, 16)
+    q = sharded["layers"][0]["attn"]["q_proj"]["kernel"]  # (4, 16, 64) over tensor=2, fsdp=2
+    assert q.addressable_shards[0].data.shape == (2, 16, 32)
     if name == "moe_norm":
         experts = sharded["layers"][0]["mlp"]["gate_proj"]  # (8, 64, 32)
         assert experts.addressable_shards[0].data.shape == (8, 32, 16)
@@ -95,7 +95,7 @@ def test_axes_that_do_not_divide_are_replicated(tiny_hf):
 
     def expected(key, shape):
         if key[-2] in ("k_proj", "v_proj"):
-            return P("fsdp", None, None)
+            return P(None, None, "fsdp")
         return EXPECTED[key[-2:]]
 
     _check_placement(dj.load_hf(ckpt.path, mesh=mesh, progress=False), ckpt.params(), mesh, expected)

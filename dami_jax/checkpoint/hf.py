@@ -1,14 +1,18 @@
 """Hugging Face safetensors <-> params pytree, through one mapping table.
 
-Each row maps an HF tensor name to a path in our params dict and says how many
-leading axes of our array are the HF `in_features` side of a linear layer:
+Each row maps an HF tensor name to a path in our params dict. Our dense
+kernels keep HF's (out_features, in_features) element order (the contraction
+axis minor, which XLA:CPU multiplies fastest), so most tensors are copied as
+is or only reshaped; `split` says how many leading axes of our array form HF's
+first dimension:
 
-    ours = hf.T.reshape(our_shape)                       (linear, n_in axes)
-    hf   = ours.reshape(prod(in_axes), prod(out_axes)).T
+    ours = hf.reshape(our_shape)                                  (split = r)
+    hf   = ours.reshape(prod(our_shape[:r]), prod(our_shape[r:]))
 
-`n_in=None` means the tensor is copied as is (embeddings, norm scales). MoE
-expert tensors are stacked along a leading expert axis. The same table drives
-import (`load_hf`) and export (`save_hf`).
+MoE expert kernels are `transposed` ((in, out) per expert, the layout
+`ragged_dot` takes) and stacked along a leading expert axis. `split=None`
+means the shapes are equal. The same table drives import (`load_hf`) and
+export (`save_hf`).
 """
 
 from __future__ import annotations
@@ -35,35 +39,36 @@ from dami_jax.models.sharding import ShardingConfig, param_shardings
 class Row:
     hf: str  # with {l} for the layer and {e} for the expert
     ours: tuple[str, ...]  # with "{l}" for the layer
-    n_in: int | None  # leading input axes of our (per-expert) array; None: copy as is
+    split: int | None = None  # leading axes of our (per-expert) array that form HF's rows
+    transposed: bool = False  # ours is HF's matrix transposed (then reshaped)
 
 
 _ATTN = [
-    Row("model.layers.{l}.self_attn.q_proj.weight", ("layers", "{l}", "attn", "q_proj", "kernel"), 1),
-    Row("model.layers.{l}.self_attn.k_proj.weight", ("layers", "{l}", "attn", "k_proj", "kernel"), 1),
-    Row("model.layers.{l}.self_attn.v_proj.weight", ("layers", "{l}", "attn", "v_proj", "kernel"), 1),
-    Row("model.layers.{l}.self_attn.o_proj.weight", ("layers", "{l}", "attn", "o_proj", "kernel"), 2),
-    Row("model.layers.{l}.self_attn.q_norm.weight", ("layers", "{l}", "attn", "q_norm", "scale"), None),
-    Row("model.layers.{l}.self_attn.k_norm.weight", ("layers", "{l}", "attn", "k_norm", "scale"), None),
-    Row("model.layers.{l}.input_layernorm.weight", ("layers", "{l}", "input_norm", "scale"), None),
-    Row("model.layers.{l}.post_attention_layernorm.weight", ("layers", "{l}", "post_attn_norm", "scale"), None),
+    Row("model.layers.{l}.self_attn.q_proj.weight", ("layers", "{l}", "attn", "q_proj", "kernel"), split=2),
+    Row("model.layers.{l}.self_attn.k_proj.weight", ("layers", "{l}", "attn", "k_proj", "kernel"), split=2),
+    Row("model.layers.{l}.self_attn.v_proj.weight", ("layers", "{l}", "attn", "v_proj", "kernel"), split=2),
+    Row("model.layers.{l}.self_attn.o_proj.weight", ("layers", "{l}", "attn", "o_proj", "kernel"), split=1),
+    Row("model.layers.{l}.self_attn.q_norm.weight", ("layers", "{l}", "attn", "q_norm", "scale")),
+    Row("model.layers.{l}.self_attn.k_norm.weight", ("layers", "{l}", "attn", "k_norm", "scale")),
+    Row("model.layers.{l}.input_layernorm.weight", ("layers", "{l}", "input_norm", "scale")),
+    Row("model.layers.{l}.post_attention_layernorm.weight", ("layers", "{l}", "post_attn_norm", "scale")),
 ]
 _DENSE_MLP = [
-    Row("model.layers.{l}.mlp.gate_proj.weight", ("layers", "{l}", "mlp", "gate_proj", "kernel"), 1),
-    Row("model.layers.{l}.mlp.up_proj.weight", ("layers", "{l}", "mlp", "up_proj", "kernel"), 1),
-    Row("model.layers.{l}.mlp.down_proj.weight", ("layers", "{l}", "mlp", "down_proj", "kernel"), 1),
+    Row("model.layers.{l}.mlp.gate_proj.weight", ("layers", "{l}", "mlp", "gate_proj", "kernel")),
+    Row("model.layers.{l}.mlp.up_proj.weight", ("layers", "{l}", "mlp", "up_proj", "kernel")),
+    Row("model.layers.{l}.mlp.down_proj.weight", ("layers", "{l}", "mlp", "down_proj", "kernel")),
 ]
 _MOE_MLP = [
-    Row("model.layers.{l}.mlp.gate.weight", ("layers", "{l}", "mlp", "router", "kernel"), 1),
-    Row("model.layers.{l}.mlp.experts.{e}.gate_proj.weight", ("layers", "{l}", "mlp", "gate_proj"), 1),
-    Row("model.layers.{l}.mlp.experts.{e}.up_proj.weight", ("layers", "{l}", "mlp", "up_proj"), 1),
-    Row("model.layers.{l}.mlp.experts.{e}.down_proj.weight", ("layers", "{l}", "mlp", "down_proj"), 1),
+    Row("model.layers.{l}.mlp.gate.weight", ("layers", "{l}", "mlp", "router", "kernel")),
+    Row("model.layers.{l}.mlp.experts.{e}.gate_proj.weight", ("layers", "{l}", "mlp", "gate_proj"), 1, True),
+    Row("model.layers.{l}.mlp.experts.{e}.up_proj.weight", ("layers", "{l}", "mlp", "up_proj"), 1, True),
+    Row("model.layers.{l}.mlp.experts.{e}.down_proj.weight", ("layers", "{l}", "mlp", "down_proj"), 1, True),
 ]
 _GLOBAL = [
-    Row("model.embed_tokens.weight", ("embed", "embedding"), None),
-    Row("model.norm.weight", ("final_norm", "scale"), None),
+    Row("model.embed_tokens.weight", ("embed", "embedding")),
+    Row("model.norm.weight", ("final_norm", "scale")),
 ]
-_LM_HEAD = Row("lm_head.weight", ("lm_head", "kernel"), 1)
+_LM_HEAD = Row("lm_head.weight", ("lm_head", "kernel"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +76,25 @@ class Leaf:
     """One leaf of our params and the HF tensor(s) it is built from."""
     path: tuple
     hf_names: tuple[str, ...]  # one per expert for stacked expert leaves, else one
-    n_in: int | None
+    split: int | None
+    transposed: bool
     stacked: bool
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the HF tensor of one (per-expert) array of our shape."""
+        if self.split is None:
+            return tuple(ours)
+        rows, cols = int(np.prod(ours[: self.split])), int(np.prod(ours[self.split:]))
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    def to_ours(self, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return (hf.T if self.transposed else hf).reshape(shape)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        if self.split is None:
+            return ours
+        m = ours.reshape(int(np.prod(ours.shape[: self.split])), -1)
+        return m.T if self.transposed else m
 
 
 def leaf_table(cfg: ModelConfig) -> list[Leaf]:
@@ -91,19 +113,8 @@ def _leaf(row: Row, layer: int | None, num_experts: int = 0) -> Leaf:
     path = tuple(layer if p == "{l}" else p for p in row.ours)
     if "{e}" in row.hf:
         names = tuple(row.hf.format(l=layer, e=e) for e in range(num_experts))
-        return Leaf(path, names, row.n_in, True)
-    return Leaf(path, (row.hf.format(l=layer),), row.n_in, False)
-
-
-def to_ours(hf: np.ndarray, shape: tuple[int, ...], n_in: int | None) -> np.ndarray:
-    return hf if n_in is None else hf.T.reshape(shape)
-
-
-def to_hf(ours: np.ndarray, n_in: int | None) -> np.ndarray:
-    if n_in is None:
-        return ours
-    rows = int(np.prod(ours.shape[:n_in]))
-    return ours.reshape(rows, -1).T
+        return Leaf(path, names, row.split, row.transposed, True)
+    return Leaf(path, (row.hf.format(l=layer),), row.split, row.transposed, False)
 
 
 def _get(tree, path):
@@ -219,23 +230,19 @@ def _read_leaf(index: _Index, leaf: Leaf, want: tuple[int, ...], dtype) -> np.nd
     for e, name in enumerate(leaf.hf_names):
         f = index.file_of(name)
         raw = f.get(name)
-        hf_shape = per_expert if leaf.n_in is None else _hf_shape(per_expert, leaf.n_in)
+        hf_shape = leaf.hf_shape(per_expert)
         if raw.shape != hf_shape:
             raise CheckpointError(
                 f"{f.path}: tensor {name!r} has shape {raw.shape}, expected {hf_shape} from config.json"
             )
         if not np.issubdtype(raw.dtype, np.floating) and raw.dtype.name != "bfloat16":
             raise CheckpointError(f"{f.path}: tensor {name!r} has dtype {raw.dtype}, expected a float type")
-        value = np.array(to_ours(raw, per_expert, leaf.n_in), dtype=dtype)  # copies off the mmap
+        value = np.array(leaf.to_ours(raw, per_expert), dtype=dtype)  # copies off the mmap
         f.release(name)
         if not leaf.stacked:
             return value
         out[e] = value
     return out
-
-
-def _hf_shape(ours: tuple[int, ...], n_in: int) -> tuple[int, int]:
-    return (int(np.prod(ours[n_in:])), int(np.prod(ours[:n_in])))
 
 
 def _check_no_extra(index: _Index, table: list[Leaf], cfg: ModelConfig, directory: str) -> None:
@@ -293,9 +300,9 @@ def hf_tensors(params: dict, table: list[Leaf], np_dtype):
         value = np.asarray(jax.device_get(_get(params, leaf.path))).astype(np_dtype, copy=False)
         if leaf.stacked:
             for e, name in enumerate(leaf.hf_names):
-                yield name, to_hf(value[e], leaf.n_in)
+                yield name, leaf.to_hf(value[e])
         else:
-            yield leaf.hf_names[0], to_hf(value, leaf.n_in)
+            yield leaf.hf_names[0], leaf.to_hf(value)
 
 
 def _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress) -> None:
