@@ -163,6 +163,18 @@ def test_orbax_convert_round_trip(tiny_hf, tmp_path):
         assert_same_params(dj.load_hf(conv, dtype="bfloat16", progress=False), ckpt.params("bfloat16"))
 
 
+def test_converted_by_an_older_layout_is_refused(tiny_hf, tmp_path):
+    ckpt = tiny_hf("dense_tied")
+    conv = store.save_params(ckpt.cfg, ckpt.params(), tmp_path / "old", source=ckpt.path)
+    marker = os.path.join(conv, store.MARKER)
+    with open(marker) as f:
+        meta = json.load(f)
+    with open(marker, "w") as f:
+        json.dump({**meta, "format": 1}, f)
+    with pytest.raises(ValueError, match="params format 1.*convert it again"):
+        dj.load_hf(conv, progress=False)
+
+
 # ---------------------------------------------------------------------------
 # Bad input: each refused with a message naming the file/field and what was expected.
 

@@ -26,7 +26,7 @@ EXPECTED = {
     ("q_proj", "kernel"): P("tensor", None, "fsdp"),
     ("k_proj", "kernel"): P("tensor", None, "fsdp"),
     ("v_proj", "kernel"): P("tensor", None, "fsdp"),
-    ("o_proj", "kernel"): P("fsdp", "tensor", None),
+    ("o_proj", "kernel"): P("fsdp", "tensor"),
     ("router", "kernel"): P(None, "fsdp"),
     ("gate_proj", "kernel"): P("tensor", "fsdp"),  # dense MLP (F, D)
     ("up_proj", "kernel"): P("tensor", "fsdp"),

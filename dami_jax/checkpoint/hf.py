@@ -47,7 +47,7 @@ _ATTN = [
     Row("model.layers.{l}.self_attn.q_proj.weight", ("layers", "{l}", "attn", "q_proj", "kernel"), split=2),
     Row("model.layers.{l}.self_attn.k_proj.weight", ("layers", "{l}", "attn", "k_proj", "kernel"), split=2),
     Row("model.layers.{l}.self_attn.v_proj.weight", ("layers", "{l}", "attn", "v_proj", "kernel"), split=2),
-    Row("model.layers.{l}.self_attn.o_proj.weight", ("layers", "{l}", "attn", "o_proj", "kernel"), split=1),
+    Row("model.layers.{l}.self_attn.o_proj.weight", ("layers", "{l}", "attn", "o_proj", "kernel")),
     Row("model.layers.{l}.self_attn.q_norm.weight", ("layers", "{l}", "attn", "q_norm", "scale")),
     Row("model.layers.{l}.self_attn.k_norm.weight", ("layers", "{l}", "attn", "k_norm", "scale")),
     Row("model.layers.{l}.input_layernorm.weight", ("layers", "{l}", "input_norm", "scale")),

@@ -21,6 +21,8 @@ from dami_jax.models import qwen3
 from dami_jax.models.sharding import ShardingConfig, param_shardings
 
 MARKER = "dami_converted.json"
+# Version of the params layout (see models/qwen3.py). 2: dense kernels (out, in).
+FORMAT = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
 
@@ -56,14 +58,18 @@ def save_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, sour
             if os.path.isfile(os.path.join(source, name)):
                 shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
     with open(os.path.join(out_dir, MARKER), "w") as f:  # written last: marks the directory complete
-        json.dump({"format": 1, "dtype": dtype, "source": source}, f)
+        json.dump({"format": FORMAT, "dtype": dtype, "source": source}, f)
     return out_dir
 
 
 def restore_params(directory: str, dtype=None, mesh=None, rules: ShardingConfig | None = None) -> dict:
     """Restore params onto `mesh` with their shardings (or the default device), cast to `dtype`."""
     with open(os.path.join(directory, MARKER)) as f:
-        saved_dtype = json.load(f)["dtype"]
+        marker = json.load(f)
+    if marker.get("format") != FORMAT:
+        raise ValueError(f"{directory} was converted by an older dami_jax (params format {marker.get('format')}, "
+                         f"this version reads {FORMAT}); convert it again with `dami convert SRC {directory}`")
+    saved_dtype = marker["dtype"]
     cfg = ModelConfig.from_hf(directory)
     abstract = qwen3.abstract_params(cfg, jnp.dtype(saved_dtype))
     if mesh is not None:

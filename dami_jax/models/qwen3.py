@@ -7,7 +7,7 @@ Params are a plain nested dict (the pure-dict form of the NNX state):
     layers/{i}/attn/q_proj/kernel      (N, H, D)     N query heads, H head_dim
     layers/{i}/attn/k_proj/kernel      (K, H, D)     K key/value heads (GQA)
     layers/{i}/attn/v_proj/kernel      (K, H, D)
-    layers/{i}/attn/o_proj/kernel      (D, N, H)
+    layers/{i}/attn/o_proj/kernel      (D, N·H)
     layers/{i}/attn/q_norm/scale       (H,)
     layers/{i}/attn/k_norm/scale       (H,)
     layers/{i}/post_attn_norm/scale    (D,)
@@ -91,18 +91,21 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """A weight applied with a fixed einsum spec (axes in the spec, not reshapes)."""
+    """y = x·Wᵀ, W stored (*out_shape, in_features) like HF's weight.
 
-    def __init__(self, spec: str, shape, *, delta: bool, dtype, rngs: nnx.Rngs):
-        self.spec = spec
-        self.kernel = _param(shape, dtype, delta, rngs, _normal)
+    Applied as one 2-D (out, in) matrix: XLA:CPU transposes (copies) a kernel
+    whose output axes it must split, at every call.
+    """
+
+    def __init__(self, out_shape, in_features: int, *, delta: bool, dtype, rngs: nnx.Rngs):
+        self.out_shape = tuple(out_shape)
+        self.kernel = _param((*self.out_shape, in_features), dtype, delta, rngs, _normal)
 
     def __call__(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
         w = self.kernel[...]
-        w_rank = len(self.spec.split("->")[0].split(",")[1]) + (lam is not None)
-        if w.ndim > w_rank:  # fold trailing input axes into one (a free reshape)
-            w = w.reshape(*w.shape[: w_rank - 1], -1)
-        return _einsum(self.spec, x, w, lam)
+        w = w.reshape(*w.shape[: w.ndim - len(self.out_shape) - 1], -1, w.shape[-1])  # a free reshape
+        y = _einsum("bti,oi->bto", x, w, lam)
+        return y.reshape(*y.shape[:2], *self.out_shape)
 
 
 class Embed(nnx.Module):
@@ -137,12 +140,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(delta=delta, dtype=dtype, rngs=rngs)
-        self.q_proj = Linear("btd,nhd->btnh", (n, h, d), **kw)
-        self.k_proj = Linear("btd,khd->btkh", (k, h, d), **kw)
-        self.v_proj = Linear("btd,khd->btkh", (k, h, d), **kw)
-        # Stored (D, N, H) like HF's heads, applied as one (N·H) axis: a two-axis
-        # contraction makes XLA copy the kernel on every call.
-        self.o_proj = Linear("btk,dk->btd", (d, n, h), **kw)
+        self.q_proj = Linear((n, h), d, **kw)
+        self.k_proj = Linear((k, h), d, **kw)
+        self.v_proj = Linear((k, h), d, **kw)
+        self.o_proj = Linear((d,), n * h, **kw)  # HF's (D, N·H): heads flattened on the input side
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
         self.rope_theta = cfg.rope_theta
@@ -173,9 +174,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, d: int, f: int, *, delta: bool, dtype, rngs: nnx.Rngs):
         kw = dict(delta=delta, dtype=dtype, rngs=rngs)
-        self.gate_proj = Linear("btd,fd->btf", (f, d), **kw)
-        self.up_proj = Linear("btd,fd->btf", (f, d), **kw)
-        self.down_proj = Linear("btf,df->btd", (d, f), **kw)
+        self.gate_proj = Linear((f,), d, **kw)
+        self.up_proj = Linear((f,), d, **kw)
+        self.down_proj = Linear((d,), f, **kw)
 
     def __call__(self, x, lam):
         return self.down_proj(jax.nn.silu(self.gate_proj(x, lam)) * self.up_proj(x, lam), lam)
@@ -198,7 +199,7 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs):
         d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         kw = dict(delta=delta, dtype=dtype, rngs=rngs)
-        self.router = Linear("btd,ed->bte", (e, d), **kw)
+        self.router = Linear((e,), d, **kw)
         self.gate_proj = _param((e, d, f), dtype, delta, rngs, _normal)
         self.up_proj = _param((e, d, f), dtype, delta, rngs, _normal)
         self.down_proj = _param((e, f, d), dtype, delta, rngs, _normal)
@@ -249,7 +250,7 @@ class Qwen3(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear("btd,vd->btv", (cfg.vocab_size, cfg.hidden_size), **kw)
+            self.lm_head = Linear((cfg.vocab_size,), cfg.hidden_size, **kw)
         self.tied = cfg.tie_word_embeddings
 
     def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False):

@@ -21,7 +21,7 @@ class ShardingConfig:
     embedding: P = P("tensor", "fsdp")  # (V, D)
     q_proj: P = P("tensor", None, "fsdp")  # (N, H, D)
     kv_proj: P = P("tensor", None, "fsdp")  # (K, H, D)
-    o_proj: P = P("fsdp", "tensor", None)  # (D, N, H)
+    o_proj: P = P("fsdp", "tensor")  # (D, N·H)
     mlp_in: P = P("tensor", "fsdp")  # (F, D)
     mlp_out: P = P("fsdp", "tensor")  # (D, F)
     router: P = P(None, "fsdp")  # (E, D)
