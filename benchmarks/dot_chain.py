@@ -36,45 +36,54 @@ def weight_shapes(cfg) -> tuple[list[dict[str, tuple[int, int]]], tuple[int, int
     return [layer] * cfg.num_layers, (cfg.vocab_size, d)
 
 
-def chain(x, layers, head, matmul, silu, pad_to):
-    """The products of one decode step, each output feeding the next input."""
+def chain(x, layers, head, matmul, silu, pad_to, normalize):
+    """The products of one decode step, each output feeding the next input.
+
+    matmul(x, w) multiplies by a weight as stored ((in, out) or (out, in))."""
     for w in layers:
-        qkv = matmul(x, w["q"]) + pad_to(matmul(x, w["k"]) + matmul(x, w["v"]), w["q"].shape[1])
+        q = matmul(x, w["q"])
+        qkv = q + pad_to(matmul(x, w["k"]) + matmul(x, w["v"]), q.shape[1])
         x = x + matmul(qkv, w["o"])
         x = x + matmul(silu(matmul(x, w["gate"])) * matmul(x, w["up"]), w["down"])
-        x = x * (1.0 / x.shape[-1])  # keep values bounded across layers
-    return matmul(x, head.T)
+        x = normalize(x)  # unit rows: no overflow, and no denormals (slow in torch)
+    return matmul(x, head)
 
 
-def jax_runner(cfg, rows: int):
+def jax_runner(cfg, rows: int, out_in: bool):
+    """out_in: weights stored (out, in) as dami_jax and HF do (x·Wᵀ); else (in, out) (x·W)."""
     import jax
     import jax.numpy as jnp
 
     layers_s, head_s = weight_shapes(cfg)
     keys = iter(jax.random.split(jax.random.key(0), 8 * len(layers_s) + 1))
     rand = lambda s: jax.random.normal(next(keys), s, jnp.float32) * 0.02  # noqa: E731
-    layers = [{n: rand(s) for n, s in w.items()} for w in layers_s]
-    head = rand(head_s)
+    flip = (lambda s: s[::-1]) if out_in else (lambda s: s)
+    layers = [{n: rand(flip(s)) for n, s in w.items()} for w in layers_s]
+    head = rand(head_s if out_in else head_s[::-1])
     pad = lambda y, n: jnp.pad(y, ((0, 0), (0, n - y.shape[1])))  # noqa: E731
-    step = jax.jit(lambda ws, h, x: chain(x, ws, h, jnp.matmul, jax.nn.silu, pad))
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    mm = (lambda x, w: jnp.einsum("bi,oi->bo", x, w)) if out_in else jnp.matmul
+    step = jax.jit(lambda ws, h, x: chain(x, ws, h, mm, jax.nn.silu, pad, unit))
     x = jnp.ones((rows, cfg.hidden_size), jnp.float32)
     nbytes = sum(a.nbytes for a in jax.tree.leaves(layers)) + head.nbytes
     return (lambda: step(layers, head, x).block_until_ready()), nbytes
 
 
 def torch_runner(cfg, rows: int):
+    """Weights (out, in) and F.linear, as HF's nn.Linear runs them."""
     import torch
 
     torch.manual_seed(0)
     layers_s, head_s = weight_shapes(cfg)
-    layers = [{n: torch.randn(s) * 0.02 for n, s in w.items()} for w in layers_s]
+    layers = [{n: torch.randn(s[::-1]) * 0.02 for n, s in w.items()} for w in layers_s]
     head = torch.randn(head_s) * 0.02
     pad = lambda y, n: torch.nn.functional.pad(y, (0, n - y.shape[1]))  # noqa: E731
     x = torch.ones(rows, cfg.hidden_size)
 
     @torch.no_grad()
     def run():
-        return chain(x, layers, head, torch.matmul, torch.nn.functional.silu, pad)
+        return chain(x, layers, head, torch.nn.functional.linear, torch.nn.functional.silu, pad,
+                     lambda x: x / x.norm(dim=-1, keepdim=True))
 
     return run, None
 
@@ -107,10 +116,10 @@ def main(argv=None) -> None:
     rows = []
     for b in [int(x) for x in args.batch.split(",")]:
         log(f"batch {b}")
-        run_jax, nbytes = jax_runner(cfg, b)
-        runners = {"xla": run_jax}
+        run_jax, nbytes = jax_runner(cfg, b, out_in=True)
+        runners = {"xla (out,in)": run_jax, "xla (in,out)": jax_runner(cfg, b, out_in=False)[0]}
         if not args.no_torch:
-            runners["torch"] = torch_runner(cfg, b)[0]
+            runners["torch (out,in)"] = torch_runner(cfg, b)[0]
         best = best_of(runners, args.repeats)
         for name, s in best.items():
             rows.append(dict(impl=name, batch=b, ms=1e3 * s, gb_s=nbytes / s / 1e9,
