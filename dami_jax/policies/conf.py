@@ -181,7 +181,9 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
     outs = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start: start + cfg.batch_size]
-        rows = min(cfg.batch_size, bucket_length(len(chunk), cfg.batch_size))  # few batch shapes
+        # Rows padded to a power of two (few batch shapes to compile), not to the
+        # sequence-length buckets' minimum of 16: one request scores one row.
+        rows = min(cfg.batch_size, 1 << (len(chunk) - 1).bit_length())
         width = bucket_length(max(map(len, chunk)), context - probe)
         tokens, mask = left_pad(chunk + [chunk[-1]] * (rows - len(chunk)), width)
         out = conf_signals(arch, pair.instruct, pair.thinking, jnp.asarray(tokens), jnp.asarray(mask),
