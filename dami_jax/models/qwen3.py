@@ -20,8 +20,8 @@ Params are a plain nested dict (the pure-dict form of the NNX state):
     lm_head/kernel                     (V, D)        absent when embeddings are tied
 
 Dense kernels are (out, in) like HF's: the contracted axis is minor, which
-XLA:CPU multiplies 1.2-1.7x faster than (in, out) at decode shapes (measured,
-benchmarks/dot_chain.py); it also makes loading HF tensors a plain copy.
+XLA:CPU multiplies 1.7x faster than (in, out) at batch 16 decode shapes (equal
+at batch 1; benchmarks/dot_chain.py); it also makes loading HF tensors a plain copy.
 
 Delta mode (DESIGN 2.2): every leaf gains a leading axis of 2 holding (Θ_I, Δ),
 and each row b of the batch computes with Θ_I + λ_b·Δ. Every parameter enters an
