@@ -1,7 +1,7 @@
 """Interpolation engine: merge bandwidth, delta-vs-merged decode, vmapped λ sweep.
 
 Random params of a Qwen3 shape (default Qwen3-0.6B: 28 layers, hidden 1024,
-intermediate 3072, 16/8 heads, head_dim 128, vocab 151936, tied), float32, one
+intermediate 3072, 16/8 heads, head_dim 128, vocab 151936, tied), float32 (--dtype), one
 process; every ratio's reference is measured in the same run.
 
 (a) Merge bandwidth. Bytes moved per merge = 3 x weight bytes (read Θ_I, read
@@ -245,7 +245,7 @@ def bench_sweep(args) -> dict:
     base = dict(_common.PRESETS[args.preset])
     base.update(num_layers=args.sweep_layers, vocab_size=args.sweep_vocab)
     cfg = dj.ModelConfig(**base, max_position_embeddings=4096)
-    ti, tt = dj.init_params(cfg, 0), dj.init_params(cfg, 1)
+    ti, tt = dj.init_params(cfg, 0, args.dtype), dj.init_params(cfg, 1, args.dtype)
     pair = ModelPair(cfg, ti, tt)
     lams = np.linspace(0, 1, args.sweep_k).astype(np.float32)
     prompts = np.random.default_rng(1).integers(0, cfg.vocab_size, (args.sweep_batch, args.prompt_len)).tolist()
@@ -280,6 +280,7 @@ def bench_sweep(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="qwen3-0.6b", choices=sorted(_common.PRESETS))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="params of both models")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of (a) and (c) (min kept)")
     ap.add_argument("--file-repeats", type=int, default=1, help="timed merge_checkpoints runs after one warm-up")
     ap.add_argument("--copy-bytes", type=float, default=2**30, help="size of the copy-bandwidth array")
@@ -311,8 +312,8 @@ def main(argv=None) -> int:
     cfg = _common.model_config(args.preset)
     results: dict = {"merge": [], "decode": [], "sweep": None}
 
-    log(f"{args.preset} float32 on {jax.default_backend()}, {threads} threads: init params")
-    ti, tt = dj.init_params(cfg, 0), dj.init_params(cfg, 1)
+    log(f"{args.preset} {args.dtype} on {jax.default_backend()}, {threads} threads: init params")
+    ti, tt = dj.init_params(cfg, 0, args.dtype), dj.init_params(cfg, 1, args.dtype)
     jax.block_until_ready((ti, tt))
     wb = weight_bytes(ti)
 
@@ -359,7 +360,7 @@ def main(argv=None) -> int:
         rows.append([f"(c) one vmapped sweep, K={s['k']}", f"{s['vmapped_s']:.3g} s", None, s["speedup"],
                      "speed-up"])
 
-    notes = [f"weights: {wb / 1e9:.3f} GB per model ({args.preset}, float32); a merge moves 3x that"]
+    notes = [f"weights: {wb / 1e9:.3f} GB per model ({args.preset}, {args.dtype}); a merge moves 3x that"]
     if bw:
         notes.append("copy bandwidth (read + write): " + ", ".join(f"{k} {v / GB:.1f} GB/s" for k, v in bw.items()))
     for r in results["merge"]:
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
                      f"merged params built inside both timings; tokens equal: {s['token_agreement']:.0%}")
     env = _common.environment()
     notes.append(f"machine: {env['cpu_model']}, {threads} cores, load average {env['loadavg_1m']:.1f} at the end")
-    _common.print_table(f"Interpolation engine: {args.preset} float32 ({jax.default_backend()})", columns, rows, notes)
+    _common.print_table(f"Interpolation engine: {args.preset} {args.dtype} ({jax.default_backend()})", columns, rows, notes)
     _common.write_json(args.json or None, {
         "benchmark": "interpolate", "args": vars(args), "environment": env,
         "config": dataclasses.asdict(cfg), "weight_bytes": wb, "copy_bandwidth_bytes_s": bw, **results,

@@ -7,7 +7,7 @@ ConfConfig, then a threshold on s), so its cost is the Conf cost.
 Method (compilation excluded, reported separately):
   * every timed thing is a host-to-host call (results back as numpy): the Conf
     policy call `policy(prompts, pair)` as eval/serve run it (`score_prompts`:
-    batches of `batch_size`, rows padded to a power of two >= 16, one jitted
+    batches of `batch_size`, rows padded to a power of two, one jitted
     probe + teacher-forced program per batch), and generation at λ = 1 through
     `dami_jax.policies.execute.answer` with `static:1` (what `dami eval` runs:
     `generate_pair`, delta mode, greedy);
@@ -151,7 +151,7 @@ def run_large(args) -> dict:
 
     cfg = large_config(args)
     log(f"random pair {args.preset}, {cfg.num_layers} layers, vocab {cfg.vocab_size}: init params")
-    pair = ModelPair(cfg, dj.init_params(cfg, 0), dj.init_params(cfg, 1), tokenizer=None)
+    pair = ModelPair(cfg, dj.init_params(cfg, 0, args.dtype), dj.init_params(cfg, 1, args.dtype), tokenizer=None)
     n_params = int(sum(x.size for x in jax.tree.leaves(pair.instruct)))
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
@@ -191,11 +191,11 @@ def run_large(args) -> dict:
     timed = timed_rounds(callers, args.large_repeats)
     t1, tl = timed["gen_1"]["s"], timed[f"gen_{args.think_len}"]["s"]
     step = (tl - t1) / (args.think_len - 1)
-    conf_rows = min(conf_cfg.batch_size, max(16, 1 << (args.batch - 1).bit_length()))
+    conf_rows = min(conf_cfg.batch_size, 1 << (args.batch - 1).bit_length())  # score_prompts' row padding
     return {
         "model": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                                                "num_heads", "num_kv_heads", "head_dim")},
-        "params_per_model": n_params, "batch": args.batch, "prompt_len": args.prompt_len,
+        "params_per_model": n_params, "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len,
         "think_len": args.think_len, "probe_tokens": conf_cfg.probe_tokens, "conf_rows_after_padding": conf_rows,
         "timed": timed, "prefill_plus_1_s": t1, "step_s": step,
     }
@@ -218,6 +218,7 @@ def main(argv=None) -> int:
                          "of the real 0.6B model at 4 layers")
     ap.add_argument("--batch", type=int, default=8, help="rows (the real pair configs' eval batch)")
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="params of the random pair")
     ap.add_argument("--think-len", type=int, default=512,
                     help="λ=1 tokens per row (measured); 512 keeps the default run near 10 min on 2 CPU cores")
     ap.add_argument("--derive", default="512,1024,2048,8192", help="other lengths for the derived ratio")
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
         notes += [
             f"random: {m['num_layers']} layers, hidden {m['hidden_size']}, mlp {m['intermediate_size']}, heads "
             f"{m['num_heads']}/{m['num_kv_heads']}x{m['head_dim']}, vocab {m['vocab_size']} "
-            f"({large['params_per_model'] / 1e6:.0f}M params per model, float32); batch {large['batch']} x "
+            f"({large['params_per_model'] / 1e6:.0f}M params per model, {large['dtype']}); batch {large['batch']} x "
             f"{large['prompt_len']} prompt tokens; λ=1 makes exactly {large['think_len']} tokens per row",
             f"random: prefill+1 token {t1:.2f} s, decode step {1e3 * step:.1f} ms (delta mode, batch "
             f"{large['batch']}); Conf = 2 prefills + {large['probe_tokens']} steps of both models",
