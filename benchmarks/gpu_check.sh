@@ -32,12 +32,12 @@ part() {  # part NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 for p in $PARTS; do
   case $p in
     decode)  # Qwen3-4B shape, bf16: tokens/s against the HBM roofline, and HF transformers on CUDA
-      part decode 240 $py benchmarks/decode.py --preset "$PRESET" --dtype bfloat16 --batch 1,16 \
+      part decode 200 $py benchmarks/decode.py --preset "$PRESET" --dtype bfloat16 --batch 1,16 \
         --json "$OUT/decode_${PRESET}_bf16.json" \
       || part decode_nohf 150 $py benchmarks/decode.py --preset "$PRESET" --dtype bfloat16 --batch 1,16 --no-hf \
         --json "$OUT/decode_${PRESET}_bf16.json" ;;
     policies)  # Conf scoring vs λ=1 generation on a full Qwen3-4B-shaped random pair
-      part policies 200 $py benchmarks/policies.py --no-toy --preset "$PRESET" --layers 0 --vocab 0 \
+      part policies 150 $py benchmarks/policies.py --no-toy --preset "$PRESET" --layers 0 --vocab 0 \
         --dtype bfloat16 --think-len 1024 --large-repeats 2 --json "$OUT/policies_${PRESET}_bf16.json" ;;
     interpolate)  # delta (per-row λ) vs merged decode
       part interpolate 200 $py benchmarks/interpolate.py --preset "$PRESET" --dtype bfloat16 --skip a,c \
