@@ -117,9 +117,11 @@ def _calibrate(args) -> None:
     from dami_jax.eval.run import toy_benchmark
     from dami_jax.generate.chat import chat_prompt
     from dami_jax.policies.calibrate import calibrate_conf
+    from dami_jax.policies.conf import load_conf_config
 
     if args.policy != "conf":
         raise ValueError(f"only 'conf' calibrates (routing reuses it), got {args.policy!r}")
+    conf_cfg = load_conf_config(args.conf_config, args.conf_set)
     pair_cfg = load_pair_config(args.pair, args.set)
     pair = open_pair(pair_cfg)
     if args.prompts:  # one JSON object with a "question" per line, or plain text lines
@@ -131,9 +133,10 @@ def _calibrate(args) -> None:
     else:
         raise ValueError("--prompts FILE is required for a pair other than 'toy'")
     wrap = math_prompt if pair_cfg.math_instruction else (lambda q: q)
-    cal = calibrate_conf(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions])
+    cal = calibrate_conf(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions], conf_cfg)
     cal.save(args.out)
-    print(f"calibrated conf on {len(questions)} prompts: mu={cal.mu:.4f} tau={cal.tau:.4f} -> {args.out}")
+    print(f"calibrated conf on {len(questions)} prompts (rho={conf_cfg.rho}, tau_per_iqr={conf_cfg.tau_per_iqr}): "
+          f"mu={cal.mu:.4f} tau={cal.tau:.4f} -> {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.add_argument("--seed", type=int, default=7, help="toy calibration problems (not the eval seed)")
     p.add_argument("--set", action="append", default=[], help="pair config override key=value")
+    p.add_argument("--conf-config", default=None, help="Conf YAML (default configs/policy_conf.yaml)")
+    p.add_argument("--conf-set", action="append", default=[],
+                   help="Conf config override key=value, e.g. rho=0.7 (saved in the calibration)")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("toyworld", help="toyworld train --out DIR [--config FILE] [key=value ...]")

@@ -61,6 +61,7 @@ def test_help(command, capsys, monkeypatch):
     (["train-pref", "--config", "no/such.yaml"], "No such file or directory: 'no/such.yaml'"),
     (["serve", "--port", "abc"], "argument --port: invalid int value: 'abc'"),
     (["serve", "bogus=1"], "unknown key(s) ['bogus']"),
+    (["calibrate", "conf", "--out", "unused.json", "--conf-set", "bogus=1"], "unknown key(s) ['bogus']"),
 ])
 def test_bad_input_exits_2_naming_the_problem(argv, message, capsys):
     assert _exit_code(argv) == 2
@@ -109,3 +110,20 @@ def test_sweep_on_the_shipped_toy_pair(tmp_path, capsys):
     assert len((out / "records_toy.jsonl").read_text().splitlines()) == 18
     again = {r["policy"]: r for r in json.loads((out / "results.json").read_text())}
     assert list(again) == ["static:0", "static:1"] and again["static:1"]["accuracy"] == 1.0
+
+
+def test_calibrate_with_conf_overrides(tmp_path, capsys):
+    """`dami calibrate conf --conf-set`: the overrides shape μ, τ and are saved with the calibration."""
+    import numpy as np
+
+    from dami_jax.policies.calibrate import Calibration
+
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", "conf", "--pair", "toy", "--seed", "3", "--out", str(out),
+                 "--conf-set", "rho=0.7", "--conf-set", "tau_per_iqr=0.1"]) == 0
+    assert "rho=0.7, tau_per_iqr=0.1" in capsys.readouterr().out
+    cal = Calibration.load(out)
+    s = np.asarray(cal.scores)
+    assert len(s) == 300 and cal.conf.rho == 0.7 and cal.conf.tau_per_iqr == 0.1
+    q25, q30, q75 = np.quantile(s, [0.25, 0.3, 0.75])  # μ at the 1 - ρ quantile
+    assert cal.mu == pytest.approx(q30, abs=1e-9) and cal.tau == pytest.approx(0.1 * (q75 - q25), abs=1e-9)

@@ -113,6 +113,19 @@ def test_stop_and_excluded_tokens(pair, prompts):
     _check_against_reference(stopped, prompts, conf, out)
 
 
+def test_probe_stops_once_every_row_has_stopped(pair, prompts):
+    """Every row hits a stop token by its second probe position: the probe loop ends there and the
+    later positions are empty (no token, not valid, not content); signals equal the reference."""
+    free = score_prompts(pair, prompts, CONF)["probe"]
+    stops = tuple(sorted(set(free[:, 1].tolist())))
+    stopped = ModelPair(dataclasses.replace(CFG, eos_token_ids=stops), pair.instruct, pair.thinking)
+    out = score_prompts(stopped, prompts, CONF)
+    assert out["probe_len"].max() <= 2 < PROBE
+    assert (out["probe"][:, 2:] == 0).all() and not out["content"][:, 2:].any()
+    assert (out["entropy_pos"][:, 2:] == 0).all()
+    _check_against_reference(stopped, prompts, CONF, out)
+
+
 def test_format_ids_from_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 

@@ -116,17 +116,20 @@ def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_
         tok = jnp.where(ended, 0, jnp.argmax(li, -1).astype(jnp.int32))
         return tok, (tok, ~ended, *position_signals(li, lt)), ended | jnp.isin(tok, stop_ids)
 
-    def step(carry, _):
-        tok, ci, ct, ended = carry
+    def step(carry):
+        i, tok, ci, ct, ended, bufs = carry
         ones = jnp.ones((b, 1), jnp.int32)
         li, ci = apply(cfg, params_i, tok[:, None], ones, cache=ci)
         lt, ct = apply(cfg, params_t, tok[:, None], ones, cache=ct)
         tok, out, ended = emit(li[:, -1], lt[:, -1], ended)
-        return (tok, ci, ct, ended), out
+        return i + 1, tok, ci, ct, ended, tuple(buf.at[:, i].set(x) for buf, x in zip(bufs, out))
+
+    def running(carry):  # positions after a row's stop token are invalid: stop once every row has one
+        return (carry[0] < probe_len) & ~jnp.all(carry[4])
 
     tok, first, ended = emit(li[:, -1], lt[:, -1], jnp.zeros((b,), bool))
-    _, rest = jax.lax.scan(step, (tok, ci, ct, ended), None, length=probe_len - 1)
-    probe, valid, ent, js, maxp = (jnp.concatenate([f[:, None], r.T], 1) for f, r in zip(first, rest))
+    bufs = tuple(jnp.zeros((b, probe_len), x.dtype).at[:, 0].set(x) for x in first)
+    *_, (probe, valid, ent, js, maxp) = jax.lax.while_loop(running, step, (1, tok, ci, ct, ended, bufs))
     content = valid & ~jnp.isin(probe, exclude_ids)
     n = jnp.sum(content, 1)
 

@@ -1,0 +1,87 @@
+"""Accuracy and tokens of DAMI-Conf on the toy pair over a grid of its calibration knobs (ρ, τ/IQR).
+
+How the shipped toy calibration's ρ and τ were chosen, on problem sets that are not the eval's
+(`dami eval --bench toy` uses seed 20261127):
+  * the pair's shipped calibration supplies the Conf config (weights, probe) and its sorted
+    calibration scores (`dami calibrate conf --seed 7`: 300 unlabeled toy prompts);
+  * for each (ρ, τ/IQR): μ, τ = `quantile_calibration(scores, ρ, τ/IQR)`, λ(q) = σ((s(q) − μ)/τ)
+    on each `--seeds` problem set (300 problems, 50 per k), greedy generation at those λ in
+    delta mode (as `dami eval` runs the policy), graded by the toy grader;
+  * reference: λ = 1 on the same problems (accuracy, mean tokens); target of issue 5: accuracy
+    within 1 point of λ = 1 at ≤ 75% of its tokens.
+
+Usage:
+  python benchmarks/conf_calibration.py                                   # the recorded grid, ~3 min
+  python benchmarks/conf_calibration.py --seeds 4242 --rhos 0.7 --taus 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _common  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="4242,5151", help="toy problem sets (not the eval's 20261127)")
+    ap.add_argument("--rhos", default="0.5,0.6,0.65,0.7,0.75")
+    ap.add_argument("--taus", default="0.455,0.2,0.1,0.02", help="tau_per_iqr values")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from dami_jax.eval.pairs import open_pair, toy_pair_config
+    from dami_jax.generate.chat import chat_prompt
+    from dami_jax.pair import generate_pair
+    from dami_jax.policies import score_prompts
+    from dami_jax.policies.calibrate import Calibration, quantile_calibration
+    from dami_jax.toyworld import language as L
+
+    pair_cfg = toy_pair_config()
+    pair = open_pair(pair_cfg)
+    cal = Calibration.load(pair_cfg.conf_calibration)
+    rows, results = [], []
+    for seed in map(int, args.seeds.split(",")):
+        problems = L.sample_problems(50 * L.MAX_OPS, seed=seed)
+        prompts = [chat_prompt(pair.tokenizer, p.text) for p in problems]
+        s = np.asarray(score_prompts(pair, prompts, cal.conf)["score"])
+
+        def run(lam):
+            out = generate_pair(pair, prompts, lam, pair_cfg.max_new_tokens)
+            correct = [L.grade(p, L.decode(t)) for p, t in zip(problems, out.token_lists())]
+            return float(np.mean(correct)), float(out.lengths.mean())
+
+        acc1, tok1 = run(1.0)
+        rows.append([seed, "λ = 1", None, acc1, tok1, 1.0])
+        for rho in floats(args.rhos):
+            for tpi in floats(args.taus):
+                mu, tau = quantile_calibration(cal.scores, rho, tpi, cal.conf.min_tau)
+                lam = (1.0 / (1.0 + np.exp(-(s - mu) / tau))).astype(np.float32)
+                acc, tok = run(lam)
+                rows.append([seed, rho, tpi, acc, tok, tok / tok1])
+                results.append(dict(seed=seed, rho=rho, tau_per_iqr=tpi, mu=mu, tau=tau, accuracy=acc,
+                                    mean_tokens=tok, token_ratio=tok / tok1, lam1_accuracy=acc1,
+                                    lam1_tokens=tok1))
+                print(f"[conf_calibration] seed {seed} rho {rho} tau/iqr {tpi}: {acc:.3f} at {tok / tok1:.0%}",
+                      file=sys.stderr, flush=True)
+    _common.print_table("DAMI-Conf on the toy pair by calibration knobs (dev problem sets)",
+                        ["seed", "rho", "tau/IQR", "accuracy", "mean tokens", "x λ=1 tokens"], rows,
+                        [f"calibration scores: {len(cal.scores)} prompts of {pair_cfg.conf_calibration}",
+                         "target: accuracy within 0.01 of λ = 1 at <= 0.75 of its tokens"])
+    _common.write_json(args.json, {"benchmark": "conf_calibration", "args": vars(args),
+                                   "environment": _common.environment(), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
