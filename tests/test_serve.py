@@ -347,3 +347,39 @@ def test_stream_text_splits_like_split_thinking(pair):
         assert got == whole if think_first else got[1].endswith(whole[1])
     stop = ChoiceText(tok, stops=["+2"], split=False)
     assert [stop.add(t) for t in ids[:4]] == [False, False, False, True] and stop.text == "\n1"
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_incremental_detokenization_equals_full_decode(kind):
+    """The streamed text after each token equals decoding all ids so far (whenever that decode is
+    not waiting on a partial UTF-8 character): real multi-byte text and random id sequences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dami_jax.serve.text import ChoiceText
+
+    corpus = ["naïve café, 中文测试 🙂 über straße", "the quick brown fox: 12+30=42", "ça va? ☃ — fin"] * 20
+    if kind == "byte_level":  # Qwen's scheme: bytes as symbols, a character may span tokens
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:  # SentencePiece's scheme: the decoder strips the leading space of the first token
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<eos>", "<unk>"])
+    tok.train_from_iterator(corpus, trainer)
+    eos = tok.token_to_id("<eos>")
+    rng = np.random.default_rng(0)
+    sequences = [tok.encode(s).ids for s in ("über 中文 🙂 café", " twelve  spaces\n and ☃")]
+    sequences += [rng.integers(0, tok.get_vocab_size(), 40).tolist() for _ in range(10)]
+    sequences[-1][5] = eos  # a special token inside the text decodes to nothing
+    checked, total = 0, sum(map(len, sequences))
+    for ids in sequences:
+        text = ChoiceText(tok)
+        for i, t in enumerate(ids):
+            text.add(t)
+            full = tok.decode(ids[: i + 1], skip_special_tokens=True)
+            if not full.endswith("\ufffd"):
+                assert text.text == full, (ids[: i + 1], text.text, full)
+                checked += 1
+    assert checked >= total // 2  # not vacuous: most prefixes end on a whole character

@@ -31,6 +31,10 @@ class ChoiceText:
         self.think_first, self.split = think_first, split
         self.ids: list[int] = []
         self.text = ""
+        # Incremental detokenization: ids[:_read] are in self.text; decoding restarts at _prefix
+        # (the previous settle point) so that the window's first token keeps its context (a
+        # leading-space rule, bytes of one character). Decoding all ids per token was O(n²).
+        self._prefix = self._read = 0
         self.stopped = False  # a stop string ended the text
         self._sent = {"reasoning": 0, "content": 0}
 
@@ -39,10 +43,13 @@ class ChoiceText:
         if self.stopped or token in self.stop_ids:
             return self.stopped
         self.ids.append(int(token))
-        text = self._decode.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        settled = self._decode.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        window = self._decode.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(window) <= len(settled) or window.endswith("\ufffd"):  # nothing new, or a partial UTF-8 character
             return False
         start = max(0, len(self.text) - self.hold)
+        text = self.text + window[len(settled):]
+        self._prefix, self._read = self._read, len(self.ids)
         self.text = text
         hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
