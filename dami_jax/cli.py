@@ -11,6 +11,8 @@ import json
 import math
 import sys
 
+from dami_jax import compilation_cache
+
 
 def _convert(args) -> None:
     from dami_jax.checkpoint.hf import load_hf, resolve_model_dir
@@ -240,6 +242,7 @@ def _optional_commands():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        compilation_cache.enable()
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
         print(f"dami {args.command}: error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DAMI_JAX_CACHE", "off")  # tests write no compilation cache to ~/.cache
 
 import dataclasses  # noqa: E402
 import math  # noqa: E402

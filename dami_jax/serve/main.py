@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from dami_jax import compilation_cache
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible DAMI server (per-request λ).")
@@ -33,6 +35,7 @@ def main(argv=None) -> None:
     from dami_jax.serve.config import load_serve_config
 
     args = parse_args(argv)
+    compilation_cache.enable()
     overrides = list(args.overrides)
     for key, value in (("host", args.host), ("port", args.port),
                        ("api_key", args.api_key or os.environ.get("DAMI_API_KEY"))):
