@@ -30,8 +30,8 @@ Method (compilation excluded, reported separately):
 
 Usage:
   nice python benchmarks/policies.py --json out/policies.json       # about 8 min on 2 CPU cores
-  nice python benchmarks/policies.py --think-len 1024 --large-repeats 3 \
-      --json benchmarks/results/policies_cpu.json                    # the recorded figures, about 20 min
+  nice python benchmarks/policies.py --think-len 1024 --large-repeats 2 \
+      --json benchmarks/results/policies_cpu.json                    # the recorded figures, about 12 min
   python benchmarks/policies.py --no-large                      # toy only, about a minute
   python benchmarks/policies.py --preset tiny --layers 0 --vocab 0 --think-len 64   # smoke check
 """
