@@ -4,7 +4,9 @@
 # Runs from the repository root; results go to $OUT (default out/gpu). Each part has its own
 # time limit so that one failure leaves the others' figures.
 #
-#   bash benchmarks/gpu_check.sh            # decode (with HF on CUDA) + Conf cost, about 5 min
+#   bash benchmarks/gpu_check.sh            # decode (with HF on CUDA) + Conf cost, at most 8 min
+# (H100, 2026-11-27: decode took 170 s, most of it compiling; the 4B programs compile in 30-60 s each,
+# so the Conf part needs its 280 s: run the script with a lease call limit of >= 500 s.)
 #   PARTS="decode policies interpolate" bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-out/gpu}
@@ -37,8 +39,8 @@ for p in $PARTS; do
       || part decode_nohf 150 $py benchmarks/decode.py --preset "$PRESET" --dtype bfloat16 --batch 1,16 --no-hf \
         --json "$OUT/decode_${PRESET}_bf16.json" ;;
     policies)  # Conf scoring vs λ=1 generation on a full Qwen3-4B-shaped random pair
-      part policies 150 $py benchmarks/policies.py --no-toy --preset "$PRESET" --layers 0 --vocab 0 \
-        --dtype bfloat16 --think-len 1024 --large-repeats 2 --json "$OUT/policies_${PRESET}_bf16.json" ;;
+      part policies 280 $py benchmarks/policies.py --no-toy --preset "$PRESET" --layers 0 --vocab 0 \
+        --dtype bfloat16 --think-len 1024 --large-repeats 1 --json "$OUT/policies_${PRESET}_bf16.json" ;;
     interpolate)  # delta (per-row λ) vs merged decode
       part interpolate 200 $py benchmarks/interpolate.py --preset "$PRESET" --dtype bfloat16 --skip a,c \
         --new-tokens 32 --decode-repeats 2 --json "$OUT/interpolate_${PRESET}_bf16.json" ;;
