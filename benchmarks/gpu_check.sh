@@ -5,7 +5,7 @@
 # time limit so that one failure leaves the others' figures.
 #
 #   bash benchmarks/gpu_check.sh            # decode (with HF on CUDA) + Conf cost, at most 8 min
-# (H100, 2026-11-27: decode took 170 s, most of it compiling; the 4B programs compile in 30-60 s each,
+# (H100, 2026-11-27: decode finished inside its 200 s, most of it compiling; the 4B programs compile in 30-60 s each,
 # so the Conf part needs its 280 s: run the script with a lease call limit of >= 500 s.)
 #   PARTS="decode policies interpolate" bash benchmarks/gpu_check.sh
 set -u
