@@ -27,7 +27,10 @@ def default_dir() -> str | None:
 
 
 def enable(path: str | None = None) -> str | None:
-    """Turn the persistent cache on (at `path`, else `default_dir()`); the directory in use, or None."""
+    """Turn the persistent cache on (at `path`, else `default_dir()`); the directory in use, or None.
+
+    Call it before the process compiles anything: JAX decides once per process whether to use the cache.
+    """
     import jax
 
     if jax.config.jax_compilation_cache_dir:  # the user's own setting wins

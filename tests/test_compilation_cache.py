@@ -27,9 +27,15 @@ def test_default_dir(monkeypatch, tmp_path):
         assert compilation_cache.default_dir() is None
 
 
+def _clean_env(**extra) -> dict:
+    """This process's environment without a JAX cache directory of the user's, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
 def _python(code: str, env: dict) -> str:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+                          env=_clean_env(**env))
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
@@ -52,8 +58,8 @@ def test_second_launch_loads_its_programs_from_the_cache(tmp_path):
     code = ("import collections, json, sys, jax; events = collections.Counter(); "
             "jax.monitoring.register_event_listener(lambda e, **k: events.update([e.rsplit('/', 1)[-1]])); "
             "from dami_jax.cli import main; main(json.loads(sys.argv[1])); print(json.dumps(events))")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DAMI_JAX_CACHE": str(tmp_path / "cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the toy's programs compile in under 1 s
+    env = _clean_env(DAMI_JAX_CACHE=str(tmp_path / "cache"),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the toy's programs compile in under 1 s
     runs = []
     for _ in range(2):
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,

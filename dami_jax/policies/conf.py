@@ -130,6 +130,7 @@ def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_
     tok, first, ended = emit(li[:, -1], lt[:, -1], jnp.zeros((b,), bool))
     bufs = tuple(jnp.zeros((b, probe_len), x.dtype).at[:, 0].set(x) for x in first)
     *_, (probe, valid, ent, js, maxp) = jax.lax.while_loop(running, step, (1, tok, ci, ct, ended, bufs))
+    ent, js, maxp = (jnp.where(valid, x, 0.0) for x in (ent, js, maxp))  # a row's positions after its end: 0
     content = valid & ~jnp.isin(probe, exclude_ids)
     n = jnp.sum(content, 1)
 
