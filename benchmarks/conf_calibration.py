@@ -4,8 +4,8 @@ How the shipped toy calibration's ρ and τ were chosen, on problem sets that ar
 (`dami eval --bench toy` uses seed 20261127):
   * the pair's shipped calibration supplies the Conf config (weights, probe) and its sorted
     calibration scores (`dami calibrate conf --seed 7`: 300 unlabeled toy prompts);
-  * for each (ρ, τ/IQR): μ, τ = `quantile_calibration(scores, ρ, τ/IQR)`, λ(q) = σ((s(q) − μ)/τ)
-    on each `--seeds` problem set (300 problems, 50 per k), greedy generation at those λ in
+  * for each (ρ, τ/IQR): μ, τ = `quantile_calibration(scores, ρ, τ/IQR)`, λ(q) from `score_prompts`
+    with that μ, τ (as the policy computes it) on each `--seeds` problem set (300 problems, 50 per k), greedy generation at those λ in
     delta mode (as `dami eval` runs the policy), graded by the toy grader;
   * reference: λ = 1 on the same problems (accuracy, mean tokens); target of issue 5: accuracy
     within 1 point of λ = 1 at ≤ 75% of its tokens.
@@ -54,7 +54,6 @@ def main(argv=None) -> int:
     for seed in map(int, args.seeds.split(",")):
         problems = L.sample_problems(50 * L.MAX_OPS, seed=seed)
         prompts = [chat_prompt(pair.tokenizer, p.text) for p in problems]
-        s = np.asarray(score_prompts(pair, prompts, cal.conf)["score"])
 
         def run(lam):
             out = generate_pair(pair, prompts, lam, pair_cfg.max_new_tokens)
@@ -66,8 +65,7 @@ def main(argv=None) -> int:
         for rho in floats(args.rhos):
             for tpi in floats(args.taus):
                 mu, tau = quantile_calibration(cal.scores, rho, tpi, cal.conf.min_tau)
-                lam = (1.0 / (1.0 + np.exp(-(s - mu) / tau))).astype(np.float32)
-                acc, tok = run(lam)
+                acc, tok = run(score_prompts(pair, prompts, cal.conf, mu, tau)["lam"])
                 rows.append([seed, rho, tpi, acc, tok, tok / tok1])
                 results.append(dict(seed=seed, rho=rho, tau_per_iqr=tpi, mu=mu, tau=tau, accuracy=acc,
                                     mean_tokens=tok, token_ratio=tok / tok1, lam1_accuracy=acc1,

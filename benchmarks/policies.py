@@ -145,7 +145,8 @@ def run_large(args) -> dict:
     from dami_jax.pair import ModelPair
     from dami_jax.policies.base import build_policy, pair_fingerprint
     from dami_jax.policies.calibrate import Calibration
-    from dami_jax.policies.conf import ConfPolicy, _padded_ids, conf_signals, format_token_ids, load_conf_config
+    from dami_jax.policies.conf import (ConfPolicy, _padded_ids, conf_signals, format_token_ids, load_conf_config,
+                                        padded_rows)
     from dami_jax.policies.execute import answer
     from dami_jax.policies.routing import RoutingPolicy
 
@@ -191,7 +192,7 @@ def run_large(args) -> dict:
     timed = timed_rounds(callers, args.large_repeats)
     t1, tl = timed["gen_1"]["s"], timed[f"gen_{args.think_len}"]["s"]
     step = (tl - t1) / (args.think_len - 1)
-    conf_rows = min(conf_cfg.batch_size, 1 << (args.batch - 1).bit_length())  # score_prompts' row padding
+    conf_rows = padded_rows(args.batch, conf_cfg.batch_size)
     return {
         "model": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                                                "num_heads", "num_kv_heads", "head_dim")},

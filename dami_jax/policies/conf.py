@@ -170,6 +170,12 @@ def _padded_ids(ids) -> jax.Array:
     return jnp.asarray(ids + [-1] * (bucket_length(len(ids), 1 << 30) - len(ids)), jnp.int32)
 
 
+def padded_rows(n: int, batch_size: int) -> int:
+    """Rows `score_prompts` scores for a chunk of n prompts: a power of two (few batch shapes to
+    compile), not the sequence-length buckets' minimum of 16, so one request scores one row."""
+    return min(batch_size, 1 << (n - 1).bit_length())
+
+
 def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 1.0) -> dict:
     """`conf_signals` over `prompts` in batches of cfg.batch_size; numpy arrays, one row per prompt."""
     prompts = [[int(t) for t in p] for p in prompts]
@@ -185,9 +191,7 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
     outs = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start: start + cfg.batch_size]
-        # Rows padded to a power of two (few batch shapes to compile), not to the
-        # sequence-length buckets' minimum of 16: one request scores one row.
-        rows = min(cfg.batch_size, 1 << (len(chunk) - 1).bit_length())
+        rows = padded_rows(len(chunk), cfg.batch_size)
         width = bucket_length(max(map(len, chunk)), context - probe)
         tokens, mask = left_pad(chunk + [chunk[-1]] * (rows - len(chunk)), width)
         out = conf_signals(arch, pair.instruct, pair.thinking, jnp.asarray(tokens), jnp.asarray(mask),
