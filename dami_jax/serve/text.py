@@ -48,12 +48,11 @@ class ChoiceText:
         if len(window) <= len(settled) or window.endswith("\ufffd"):  # nothing new, or a partial UTF-8 character
             return False
         start = max(0, len(self.text) - self.hold)
-        text = self.text + window[len(settled):]
+        self.text += window[len(settled):]
         self._prefix, self._read = self._read, len(self.ids)
-        self.text = text
-        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
-            self.text, self.stopped = text[: min(hits)], True
+            self.text, self.stopped = self.text[: min(hits)], True
         return self.stopped
 
     def result(self) -> tuple[str | None, str]:
