@@ -137,6 +137,31 @@ def rope(x_btnh: jax.Array, pos_bt: jax.Array, theta: float) -> jax.Array:
     return x_btnh * cos + rotated * sin
 
 
+def allowed_keys(key_valid_bs: jax.Array, q_slot_t: jax.Array) -> jax.Array:
+    """(B, T, S) bool: query t may attend key slot s (a valid key at or before its own slot)."""
+    k_slot = jnp.arange(key_valid_bs.shape[1])
+    return key_valid_bs[:, None, :] & (k_slot[None, None, :] <= q_slot_t[None, :, None])
+
+
+def attend(q_bkqh: jax.Array, k_bksh: jax.Array, v_bkhs: jax.Array, allowed_bts: jax.Array) -> jax.Array:
+    """Softmax attention over the cache slots S: (B, K, H, G·T) for the query rows (G, T) of
+    each kv head (row g·T + t), keys/values in KVCache's layouts, allowed_bts from allowed_keys.
+
+    The cache is each dot's left operand (its S slots the product's rows, the few query rows
+    its columns), and the barrier keeps XLA from folding the small transpose of the scores
+    into the first dot: XLA:CPU runs the query-first products 2-6x slower
+    (benchmarks/attention_dots.py).
+    """
+    b, nk, s, h = k_bksh.shape
+    t = allowed_bts.shape[1]
+    scores = jnp.einsum("bksh,bkqh->bksq", k_bksh, q_bkqh, preferred_element_type=jnp.float32)
+    scores = jax.lax.optimization_barrier(scores).swapaxes(2, 3)
+    scores = (scores * (h ** -0.5)).reshape(b, nk, -1, t, s)
+    scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bkhs.dtype).reshape(b, nk, -1, s)
+    return jnp.einsum("bkhs,bkqs->bkhq", v_bkhs, probs)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -164,12 +189,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, 0, index))
         nk, h, g = k.shape[1], k.shape[3], self.groups
         q_bkqh = q.reshape(b, t, nk, g, h).transpose(0, 2, 3, 1, 4).reshape(b, nk, g * t, h)
-        scores = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, k, preferred_element_type=jnp.float32)
-        scores = (scores * (h ** -0.5)).reshape(b, nk, g, t, -1)
-        scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, nk, g * t, -1)
-        out = jnp.einsum("bkqs,bkhs->bkqh", probs, v).reshape(b, nk, g, t, h)
-        return self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(b, t, nk * g * h), lam), (k, v)
+        out = attend(q_bkqh, k, v, allowed_bts).reshape(b, nk, h, g, t)
+        return self.o_proj(out.transpose(0, 4, 1, 3, 2).reshape(b, t, nk * g * h), lam), (k, v)
 
 
 class MLP(nnx.Module):
@@ -266,8 +287,7 @@ class Qwen3(nnx.Module):
             pos_bt = cache.next_pos[:, None] + jnp.maximum(offset, 0)
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, cache.index))
             q_slot, index = cache.index + jnp.arange(t), cache.index
-        k_slot = jnp.arange(key_valid.shape[1])
-        allowed_bts = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+        allowed_bts = allowed_keys(key_valid, q_slot)
 
         x = self.embed(tokens_bt, lam)
         new_k, new_v = [], []

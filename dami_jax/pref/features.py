@@ -39,8 +39,7 @@ def hidden_states(cfg, params, tokens_bt, mask_bt, layer: int) -> jax.Array:
     model = nnx.merge(qwen3._graphdef(cfg, False), params)
     mask = mask_bt.astype(bool)
     pos_bt = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    slot = jnp.arange(tokens_bt.shape[1])
-    allowed_bts = mask[:, None, :] & (slot[None, None, :] <= slot[None, :, None])
+    allowed_bts = qwen3.allowed_keys(mask, jnp.arange(tokens_bt.shape[1]))
     x = model.embed(tokens_bt, None)
     for block in list(model.layers)[:layer]:
         x, _ = block(x, pos_bt, allowed_bts, None, 0, None)
