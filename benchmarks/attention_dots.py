@@ -54,7 +54,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from dami_jax.models.qwen3 import attend
 
-    orders = ("query first", "cache first")
     fns = {"query first": jax.jit(query_first), "cache first": jax.jit(attend)}
     read = jax.jit(lambda k: jnp.sum(k, axis=2))
     rows = []
@@ -69,7 +68,7 @@ def main(argv=None) -> None:
         outs = {o: np.asarray(f(*inputs)) for o, f in fns.items()}
         np.testing.assert_allclose(outs["cache first"], outs["query first"], rtol=1e-4, atol=1e-4)
         # Interleaved repeats, min kept: load changes hit both orders alike.
-        best = {o: float("inf") for o in orders}
+        best = {o: float("inf") for o in fns}
         for _ in range(args.repeats):
             for o, f in fns.items():
                 best[o] = min(best[o], _common.best_time(lambda: f(*inputs).block_until_ready(), 1, warmup=False))

@@ -149,7 +149,7 @@ def attend(q_bkqh: jax.Array, k_bksh: jax.Array, v_bkhs: jax.Array, allowed_bts:
 
     The cache is each dot's left operand (its S slots the product's rows, the few query rows
     its columns), and the barrier keeps XLA from folding the small transpose of the scores
-    into the first dot: XLA:CPU runs the query-first products 2-6x slower
+    into the first dot. With the query rows first, XLA:CPU ran decode attention 1.2-3.1x slower
     (benchmarks/attention_dots.py).
     """
     b, nk, s, h = k_bksh.shape
