@@ -5,9 +5,9 @@
 # time limit so that one failure leaves the others' figures.
 #
 #   bash benchmarks/gpu_check.sh            # decode (with HF on CUDA) + Conf cost, at most 8 min
-# (H100, 2026-11-27: decode finished inside its 200 s, most of it compiling; the 4B programs compile in 30-60 s each,
-# so the Conf part needs its 280 s: run the script with a lease call limit of >= 500 s.)
-#   PARTS="decode policies interpolate" bash benchmarks/gpu_check.sh
+# (H100, 2026-11-27: decode + attention + policies took 298 s in all, most of it compiling the 4B
+# programs, 20-32 s each; run the script with a lease call limit of >= 500 s.)
+#   PARTS="decode attention policies interpolate" bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -41,6 +41,9 @@ for p in $PARTS; do
     policies)  # Conf scoring vs λ=1 generation on a full Qwen3-4B-shaped random pair
       part policies 280 $py benchmarks/policies.py --no-toy --preset "$PRESET" --layers 0 --vocab 0 \
         --dtype bfloat16 --think-len 1024 --large-repeats 1 --json "$OUT/policies_${PRESET}_bf16.json" ;;
+    attention)  # one layer's decode attention: dami_jax's cache-first dots vs query-first (float32, exact dots)
+      part attention 90 env JAX_DEFAULT_MATMUL_PRECISION=highest $py benchmarks/attention_dots.py --repeats 10 \
+        --json "$OUT/attention_dots_gpu.json" ;;
     interpolate)  # delta (per-row λ) vs merged decode
       part interpolate 200 $py benchmarks/interpolate.py --preset "$PRESET" --dtype bfloat16 --skip a,c \
         --new-tokens 32 --decode-repeats 2 --json "$OUT/interpolate_${PRESET}_bf16.json" ;;
