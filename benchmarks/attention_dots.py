@@ -1,7 +1,7 @@
 """Decode attention over the KV cache: the operand order of its two dots on XLA:CPU.
 
-dami_jax's cache holds keys (B, K, S, H) and values (B, K, H, S) (models/kv_cache.py).
-One decode step's attention per layer is two batched products over (B, K), with only
+dami_jax's cache holds keys (B·K, S, H) and values (B·K, H, S) (models/kv_cache.py).
+One decode step's attention per layer is two batched products over B·K, with only
 G = heads / kv_heads query rows against S cache slots. Timed at decode shapes:
 
 - "query first" (the reference here, dami_jax's code until 2026-11-27):
@@ -34,13 +34,16 @@ SHAPES = [
 
 
 def query_first(q, k, v, allowed_bts):
-    """(B, K, H, G) like `attend`, with the query rows as each dot's left operand."""
+    """(B·K, H, G) like `attend`, with the query rows as each dot's left operand."""
     import jax
     import jax.numpy as jnp
 
-    scores = jnp.einsum("bkqh,bksh->bkqs", q, k) * (k.shape[-1] ** -0.5)
+    b = allowed_bts.shape[0]
+    scores = jnp.einsum("nqh,nsh->nqs", q, k) * (k.shape[-1] ** -0.5)
+    scores = scores.reshape(b, -1, *scores.shape[1:])
     scores = jnp.where(allowed_bts[:, None], scores, jnp.finfo(jnp.float32).min)
-    return jnp.einsum("bkqs,bkhs->bkqh", jax.nn.softmax(scores, axis=-1), v).swapaxes(2, 3)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(q.shape[0], -1, k.shape[1])
+    return jnp.einsum("nqs,nhs->nqh", probs, v).swapaxes(1, 2)
 
 
 def main(argv=None) -> None:
@@ -60,9 +63,9 @@ def main(argv=None) -> None:
     for name, b, kh, g, s, h in SHAPES:
         print(f"[attention_dots] {name} S={s}", file=sys.stderr, flush=True)
         keys = jax.random.split(jax.random.key(0), 4)
-        q = jax.random.normal(keys[0], (b, kh, g, h), jnp.float32)
-        k = jax.random.normal(keys[1], (b, kh, s, h), jnp.float32)
-        v = jax.random.normal(keys[2], (b, kh, h, s), jnp.float32)
+        q = jax.random.normal(keys[0], (b * kh, g, h), jnp.float32)
+        k = jax.random.normal(keys[1], (b * kh, s, h), jnp.float32)
+        v = jax.random.normal(keys[2], (b * kh, h, s), jnp.float32)
         allowed = jax.random.uniform(keys[3], (b, 1, s)) < 0.9  # one query token (T = 1)
         inputs = (q, k, v, allowed)
         outs = {o: np.asarray(f(*inputs)) for o, f in fns.items()}

@@ -21,8 +21,12 @@ class KVCache:
     # Laid out as the attention dots read them, each contracting its minor axis:
     # scores = q·kᵀ over H, out = p·vᵀ over S. With any other layout XLA:CPU
     # copies (transposes) the whole cache of every layer at every decode step.
-    k: tuple[jax.Array, ...]  # per layer (B, K, S, H)
-    v: tuple[jax.Array, ...]  # per layer (B, K, H, S)
+    # Rows and kv heads share one axis (row b, head j at b·K + j), the dots' one
+    # batch axis: with (B, K) kept apart, XLA:CPU merged them for the dots by a
+    # bitcast of the updated cache and, at B = 1, copied every layer's cache four
+    # times a step to keep that view and the in-place update apart.
+    k: tuple[jax.Array, ...]  # per layer (B·K, S, H)
+    v: tuple[jax.Array, ...]  # per layer (B·K, H, S)
     valid: jax.Array  # (B, S) bool
     index: jax.Array  # () int32, next slot to write
     next_pos: jax.Array  # (B,) int32
@@ -33,10 +37,10 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, size: int, dtype) -> "KVCache":
-        bk, h, n = (batch, cfg.num_kv_heads), cfg.head_dim, cfg.num_layers
+        bk, h, n = batch * cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
         return cls(
-            k=tuple(jnp.zeros((*bk, size, h), dtype) for _ in range(n)),
-            v=tuple(jnp.zeros((*bk, h, size), dtype) for _ in range(n)),
+            k=tuple(jnp.zeros((bk, size, h), dtype) for _ in range(n)),
+            v=tuple(jnp.zeros((bk, h, size), dtype) for _ in range(n)),
             valid=jnp.zeros((batch, size), bool),
             index=jnp.zeros((), jnp.int32),
             next_pos=jnp.zeros((batch,), jnp.int32),

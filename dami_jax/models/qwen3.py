@@ -143,23 +143,24 @@ def allowed_keys(key_valid_bs: jax.Array, q_slot_t: jax.Array) -> jax.Array:
     return key_valid_bs[:, None, :] & (k_slot[None, None, :] <= q_slot_t[None, :, None])
 
 
-def attend(q_bkqh: jax.Array, k_bksh: jax.Array, v_bkhs: jax.Array, allowed_bts: jax.Array) -> jax.Array:
-    """Softmax attention over the cache slots S: (B, K, H, G·T) for the query rows (G, T) of
-    each kv head (row g·T + t), keys/values in KVCache's layouts, allowed_bts from allowed_keys.
+def attend(q_nqh: jax.Array, k_nsh: jax.Array, v_nhs: jax.Array, allowed_bts: jax.Array) -> jax.Array:
+    """Softmax attention over the cache slots S: (N, H, G·T) for the query rows (G, T) of
+    each (row, kv head) n = b·K + j (row g·T + t), keys/values in KVCache's layouts,
+    allowed_bts from allowed_keys.
 
     The cache is each dot's left operand (its S slots the product's rows, the few query rows
     its columns), and the barrier keeps XLA from folding the small transpose of the scores
     into the first dot. With the query rows first, XLA:CPU ran decode attention 1.2-3.1x slower
     (benchmarks/attention_dots.py).
     """
-    b, nk, s, h = k_bksh.shape
-    t = allowed_bts.shape[1]
-    scores = jnp.einsum("bksh,bkqh->bksq", k_bksh, q_bkqh, preferred_element_type=jnp.float32)
-    scores = jax.lax.optimization_barrier(scores).swapaxes(2, 3)
-    scores = (scores * (h ** -0.5)).reshape(b, nk, -1, t, s)
+    n, s, h = k_nsh.shape
+    b, t = allowed_bts.shape[:2]
+    scores = jnp.einsum("nsh,nqh->nsq", k_nsh, q_nqh, preferred_element_type=jnp.float32)
+    scores = jax.lax.optimization_barrier(scores).swapaxes(1, 2)
+    scores = (scores * (h ** -0.5)).reshape(b, n // b, -1, t, s)
     scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bkhs.dtype).reshape(b, nk, -1, s)
-    return jnp.einsum("bkhs,bkqs->bkhq", v_bkhs, probs)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_nhs.dtype).reshape(n, -1, s)
+    return jnp.einsum("nhs,nqs->nhq", v_nhs, probs)
 
 
 class Attention(nnx.Module):
@@ -180,16 +181,16 @@ class Attention(nnx.Module):
         q = rope(self.q_norm(self.q_proj(x, lam), lam), pos_bt, self.rope_theta)
         k = rope(self.k_norm(self.k_proj(x, lam), lam), pos_bt, self.rope_theta)
         v = self.v_proj(x, lam)
-        # Keys (B, K, T, H) and values (B, K, H, T): the layouts of KVCache, where
+        # Keys (B·K, T, H) and values (B·K, H, T): the layouts of KVCache, where
         # both attention dots contract their minor axis (see KVCache for why).
-        k = k.transpose(0, 2, 1, 3)
-        v = v.transpose(0, 2, 3, 1)
+        nk, h, g = k.shape[2], k.shape[3], self.groups
+        k = k.transpose(0, 2, 1, 3).reshape(b * nk, t, h)
+        v = v.transpose(0, 2, 3, 1).reshape(b * nk, h, t)
         if kv is not None:  # write this chunk into the cache, attend over all slots
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, index, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, 0, index))
-        nk, h, g = k.shape[1], k.shape[3], self.groups
-        q_bkqh = q.reshape(b, t, nk, g, h).transpose(0, 2, 3, 1, 4).reshape(b, nk, g * t, h)
-        out = attend(q_bkqh, k, v, allowed_bts).reshape(b, nk, h, g, t)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, index))
+        q_nqh = q.reshape(b, t, nk, g, h).transpose(0, 2, 3, 1, 4).reshape(b * nk, g * t, h)
+        out = attend(q_nqh, k, v, allowed_bts).reshape(b, nk, h, g, t)
         return self.o_proj(out.transpose(0, 4, 1, 3, 2).reshape(b, t, nk * g * h), lam), (k, v)
 
 

@@ -8,6 +8,8 @@ is called on every row as a batch of one and the call is vmapped over slots:
     cache.k[l]: (B, K, S, H)   cache.v[l]: (B, K, H, S)
     valid: (B, S)   index: (B,)   next_pos: (B,)
 
+(slot b's (K, S, H) keys are the model's `KVCache` layout for a batch of one).
+
 Under vmap the per-row `dynamic_update_slice` at the row's own index becomes
 one scatter, and the params (unbatched) are shared by all rows: a step is one
 batched matmul per weight, like lock-step decoding. In delta mode every row
@@ -42,7 +44,8 @@ class SlotState:
 
 def init_state(cfg: ModelConfig, slots: int, size: int, dtype) -> SlotState:
     cache = KVCache.init(cfg, slots, size, dtype)
-    cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))  # distinct buffers: all are donated
+    k, v = (tuple(x.reshape(slots, -1, *x.shape[1:]) for x in xs) for xs in (cache.k, cache.v))
+    cache = cache.replace(k=k, v=v, index=jnp.zeros((slots,), jnp.int32))  # distinct buffers: all are donated
     return SlotState(cache=cache, last=jnp.zeros((slots,), jnp.int32), step=jnp.zeros((slots,), jnp.int32),
                      keys=jnp.zeros((slots, 2), jnp.uint32))
 
@@ -84,12 +87,10 @@ def _step_keys(raw_b2, step_b):
 def _row_call(cfg, params, k, v, valid, index, next_pos, token, lam):
     """One slot as a batch of one: its (K, S, H) keys and (K, H, S) values per layer in,
     logits (V,) and the row's cache out."""
-    cache = KVCache(k=tuple(x[None] for x in k), v=tuple(x[None] for x in v), valid=valid[None],
-                    index=index, next_pos=next_pos[None])
+    cache = KVCache(k=tuple(k), v=tuple(v), valid=valid[None], index=index, next_pos=next_pos[None])
     logits, cache = qwen3.apply(cfg, params, token.reshape(1, 1), jnp.ones((1, 1), jnp.int32),
                                 cache=cache, lam=lam[None])
-    return (logits[0, -1], tuple(x[0] for x in cache.k), tuple(x[0] for x in cache.v), cache.valid[0],
-            cache.index, cache.next_pos[0])
+    return logits[0, -1], cache.k, cache.v, cache.valid[0], cache.index, cache.next_pos[0]
 
 
 def _step(cfg, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b):
@@ -131,14 +132,18 @@ def _insert(state: SlotState, pcache: KVCache, logits_gv, row, slot, raw_key, te
     def take(x):  # row `row`, keeping a batch axis of 1
         return jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
 
+    def take_kv(x):  # row `row`'s K heads of a (G·K, ...) prefill cache, as (1, K, ...)
+        heads = c.k[0].shape[1]
+        return jax.lax.dynamic_slice_in_dim(x, row * heads, heads, axis=0)[None]
+
     def put(big, small):
         return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
 
     first = sample_rows(take(logits_gv), _step_keys(raw_key[None], jnp.zeros((1,), jnp.int32)),
                         temp[None], top_k[None], top_p_cut[None])[0]
     valid_row = jnp.zeros((1, size), bool).at[:, :w].set(take(pcache.valid))
-    cache = KVCache(k=tuple(put(b, take(x)) for b, x in zip(c.k, pcache.k)),
-                    v=tuple(put(b, take(x)) for b, x in zip(c.v, pcache.v)),
+    cache = KVCache(k=tuple(put(b, take_kv(x)) for b, x in zip(c.k, pcache.k)),
+                    v=tuple(put(b, take_kv(x)) for b, x in zip(c.v, pcache.v)),
                     valid=put(c.valid, valid_row), index=c.index.at[slot].set(w),
                     next_pos=c.next_pos.at[slot].set(take(pcache.next_pos)[0]))
     return state.replace(cache=cache, last=state.last.at[slot].set(first),
