@@ -150,7 +150,7 @@ def attend(q_nqh: jax.Array, k_nsh: jax.Array, v_nhs: jax.Array, allowed_bts: ja
 
     The cache is each dot's left operand (its S slots the product's rows, the few query rows
     its columns), and the barrier keeps XLA from folding the small transpose of the scores
-    into the first dot. With the query rows first, XLA:CPU ran decode attention 1.2-3.1x slower
+    into the first dot. With the query rows first, XLA:CPU ran decode attention 1.2-3.2x slower
     (benchmarks/attention_dots.py).
     """
     n, s, h = k_nsh.shape
