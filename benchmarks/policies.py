@@ -17,7 +17,9 @@ Method (compilation excluded, reported separately):
   * (a) toy: the shipped pair and the toy benchmark of `dami eval --bench toy`
     (300 problems, one batch of 300 as in the toy pair config, max 96 new
     tokens; λ = 1 stops by itself after its real answer length). Also timed:
-    the Routing policy, the Conf policy with `batch_size` = the whole batch
+    the floor of any Conf scoring, the Instruct model's prompt pass plus the
+    first answer token (`generate`, 1 token: Conf needs at least that much to
+    see p_I), the Routing policy, the Conf policy with `batch_size` = the whole batch
     (one jitted call instead of 10 batches of 32) and λ = 1 in merged mode (the
     Thinking weights alone, 1× weight bytes per step: the stricter reference);
   * (b) larger random-weight pair (`--preset` shapes, `--layers`, `--vocab`),
@@ -81,6 +83,7 @@ def timed_rounds(callers: dict, repeats: int) -> dict[str, dict]:
 # (a) the shipped toy pair, as `dami eval --pair toy --bench toy` runs it.
 
 def run_toy(args) -> dict:
+    import dami_jax as dj
     from dami_jax.eval.pairs import expand_policy, open_pair, toy_pair_config
     from dami_jax.eval.run import toy_benchmark
     from dami_jax.generate.chat import chat_prompt
@@ -111,6 +114,7 @@ def run_toy(args) -> dict:
         conf.calibration, conf=dataclasses.replace(conf.calibration.conf, batch_size=len(prompts))))
     timed = timed_rounds({"conf": lambda: conf(prompts, pair), "routing": lambda: routing(prompts, pair),
                           "conf_one_batch": lambda: one_batch(prompts, pair),
+                          "instruct_prefill_1": lambda: dj.generate(pair.cfg, pair.instruct, prompts, 1).lengths,
                           "gen_delta": delta, "gen_merged": merged}, args.repeats)
     lengths = gen["delta"].lengths
     assert (gen["merged"].tokens == gen["delta"].tokens).all(), "delta and merged λ=1 tokens differ"
@@ -239,6 +243,7 @@ def main(argv=None) -> int:
         ref = toy["timed"]["gen_delta"]["s"]
         for name, label in (("conf", f"conf policy ({toy['prompts']} prompts)"), ("routing", "routing policy"),
                             ("conf_one_batch", f"conf, batch_size={toy['prompts']}"),
+                            ("instruct_prefill_1", "floor: Instruct prompt pass + 1 token"),
                             ("gen_delta", "λ=1 delta (eval)"), ("gen_merged", "λ=1 merged")):
             r = toy["timed"][name]
             r["ratio_to_gen_delta"] = r["s"] / ref
