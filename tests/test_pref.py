@@ -1,4 +1,5 @@
-"""DAMI-Pref (DESIGN 1.3): preference rules, BT loss, training, resume, meshes, rollouts, policy.
+"""DAMI-Pref (DESIGN 1.3): preference rules, BT loss, training, resume, meshes, rollouts, policy
+(features h(q): test_pref_features.py).
 
 A tiny random pair (dj.init_params + a perturbed copy) and a fake grader (right
 iff the first generated token is even) stand in for the toy world; training
@@ -28,7 +29,7 @@ from dami_jax.generate.sampling import Sample
 from dami_jax.models.sharding import make_mesh
 from dami_jax.pair import ModelPair
 from dami_jax.pref import (
-    PrefConfig, PrefData, PrefPolicy, RewardModel, batch_indices, bt_loss, collect_rollouts, hidden_states,
+    PrefConfig, PrefData, PrefPolicy, RewardModel, batch_indices, bt_loss, collect_rollouts,
     load_pref_config, load_rollouts, preference_pairs, prefers, prompt_features, save_reward_model,
     split_by_query, train_reward_model,
 )
@@ -218,38 +219,6 @@ def test_eight_devices_follow_the_one_device_loss_curve(tmp_path):
     with pytest.raises(ConfigError, match="divide evenly"):
         train_reward_model(small_cfg(batch_size=12), data, tmp_path / "bad", mesh=make_mesh(data=8),
                            progress=False)
-
-
-# ---------------------------------------------------------------------------
-# Features h(q)
-
-def test_hidden_states_match_the_model(pair):
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(2, 32, n).tolist() for n in (5, 9, 3)]
-    from dami_jax.generate.decode import left_pad
-
-    tokens, mask = left_pad(prompts, 9)
-    h = hidden_states(TINY, pair.instruct, jnp.asarray(tokens), jnp.asarray(mask), layer=-1)
-    logits = jnp.einsum("btd,vd->btv", h, pair.instruct["embed"]["embedding"])  # tied lm_head
-    want = dj.forward(TINY, pair.instruct, tokens, mask)
-    np.testing.assert_allclose(np.asarray(logits)[mask == 1], np.asarray(want)[mask == 1], atol=1e-5)
-    emb = hidden_states(TINY, pair.instruct, jnp.asarray(tokens), jnp.asarray(mask), layer=0)
-    np.testing.assert_allclose(emb, np.asarray(pair.instruct["embed"]["embedding"])[tokens], atol=0)
-    # pooled features do not depend on padding or batch; mean differs from last
-    for pooling in ("last", "mean"):
-        batched = prompt_features(TINY, pair.instruct, prompts, layer=1, pooling=pooling)
-        alone = np.concatenate([prompt_features(TINY, pair.instruct, [p], layer=1, pooling=pooling) for p in prompts])
-        np.testing.assert_allclose(batched, alone, atol=1e-5)
-    with pytest.raises(ValueError, match="hidden_layer=3"):
-        prompt_features(TINY, pair.instruct, prompts, layer=3)
-
-
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-def test_features_sharded_on_data_match_one_device(pair):
-    prompts = [np.random.default_rng(i).integers(2, 32, 4 + i % 5).tolist() for i in range(13)]
-    one = prompt_features(TINY, pair.instruct, prompts, pooling="mean")
-    eight = prompt_features(TINY, pair.instruct, prompts, pooling="mean", mesh=make_mesh(data=8))
-    np.testing.assert_allclose(one, eight, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 from dami_jax.config import ConfigError, load_yaml
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "probe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,8 @@ class PrefConfig:
     eps_cost: float = 0.1
     # 3. Reward model r(q, λ) = MLP([h(q); f(λ)]).
     hidden_layer: int = -1  # HF convention: 0 embeddings, i after layer i, -1 / num_layers final (normed)
-    pooling: str = "last"  # "last" prompt token or "mean" over the prompt
+    pooling: str = "last"  # "last" token, "mean" over all tokens, "probe": mean over the probe's tokens
+    probe_tokens: int = 0  # > 0: h over prompt + the Instruct model's greedy answer of up to this many tokens
     feature_batch: int = 256
     fourier_features: int = 8  # f(λ) = [λ, sin(πkλ), cos(πkλ) for k = 1..n]
     mlp_widths: tuple[int, ...] = (128, 128)
@@ -77,6 +78,9 @@ class PrefConfig:
             (0.0 <= self.eps_acc < 1.0, "eps_acc must be in [0, 1)"),
             (0.0 <= self.eps_cost < 1.0, "eps_cost must be in [0, 1)"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
+            ((self.pooling == "probe") == (self.probe_tokens > 0) and self.probe_tokens >= 0,
+             f"pooling 'probe' goes with probe_tokens > 0 and only with it, got pooling={self.pooling!r}, "
+             f"probe_tokens={self.probe_tokens}"),
             (self.fourier_features >= 0, "fourier_features must be >= 0"),
             (all(w >= 1 for w in self.mlp_widths), "mlp_widths must be positive"),
             (self.lr > 0 and self.steps >= 1 and self.batch_size >= 1, "lr, steps, batch_size must be > 0"),
@@ -95,7 +99,8 @@ class PrefConfig:
 
 
 ROLLOUT_FIELDS = ("lam_grid", "n_samples", "temperature", "top_k", "top_p", "max_new_tokens", "rollout_seed")
-MODEL_FIELDS = ("hidden_layer", "pooling", "fourier_features", "mlp_widths")
+FEATURE_FIELDS = ("hidden_layer", "pooling", "probe_tokens")
+MODEL_FIELDS = FEATURE_FIELDS + ("fourier_features", "mlp_widths")
 TRAIN_FIELDS = MODEL_FIELDS + ROLLOUT_FIELDS + (
     "train_prompts", "heldout_share", "prompt_seed", "eps_acc", "eps_cost", "lr", "weight_decay",
     "warmup_steps", "steps", "batch_size", "seed")

@@ -9,6 +9,12 @@ last layer's output after the final norm.
 `prompt_features` computes the pooled features of many prompts with one jitted
 function per padded shape (length and batch buckets); under a mesh the batch is
 sharded on the data axes and the backbone by its ShardingConfig rules.
+
+With `probe_tokens` > 0 the Instruct model first answers each prompt greedily
+for up to that many tokens (its stop token included) and h is taken over prompt
++ probe; pooling "probe" averages the probe's positions. This goes beyond
+DESIGN 1.3's prompt-only h(q): the model's own first answer tokens carry its
+uncertainty, which the prompt alone does not show (benchmarks/pref_features.py).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dami_jax.generate.decode import bucket_length, left_pad
+from dami_jax.generate.decode import bucket_length, generate, left_pad
 from dami_jax.models import qwen3
 from dami_jax.models.sharding import batch_sharding, param_shardings
+from dami_jax.pref.config import POOLINGS
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:
@@ -48,31 +55,54 @@ def hidden_states(cfg, params, tokens_bt, mask_bt, layer: int) -> jax.Array:
     return x
 
 
-def pool(h_btd, mask_bt, pooling: str) -> jax.Array:
-    """(B, D) float32: the last position (prompts are left-padded) or the mean over real tokens."""
+def pool(h_btd, mask_bt, pooling: str, tail_b=None) -> jax.Array:
+    """(B, D) float32: the last position (rows are left-padded), the mean over real tokens, or
+    ("probe") the mean over each row's last tail_b[i] positions."""
     h = h_btd.astype(jnp.float32)
     if pooling == "last":
         return h[:, -1]
     if pooling == "mean":
-        m = mask_bt.astype(jnp.float32)[..., None]
-        return jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-    raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        m = mask_bt.astype(jnp.float32)
+    elif pooling == "probe":
+        m = (jnp.arange(h.shape[1]) >= h.shape[1] - tail_b[:, None]).astype(jnp.float32)
+    else:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return jnp.sum(h * m[..., None], axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer", "pooling"))
-def _features(cfg, params, tokens_bt, mask_bt, *, layer: int, pooling: str):
-    return pool(hidden_states(cfg, params, tokens_bt, mask_bt, layer), mask_bt, pooling)
+def _features(cfg, params, tokens_bt, mask_bt, tail_b, *, layer: int, pooling: str):
+    return pool(hidden_states(cfg, params, tokens_bt, mask_bt, layer), mask_bt, pooling, tail_b)
+
+
+def with_probe(cfg, params, prompts: list[list[int]], probe_tokens: int, batch: int):
+    """(prompt + the greedy answer of `params`, up to probe_tokens tokens, per prompt; probe lengths)."""
+    seqs, lengths = [], []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start: start + batch]
+        out = generate(cfg, params, chunk, probe_tokens)
+        seqs += [p + ids for p, ids in zip(chunk, out.token_lists())]
+        lengths += [int(n) for n in out.lengths]
+    return seqs, np.asarray(lengths, np.int32)
 
 
 def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pooling: str = "last",
-                    batch: int = 256, mesh=None) -> np.ndarray:
-    """(Q, D) float32 pooled hidden states of `prompts` (token-id lists) under `params`."""
+                    batch: int = 256, mesh=None, probe_tokens: int = 0) -> np.ndarray:
+    """(Q, D) float32 pooled hidden states of `prompts` (token-id lists) under `params`, after a
+    greedy probe of up to `probe_tokens` tokens when that is > 0 (see the module docstring)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt_features needs a non-empty list of non-empty prompts")
-    longest = max(len(p) for p in prompts)
+    if pooling not in POOLINGS or probe_tokens < 0 or (pooling == "probe") != (probe_tokens > 0):
+        raise ValueError(f"pooling must be one of {POOLINGS} and 'probe' exactly when probe_tokens > 0, "
+                         f"got pooling={pooling!r}, probe_tokens={probe_tokens}")
+    longest = max(len(p) for p in prompts) + probe_tokens
     if longest > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens exceeds the context of {cfg.max_position_embeddings}")
+        raise ValueError(f"prompt + probe of {longest} tokens exceeds the context of {cfg.max_position_embeddings}")
     resolve_layer(layer, cfg.num_layers)
+    prompts = [list(map(int, p)) for p in prompts]
+    tails = np.zeros(len(prompts), np.int32)
+    if probe_tokens:  # before any resharding: the probe runs on the params as given
+        prompts, tails = with_probe(cfg, params, prompts, probe_tokens, batch)
     shards = 1
     if mesh is not None:
         shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
@@ -80,13 +110,16 @@ def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pool
     arch = qwen3_arch(cfg)
     out = []
     for start in range(0, len(prompts), batch):
-        chunk = [list(map(int, p)) for p in prompts[start: start + batch]]
+        chunk = prompts[start: start + batch]
         rows = -(-min(bucket_length(len(chunk), batch), batch) // shards) * shards
         width = bucket_length(max(map(len, chunk)), cfg.max_position_embeddings)
         tokens, mask = left_pad(chunk + [chunk[-1]] * (rows - len(chunk)), width)
+        tail = np.pad(tails[start: start + batch], (0, rows - len(chunk)), mode="edge")  # rows as padded
         if mesh is not None:
             tokens, mask = (jax.device_put(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
-        h = _features(arch, params, jnp.asarray(tokens), jnp.asarray(mask), layer=layer, pooling=pooling)
+            tail = jax.device_put(tail, batch_sharding(mesh, 1))
+        h = _features(arch, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(tail), layer=layer,
+                      pooling=pooling)
         out.append(np.asarray(jax.device_get(h))[: len(chunk)])
     return np.concatenate(out)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from dami_jax.generate.sampling import Sample
 from dami_jax.policies.base import pair_fingerprint
-from dami_jax.pref.config import MODEL_FIELDS, TRAIN_FIELDS, PrefConfig
+from dami_jax.pref.config import FEATURE_FIELDS, TRAIN_FIELDS, PrefConfig
 from dami_jax.pref.features import prompt_features
 from dami_jax.pref.preferences import preference_pairs, split_by_query
 from dami_jax.pref.rollouts import collect_rollouts, prompts_digest
@@ -36,14 +36,14 @@ def load_task_pair(cfg: PrefConfig):
 
 
 def cached_features(pair, prompts, cfg: PrefConfig, path: str, mesh=None) -> np.ndarray:
-    """h(q) of every prompt, computed once and reused while (pair, prompts, layer, pooling) match."""
-    key = f"{pair_fingerprint(pair)}:{prompts_digest(prompts)}:{cfg.fingerprint(MODEL_FIELDS[:2])}"
+    """h(q) of every prompt, computed once and reused while (pair, prompts, FEATURE_FIELDS) match."""
+    key = f"{pair_fingerprint(pair)}:{prompts_digest(prompts)}:{cfg.fingerprint(FEATURE_FIELDS)}"
     if os.path.isfile(path):
         with np.load(path) as z:
             if str(z["key"]) == key:
                 return z["feats"]
     feats = prompt_features(pair.cfg, pair.instruct, prompts, cfg.hidden_layer, cfg.pooling,
-                            batch=cfg.feature_batch, mesh=mesh)
+                            batch=cfg.feature_batch, mesh=mesh, probe_tokens=cfg.probe_tokens)
     np.savez(path, feats=feats, key=np.asarray(key))
     return feats
 
@@ -88,7 +88,8 @@ def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None
     print(f"held-out pair accuracy {m['heldout_acc']}, loss {m['heldout_loss']} over {m['heldout_pairs']} pairs; "
           f"mean λ {m['lam_mean']:.3f} [{time.perf_counter() - t0:.0f} s]")
     meta = {"fingerprint": pair_fingerprint(pair), "hidden_layer": cfg.hidden_layer, "pooling": cfg.pooling,
-            "inference_points": cfg.inference_points, "feature_batch": cfg.feature_batch,
+            "probe_tokens": cfg.probe_tokens, "inference_points": cfg.inference_points,
+            "feature_batch": cfg.feature_batch,
             "config": dataclasses.asdict(cfg), "heldout": result.metrics}
     save_reward_model(result.model, out_dir, meta)
     report = {"rollouts": rollout_summary(ro), "train_pairs": len(data.train), "heldout": result.metrics}

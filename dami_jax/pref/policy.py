@@ -5,7 +5,7 @@
 
 A reward-model directory (written by `train_pref.py`) records the pair it was
 trained for; another pair is refused. h(q) is computed on the pair's Instruct
-params with the layer and pooling recorded there.
+params with the layer, pooling and probe length recorded there.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class PrefPolicy(Policy):
 
     def features(self, prompts, pair) -> np.ndarray:
         return prompt_features(pair.cfg, pair.instruct, prompts, layer=int(self.meta["hidden_layer"]),
-                               pooling=self.meta["pooling"], batch=int(self.meta.get("feature_batch", 256)))
+                               pooling=self.meta["pooling"], batch=int(self.meta.get("feature_batch", 256)),
+                               probe_tokens=int(self.meta.get("probe_tokens", 0)))
 
     def __call__(self, prompts, pair) -> PolicyResult:
         if pair is None:

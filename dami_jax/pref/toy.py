@@ -19,15 +19,21 @@ def toy_task(n: int, seed: int):
     return problems, prompts, grader
 
 
-def answer_stats(pair, problems, prompts, lam, max_new_tokens: int, batch: int = 256) -> dict:
-    """Greedy answers at per-query λ (delta mode): accuracy, mean tokens, per-query arrays."""
+def answers(pair, problems, prompts, lam, max_new_tokens: int, batch: int = 256):
+    """Greedy answers at per-query λ (delta mode): (correct (Q,) bool, generated tokens (Q,) int)."""
     lam = np.broadcast_to(np.asarray(lam, np.float32), (len(prompts),))
     correct, tokens = [], []
     for s in range(0, len(prompts), batch):
         out = generate_pair(pair, prompts[s: s + batch], lam[s: s + batch], max_new_tokens, mode="delta")
         correct += [L.grade(p, L.decode(ids)) for p, ids in zip(problems[s: s + batch], out.token_lists())]
         tokens += [int(n) for n in out.lengths]
-    correct, tokens = np.asarray(correct), np.asarray(tokens)
+    return np.asarray(correct, bool), np.asarray(tokens)
+
+
+def answer_stats(pair, problems, prompts, lam, max_new_tokens: int, batch: int = 256) -> dict:
+    """`answers` summarized: accuracy, mean tokens, mean λ, accuracy and mean λ by difficulty k."""
+    lam = np.broadcast_to(np.asarray(lam, np.float32), (len(prompts),))
+    correct, tokens = answers(pair, problems, prompts, lam, max_new_tokens, batch)
     ks = np.asarray([p.k for p in problems])
     return {"accuracy": float(correct.mean()), "mean_tokens": float(tokens.mean()),
             "lam_mean": float(lam.mean()),
