@@ -2,7 +2,8 @@
 
     ro = collect_rollouts(pair, prompts, grader, "rollouts.jsonl")        # rollouts.py
     prefs = preference_pairs(ro.acc(), ro.cost(), ro.lams, eps_acc, eps_cost)  # preferences.py
-    feats = prompt_features(pair.cfg, pair.instruct, prompts, layer, pooling)  # features.py
+    feats = prompt_features(pair.cfg, pair.instruct, prompts, layer, pooling,  # features.py
+                            probe_tokens=0)  # > 0: over prompt + Instruct's greedy answer
     result = train_reward_model(cfg, PrefData(feats, train, heldout, held_q), ckpt_dir, mesh=mesh)
     policy = PrefPolicy.from_dir(DIR, pair)      # registered as `pref` / `pref:DIR`
 
