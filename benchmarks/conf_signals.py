@@ -127,7 +127,7 @@ def main() -> None:
 
     signals = {}
     for agg in ("mean", "max"):
-        out = score_prompts(pair, prompts, dataclasses.replace(cfg, aggregate=agg))
+        out = score_prompts(pair, prompts, dataclasses.replace(cfg, aggregate=agg), with_js=True)
         signals[agg] = out
         for name in SIGNALS:
             add(name, agg, out[name])

@@ -102,6 +102,21 @@ def test_scoring_matches_numpy_reference(pair, prompts, aggregate):
     _check_against_reference(pair, prompts, conf, out)
 
 
+def test_without_js_the_thinking_pass_is_skipped(pair, prompts):
+    conf = dataclasses.replace(CONF, w_js=0.0)
+    full = score_prompts(pair, prompts, conf, with_js=True)
+    lean = score_prompts(pair, prompts, conf)  # w_D = 0: D is not computed
+    assert np.isnan(lean["js"]).all() and np.isnan(lean["js_pos"]).all() and np.isfinite(full["js"]).all()
+    for k in ("probe", "probe_len", "content", "entropy", "maxprob", "n_content", "score", "lam"):
+        np.testing.assert_allclose(lean[k], full[k], atol=1e-6, err_msg=k)
+    # the Thinking model is not run: NaN Thinking weights leave every output of the lean scoring finite
+    nan_t = ModelPair(CFG, pair.instruct, jax.tree.map(lambda x: x * np.nan, pair.thinking))
+    poisoned = score_prompts(nan_t, prompts, conf)
+    for k in ("entropy", "maxprob", "score", "lam"):
+        np.testing.assert_allclose(poisoned[k], full[k], atol=1e-6, err_msg=k)
+    assert np.isfinite(score_prompts(pair, prompts, CONF)["js"]).all()  # w_D ≠ 0: D is computed
+
+
 def test_stop_and_excluded_tokens(pair, prompts):
     free = score_prompts(pair, prompts, CONF)["probe"]
     stop, fmt = int(free[0, 3]), int(free[1, 1])

@@ -122,7 +122,7 @@ def fit_conf_supervised(pair, prompts, wrong, cfg: ConfConfig | None = None,
     y = np.asarray(wrong, np.float64)
     if y.shape != (len(prompts),) or not set(np.unique(y)) <= {0.0, 1.0} or len(np.unique(y)) < 2:
         raise ValueError("wrong must hold one 0/1 label per prompt, with both classes present")
-    out = score_prompts(pair, prompts, cfg)
+    out = score_prompts(pair, prompts, cfg, with_js="js" in signals)
     w, b = logistic_fit(np.stack([out[k] for k in signals], 1), y, l2)
     scale = float(np.abs(w).sum())
     if scale == 0.0:

@@ -14,6 +14,9 @@ signals are aggregated (mean or max) over content positions, 0 when there is
 none (`n_content` = 0 flags it), and
   s = w_A·A + w_D·D + w_M·M,  λ = λ_min + (λ_max − λ_min)·σ((s − μ)/τ).
 μ and τ come from a `Calibration` (calibrate.py), which this policy requires.
+With w_D = 0 (the default) the Thinking model does not enter s, so its teacher-forced
+pass is skipped (about half the scoring's work) and D is reported as NaN; callers that
+want D anyway (the supervised fit, the signal benchmark) ask for it with `with_js`.
 """
 
 from __future__ import annotations
@@ -98,38 +101,41 @@ def position_signals(logits_i, logits_t):
     return ent, jnp.clip(js / math.log(2.0), 0.0, 1.0), 1.0 - jnp.max(p_i, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "probe_len"))
+@functools.partial(jax.jit, static_argnames=("cfg", "probe_len", "with_js"))
 def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_ids, coeffs, *,
-                 probe_len: int) -> dict:
+                 probe_len: int, with_js: bool = True) -> dict:
     """Probe, per-position and aggregated signals, score and λ for a left-padded batch.
 
     exclude_ids / stop_ids: 1-D int arrays (-1 padded). coeffs: float32
     [w_A, w_D, w_M, μ, τ, λ_min, λ_max, 1 for max else mean aggregation]
     (traced: recalibrating or changing the aggregation does not recompile).
+    with_js=False: the Thinking model is not run, D is NaN and left out of s.
     """
     b, t = tokens_bt.shape
-    caches = [KVCache.init(cfg, b, t + probe_len, jax.tree.leaves(p)[0].dtype) for p in (params_i, params_t)]
-    li, ci = apply(cfg, params_i, tokens_bt, mask_bt, cache=caches[0], last_only=True)
-    lt, ct = apply(cfg, params_t, tokens_bt, mask_bt, cache=caches[1], last_only=True)
+    models = (params_i, params_t) if with_js else (params_i,)
+    caches = [KVCache.init(cfg, b, t + probe_len, jax.tree.leaves(p)[0].dtype) for p in models]
+    first = [apply(cfg, p, tokens_bt, mask_bt, cache=c, last_only=True) for p, c in zip(models, caches)]
 
-    def emit(li, lt, ended):  # the probe token at this position and its signals
+    def emit(logits, ended):  # the probe token at this position and its signals
+        li, lt = logits[0], logits[-1]
         tok = jnp.where(ended, 0, jnp.argmax(li, -1).astype(jnp.int32))
         return tok, (tok, ~ended, *position_signals(li, lt)), ended | jnp.isin(tok, stop_ids)
 
     def step(carry):
-        i, tok, ci, ct, ended, bufs = carry
+        i, tok, caches, ended, bufs = carry
         ones = jnp.ones((b, 1), jnp.int32)
-        li, ci = apply(cfg, params_i, tok[:, None], ones, cache=ci)
-        lt, ct = apply(cfg, params_t, tok[:, None], ones, cache=ct)
-        tok, out, ended = emit(li[:, -1], lt[:, -1], ended)
-        return i + 1, tok, ci, ct, ended, tuple(buf.at[:, i].set(x) for buf, x in zip(bufs, out))
+        stepped = [apply(cfg, p, tok[:, None], ones, cache=c) for p, c in zip(models, caches)]
+        tok, out, ended = emit([lg[:, -1] for lg, _ in stepped], ended)
+        bufs = tuple(buf.at[:, i].set(x) for buf, x in zip(bufs, out))
+        return i + 1, tok, [c for _, c in stepped], ended, bufs
 
     def running(carry):  # positions after a row's stop token are invalid: stop once every row has one
-        return (carry[0] < probe_len) & ~jnp.all(carry[4])
+        return (carry[0] < probe_len) & ~jnp.all(carry[3])
 
-    tok, first, ended = emit(li[:, -1], lt[:, -1], jnp.zeros((b,), bool))
-    bufs = tuple(jnp.zeros((b, probe_len), x.dtype).at[:, 0].set(x) for x in first)
-    *_, (probe, valid, ent, js, maxp) = jax.lax.while_loop(running, step, (1, tok, ci, ct, ended, bufs))
+    tok, out, ended = emit([lg[:, -1] for lg, _ in first], jnp.zeros((b,), bool))
+    bufs = tuple(jnp.zeros((b, probe_len), x.dtype).at[:, 0].set(x) for x in out)
+    init = (1, tok, [c for _, c in first], ended, bufs)
+    *_, (probe, valid, ent, js, maxp) = jax.lax.while_loop(running, step, init)
     ent, js, maxp = (jnp.where(valid, x, 0.0) for x in (ent, js, maxp))  # a row's positions after its end: 0
     content = valid & ~jnp.isin(probe, exclude_ids)
     n = jnp.sum(content, 1)
@@ -139,7 +145,11 @@ def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_
         return jnp.where(coeffs[7] > 0, jnp.max(x, 1), jnp.sum(x, 1) / jnp.maximum(n, 1))
 
     a, d, m = agg(ent), agg(js), agg(maxp)
-    score = coeffs[0] * a + coeffs[1] * d + coeffs[2] * m
+    score = coeffs[0] * a + coeffs[2] * m
+    if with_js:
+        score = score + coeffs[1] * d
+    else:  # p_T = p_I stood in above: nothing was measured
+        js, d = jnp.full_like(js, jnp.nan), jnp.full_like(d, jnp.nan)
     lam = coeffs[5] + (coeffs[6] - coeffs[5]) * jax.nn.sigmoid((score - coeffs[3]) / coeffs[4])
     return dict(probe=probe, probe_len=jnp.sum(valid, 1), content=content, entropy_pos=ent, js_pos=js,
                 maxprob_pos=maxp, entropy=a, js=d, maxprob=m, n_content=n, score=score, lam=lam)
@@ -176,8 +186,10 @@ def padded_rows(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << (n - 1).bit_length())
 
 
-def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 1.0) -> dict:
-    """`conf_signals` over `prompts` in batches of cfg.batch_size; numpy arrays, one row per prompt."""
+def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 1.0,
+                  with_js: bool | None = None) -> dict:
+    """`conf_signals` over `prompts` in batches of cfg.batch_size; numpy arrays, one row per prompt.
+    with_js: run the Thinking model for D (default: only when w_D ≠ 0)."""
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("conf scoring needs a non-empty list of non-empty prompts")
@@ -195,7 +207,8 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
         width = bucket_length(max(map(len, chunk)), context - probe)
         tokens, mask = left_pad(chunk + [chunk[-1]] * (rows - len(chunk)), width)
         out = conf_signals(arch, pair.instruct, pair.thinking, jnp.asarray(tokens), jnp.asarray(mask),
-                           excl, stops, coeffs, probe_len=probe)
+                           excl, stops, coeffs, probe_len=probe,
+                           with_js=cfg.w_js != 0 if with_js is None else with_js)
         outs.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(out).items()})
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
