@@ -178,7 +178,7 @@ def run_large(args) -> dict:
 
     def scoring_exact_rows():
         out = conf_signals(arch, pair.instruct, pair.thinking, tokens, mask, excl, stops, coeffs,
-                           probe_len=conf_cfg.probe_tokens)
+                           probe_len=conf_cfg.probe_tokens, with_js=conf_cfg.w_js != 0)
         return jax.device_get(out["lam"])
 
     def gen(n):
@@ -276,7 +276,8 @@ def main(argv=None) -> int:
             f"({large['params_per_model'] / 1e6:.0f}M params per model, {large['dtype']}); batch {large['batch']} x "
             f"{large['prompt_len']} prompt tokens; λ=1 makes exactly {large['think_len']} tokens per row",
             f"random: prefill+1 token {t1:.2f} s, decode step {1e3 * step:.1f} ms (delta mode, batch "
-            f"{large['batch']}); Conf = 2 prefills + {large['probe_tokens']} steps of both models",
+            f"{large['batch']}); Conf = prefill + {large['probe_tokens']} steps of the Instruct model "
+            "(and of the Thinking model when w_D ≠ 0)",
             "derived (not measured) ratio conf / (prefill+1 + (L-1)·step): " + ", ".join(
                 f"L={n}: {d['conf_ratio']:.3f} (exact rows {d['conf_signals_exact_rows_ratio']:.3f})"
                 for n, d in derived.items()),
