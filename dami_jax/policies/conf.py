@@ -91,13 +91,16 @@ def load_conf_config(path: str | os.PathLike | None = None, overrides=()) -> Con
 # ---------------------------------------------------------------------------
 # The jitted scoring.
 
-def position_signals(logits_i, logits_t):
-    """(A, D, M) at one position from (..., V) float32 logits of both models."""
-    lp_i, lp_t = jax.nn.log_softmax(logits_i, -1), jax.nn.log_softmax(logits_t, -1)
-    p_i, p_t = jnp.exp(lp_i), jnp.exp(lp_t)
+def position_signals(logits_i, logits_t=None):
+    """(A, D, M) at one position from (..., V) float32 logits of both models (D = 0 without logits_t)."""
+    lp_i = jax.nn.log_softmax(logits_i, -1)
+    p_i = jnp.exp(lp_i)
     ent = -jnp.sum(p_i * lp_i, -1) / math.log(logits_i.shape[-1])
+    if logits_t is None:
+        return ent, jnp.zeros_like(ent), 1.0 - jnp.max(p_i, -1)
+    lp_t = jax.nn.log_softmax(logits_t, -1)
     lp_m = jnp.logaddexp(lp_i, lp_t) - math.log(2.0)
-    js = 0.5 * jnp.sum(p_i * (lp_i - lp_m), -1) + 0.5 * jnp.sum(p_t * (lp_t - lp_m), -1)
+    js = 0.5 * jnp.sum(p_i * (lp_i - lp_m), -1) + 0.5 * jnp.sum(jnp.exp(lp_t) * (lp_t - lp_m), -1)
     return ent, jnp.clip(js / math.log(2.0), 0.0, 1.0), 1.0 - jnp.max(p_i, -1)
 
 
@@ -117,9 +120,8 @@ def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_
     first = [apply(cfg, p, tokens_bt, mask_bt, cache=c, last_only=True) for p, c in zip(models, caches)]
 
     def emit(logits, ended):  # the probe token at this position and its signals
-        li, lt = logits[0], logits[-1]
-        tok = jnp.where(ended, 0, jnp.argmax(li, -1).astype(jnp.int32))
-        return tok, (tok, ~ended, *position_signals(li, lt)), ended | jnp.isin(tok, stop_ids)
+        tok = jnp.where(ended, 0, jnp.argmax(logits[0], -1).astype(jnp.int32))
+        return tok, (tok, ~ended, *position_signals(*logits)), ended | jnp.isin(tok, stop_ids)
 
     def step(carry):
         i, tok, caches, ended, bufs = carry
@@ -148,7 +150,7 @@ def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_
     score = coeffs[0] * a + coeffs[2] * m
     if with_js:
         score = score + coeffs[1] * d
-    else:  # p_T = p_I stood in above: nothing was measured
+    else:  # D was not measured
         js, d = jnp.full_like(js, jnp.nan), jnp.full_like(d, jnp.nan)
     lam = coeffs[5] + (coeffs[6] - coeffs[5]) * jax.nn.sigmoid((score - coeffs[3]) / coeffs[4])
     return dict(probe=probe, probe_len=jnp.sum(valid, 1), content=content, entropy_pos=ent, js_pos=js,
