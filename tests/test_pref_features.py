@@ -49,7 +49,6 @@ def test_probe_features_average_the_greedy_answer(pair):
     prompts = _prompts(7)
     got = prompt_features(TINY, pair.instruct, prompts, layer=1, pooling="probe", probe_tokens=5, batch=4)
     out = dj.generate(TINY, pair.instruct, prompts, 5)
-    assert out.lengths.min() >= 1
     for i, (p, ids) in enumerate(zip(prompts, out.token_lists())):
         seq = p + ids  # one row, no padding: h over prompt + probe, mean over the probe's positions
         h = hidden_states(TINY, pair.instruct, jnp.asarray([seq]), jnp.ones((1, len(seq)), jnp.int32), layer=1)
