@@ -170,14 +170,13 @@ def run_large(args) -> dict:
     # The jitted scoring alone on the exact rows: what `score_prompts` runs, minus its row padding.
     from dami_jax.generate.decode import left_pad
 
-    arch = dataclasses.replace(cfg, eos_token_ids=(), bos_token_id=None, pad_token_id=None)
     tokens, mask = (jnp.asarray(a) for a in left_pad(prompts, args.prompt_len))
     excl, stops = _padded_ids(format_token_ids(pair, conf_cfg)), _padded_ids(pair.stop_tokens)
     coeffs = jnp.asarray([*conf_cfg.weights, cal.mu, cal.tau, conf_cfg.lam_min, conf_cfg.lam_max, 0.0],
                          jnp.float32)
 
     def scoring_exact_rows():
-        out = conf_signals(arch, pair.instruct, pair.thinking, tokens, mask, excl, stops, coeffs,
+        out = conf_signals(cfg, pair.instruct, pair.thinking, tokens, mask, excl, stops, coeffs,
                            probe_len=conf_cfg.probe_tokens, with_js=conf_cfg.w_js != 0)
         return jax.device_get(out["lam"])
 

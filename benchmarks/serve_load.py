@@ -49,7 +49,7 @@ def random_pair(root: str, preset: str) -> tuple[str, str]:
 
     shape = dict(vocab_size=len(L.VOCAB), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, tie_word_embeddings=False) if preset == "toy" else _common.PRESETS[preset]
-    cfg = dj.ModelConfig(**shape, max_position_embeddings=4096, eos_token_ids=(L.EOS_ID,))
+    cfg, ids = dj.ModelConfig(**shape, max_position_embeddings=4096), dj.GenerationIds(eos=(L.EOS_ID,))
     dirs = []
     for name, seed in (("instruct", 0), ("thinking", 1)):
         rng = np.random.default_rng(seed)
@@ -60,7 +60,7 @@ def random_pair(root: str, preset: str) -> tuple[str, str]:
             return rng.standard_normal(s.shape, np.float32) * np.float32(0.04 if preset == "toy" else 0.02)
 
         d = os.path.join(root, name)
-        dj.save_hf(cfg, jax.tree.map(leaf, qwen3.abstract_params(cfg)), d)
+        dj.save_hf(cfg, jax.tree.map(leaf, qwen3.abstract_params(cfg)), d, generation_ids=ids)
         save_tokenizer(d)
         dirs.append(d)
     return dirs[0], dirs[1]

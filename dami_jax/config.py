@@ -3,6 +3,9 @@
 `ModelConfig` is the frozen description of a Qwen3 / Qwen3-MoE architecture,
 built from a Hugging Face `config.json`. Fields that would change the model's
 semantics in a way we do not implement are refused, never silently ignored.
+It holds the architecture only (it is a static jit argument): the generation
+ids (EOS/BOS/PAD), which differ between an Instruct and a Thinking checkpoint
+of one architecture, are a separate `GenerationIds`.
 
 `load_yaml` / `from_dict` turn YAML files plus dotted `key=value` overrides into
 frozen dataclasses; unknown keys are errors.
@@ -46,10 +49,6 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
-    # Generation-related ids carried from config.json (not part of the architecture).
-    eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
-    pad_token_id: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -85,9 +84,8 @@ class ModelConfig:
         )
 
     def architecture_fields(self) -> dict[str, Any]:
-        """Fields that fix shapes and semantics (not generation ids)."""
-        skip = {"eos_token_ids", "bos_token_id", "pad_token_id", "max_position_embeddings"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        """Fields that fix shapes and semantics (all but the context length)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "max_position_embeddings"}
 
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "ModelConfig":
@@ -95,12 +93,7 @@ class ModelConfig:
         if isinstance(path_or_dict, dict):
             return cls._from_hf_dict(path_or_dict, where="config dict")
         path = _resolve_config_json(path_or_dict)
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls._from_hf_dict(raw, where=str(path))
+        return cls._from_hf_dict(_read_json(path), where=str(path))
 
     @classmethod
     def _from_hf_dict(cls, raw: dict, where: str) -> "ModelConfig":
@@ -132,8 +125,6 @@ class ModelConfig:
         num_experts = int(raw.get("num_experts", raw.get("num_local_experts", 0)) or 0)
         if model_type == "qwen3_moe" and num_experts <= 0:
             raise ConfigError(f"{where}: model_type 'qwen3_moe' needs num_experts > 0")
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
@@ -152,13 +143,11 @@ class ModelConfig:
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
             mlp_only_layers=tuple(int(i) for i in (raw.get("mlp_only_layers") or ())),
-            eos_token_ids=eos_ids,
-            bos_token_id=raw.get("bos_token_id"),
-            pad_token_id=raw.get("pad_token_id"),
         )
 
-    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        """The config.json transformers needs to load this architecture."""
+    def to_hf_dict(self, dtype: str = "float32", generation_ids: GenerationIds | None = None) -> dict[str, Any]:
+        """The config.json transformers needs to load this architecture, with `generation_ids`
+        (default none) as its eos/bos/pad fields."""
         out: dict[str, Any] = {
             "architectures": [SUPPORTED_MODEL_TYPES[self.model_type]],
             "model_type": self.model_type,
@@ -179,12 +168,7 @@ class ModelConfig:
             "use_sliding_window": False,
             "torch_dtype": dtype,
             "dtype": dtype,
-            "bos_token_id": self.bos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": (
-                list(self.eos_token_ids) if len(self.eos_token_ids) > 1
-                else (self.eos_token_ids[0] if self.eos_token_ids else None)
-            ),
+            **(generation_ids or GenerationIds()).hf_fields(),
         }
         if self.is_moe:
             out.update(
@@ -196,6 +180,62 @@ class ModelConfig:
                 mlp_only_layers=list(self.mlp_only_layers),
             )
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationIds:
+    """The special token ids generation uses: `eos` ends a row, `bos`/`pad` are kept for export."""
+
+    eos: tuple[int, ...] = ()
+    bos: int | None = None
+    pad: int | None = None
+
+    @classmethod
+    def from_hf(cls, model_dir: str | os.PathLike) -> "GenerationIds":
+        """The ids of a HF model directory, read from `generation_config.json` as transformers'
+        `generate` does (Qwen3-2507: eos [151645, 151643], where config.json says 151645 only);
+        `config.json` gives each id the former leaves unset or null, or all when it is absent.
+        """
+        model_dir = os.fspath(model_dir)
+        if not os.path.isdir(model_dir):
+            raise ConfigError(f"{model_dir}: not a model directory (generation ids are read from its "
+                              "config.json and generation_config.json)")
+        found: dict[str, tuple[Any, str]] = {}  # key -> (value, file it came from)
+        for name in ("config.json", "generation_config.json"):  # the later file wins
+            path = os.path.join(model_dir, name)
+            if os.path.isfile(path):
+                raw = _read_json(path)
+                found.update({k: (raw[k], path) for k in _HF_ID_KEYS if raw.get(k) is not None})
+        bos, pad = (_token_id(*found[k], k) if k in found else None for k in ("bos_token_id", "pad_token_id"))
+        eos, where = found.get("eos_token_id", ([], model_dir))
+        eos = eos if isinstance(eos, list) else [eos]
+        return cls(tuple(_token_id(e, where, "eos_token_id") for e in eos), bos, pad)
+
+    def hf_fields(self) -> dict[str, Any]:
+        """The config.json fields: eos as one id, a list of ids, or null."""
+        eos = list(self.eos) if len(self.eos) > 1 else (self.eos[0] if self.eos else None)
+        return {"bos_token_id": self.bos, "pad_token_id": self.pad, "eos_token_id": eos}
+
+
+_HF_ID_KEYS = ("bos_token_id", "pad_token_id", "eos_token_id")
+
+
+def _token_id(value, where: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: {key} must be a non-negative token id (or a list of them for eos), "
+                          f"got {value!r}")
+    return value
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return raw
 
 
 def _rope_theta(raw: dict, where: str) -> float:

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from dami_jax.checkpoint.hf import load_hf, resolve_model_dir
-from dami_jax.config import ModelConfig
+from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.generate.decode import GenerateOutput, generate, generate_stacked
 from dami_jax.generate.sampling import Greedy
 from dami_jax.interpolate import check_lam, delta_params, interpolate
@@ -33,6 +33,7 @@ class ModelPair:
     thinking: dict
     tokenizer: object = None
     schedule: Schedule | None = None
+    generation_ids: GenerationIds = GenerationIds()
     _delta: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -47,7 +48,8 @@ class ModelPair:
 
     @property
     def stop_tokens(self) -> list[int]:
-        ids = list(self.cfg.eos_token_ids)
+        """The checkpoint's EOS ids, then the tokenizer's EOS if it is not among them."""
+        ids = list(self.generation_ids.eos)
         tok = self.tokenizer
         if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in ids:
             ids.append(tok.eos_token_id)
@@ -81,9 +83,10 @@ def load_pair(instruct: str | os.PathLike, thinking: str | os.PathLike, dtype="f
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(dirs.get(tokenizer, tokenizer))
-    # Generation ids (EOS) follow the model whose template we use.
-    cfg = cfg_i if tokenizer == "instruct" else cfg_t
-    return ModelPair(cfg, params_i, params_t, tok, schedule)
+    # The context length and the generation ids (EOS) follow the model whose template we use.
+    source = "instruct" if tokenizer == "instruct" else "thinking"
+    cfg = cfg_i if source == "instruct" else cfg_t
+    return ModelPair(cfg, params_i, params_t, tok, schedule, GenerationIds.from_hf(dirs[source]))
 
 
 def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens: int, *,

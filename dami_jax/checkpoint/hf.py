@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dami_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
-from dami_jax.config import ModelConfig
+from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.models import qwen3
 from dami_jax.models.sharding import ShardingConfig, param_shardings
 
@@ -269,8 +269,11 @@ def _place(value: np.ndarray, sharding) -> jax.Array:
 
 def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
             dtype: str | None = None, max_shard_bytes: int = 4 * 1024**3, progress: bool = True,
-            extra_files: dict[str, str] | None = None) -> str:
+            extra_files: dict[str, str] | None = None, generation_ids: GenerationIds | None = None) -> str:
     """Write HF-loadable safetensors (sharded with an index past `max_shard_bytes`) + config.json.
+
+    config.json carries `generation_ids` (default none) as its eos/bos/pad ids, so
+    `load_pair` and transformers read back the ones given.
 
     Written into a temporary sibling directory, then renamed into place, so a
     crash never leaves a half-written checkpoint. `extra_files` maps file names
@@ -282,7 +285,8 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
     tmp = staging_dir(out_dir)
     try:
         _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress)
-        hf_cfg = cfg.to_hf_dict(dtype=str(np_dtype) if np_dtype.name != "bfloat16" else "bfloat16")
+        hf_cfg = cfg.to_hf_dict(dtype=str(np_dtype) if np_dtype.name != "bfloat16" else "bfloat16",
+                                generation_ids=generation_ids)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         for name, src in (extra_files or {}).items():

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from dami_jax.config import ModelConfig
+from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.models import qwen3
 from dami_jax.models.sharding import ShardingConfig, param_shardings
 
@@ -52,7 +52,8 @@ def save_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, sour
         ckptr.save(target, _stringify(params))
         ckptr.wait_until_finished()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_hf_dict(dtype=dtype), f, indent=2)
+        ids = GenerationIds.from_hf(source) if source and os.path.isdir(source) else None
+        json.dump(cfg.to_hf_dict(dtype=dtype, generation_ids=ids), f, indent=2)
     if source and os.path.isdir(source):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(source, name)):

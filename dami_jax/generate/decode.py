@@ -166,8 +166,10 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens:
              max_cache: int | None = None, row_ids=None) -> GenerateOutput:
     """Generate up to `max_new_tokens` for each prompt (a list of token ids).
 
-    stop_tokens: ids ending a row (one list, or one list per row); default the
-    config's EOS ids. lam: one λ per row, for delta-mode params (DESIGN 2.2).
+    stop_tokens: ids ending a row (one list, or one list per row); default
+    none, so rows end at max_new_tokens (to stop at EOS pass `ModelPair.stop_tokens`
+    or `GenerationIds.from_hf(model_dir).eos`). lam: one λ per row, for
+    delta-mode params (DESIGN 2.2).
     max_cache: KV cache slots (default prompt bucket + max_new_tokens, at most
     the context length); a cache that fills ends every row with "length" and
     sets `cache_full`. row_ids: the id seeding each row's sampling (default
@@ -176,7 +178,7 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens:
     prompts, width, cache_size = _check_prompts(cfg, prompts, max_new_tokens, max_cache)
     b = len(prompts)
     tokens, mask = left_pad(prompts, width)
-    stops = stop_table(cfg.eos_token_ids if stop_tokens is None else stop_tokens, b)
+    stops = stop_table(() if stop_tokens is None else stop_tokens, b)
     row_ids = np.arange(b) if row_ids is None else np.asarray(row_ids)
     if lam is not None:
         lam = jnp.asarray(np.broadcast_to(np.asarray(lam, np.float32), (b,)))
@@ -213,7 +215,7 @@ def generate_stacked(cfg: ModelConfig, stacked_params, prompt_groups: list[list[
     padded = [left_pad(rows, width) for rows in groups]
     tokens = np.stack([t for t, _ in padded])
     mask = np.stack([m for _, m in padded])
-    stops = np.stack([stop_table(cfg.eos_token_ids if stop_tokens is None else stop_tokens, g)] * k)
+    stops = np.stack([stop_table(() if stop_tokens is None else stop_tokens, g)] * k)
     if row_id_groups is None:
         row_id_groups = [list(range(size)) for size in sizes]
     row_ids = np.stack([list(r) + [0] * (g - len(r)) for r in row_id_groups]).astype(np.int32)

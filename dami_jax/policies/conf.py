@@ -201,14 +201,13 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
                          f"context of {context} tokens")
     excl, stops = _padded_ids(format_token_ids(pair, cfg)), _padded_ids(pair.stop_tokens)
     coeffs = jnp.asarray([*cfg.weights, mu, tau, cfg.lam_min, cfg.lam_max, cfg.aggregate == "max"], jnp.float32)
-    arch = dataclasses.replace(pair.cfg, eos_token_ids=(), bos_token_id=None, pad_token_id=None)
     outs = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start: start + cfg.batch_size]
         rows = padded_rows(len(chunk), cfg.batch_size)
         width = bucket_length(max(map(len, chunk)), context - probe)
         tokens, mask = left_pad(chunk + [chunk[-1]] * (rows - len(chunk)), width)
-        out = conf_signals(arch, pair.instruct, pair.thinking, jnp.asarray(tokens), jnp.asarray(mask),
+        out = conf_signals(pair.cfg, pair.instruct, pair.thinking, jnp.asarray(tokens), jnp.asarray(mask),
                            excl, stops, coeffs, probe_len=probe,
                            with_js=cfg.w_js != 0 if with_js is None else with_js)
         outs.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(out).items()})

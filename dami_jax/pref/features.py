@@ -19,7 +19,6 @@ uncertainty, which the prompt alone does not show (benchmarks/pref_features.py).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -75,21 +74,23 @@ def _features(cfg, params, tokens_bt, mask_bt, tail_b, *, layer: int, pooling: s
     return pool(hidden_states(cfg, params, tokens_bt, mask_bt, layer), mask_bt, pooling, tail_b)
 
 
-def with_probe(cfg, params, prompts: list[list[int]], probe_tokens: int, batch: int):
-    """(prompt + the greedy answer of `params`, up to probe_tokens tokens, per prompt; probe lengths)."""
+def with_probe(cfg, params, prompts: list[list[int]], probe_tokens: int, batch: int, stop_tokens=None):
+    """(prompt + the greedy answer of `params`, up to probe_tokens tokens or a stop id, per prompt;
+    probe lengths)."""
     seqs, lengths = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start: start + batch]
-        out = generate(cfg, params, chunk, probe_tokens)
+        out = generate(cfg, params, chunk, probe_tokens, stop_tokens=stop_tokens)
         seqs += [p + ids for p, ids in zip(chunk, out.token_lists())]
         lengths += [int(n) for n in out.lengths]
     return seqs, np.asarray(lengths, np.int32)
 
 
 def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pooling: str = "last",
-                    batch: int = 256, mesh=None, probe_tokens: int = 0) -> np.ndarray:
+                    batch: int = 256, mesh=None, probe_tokens: int = 0, stop_tokens=None) -> np.ndarray:
     """(Q, D) float32 pooled hidden states of `prompts` (token-id lists) under `params`, after a
-    greedy probe of up to `probe_tokens` tokens when that is > 0 (see the module docstring)."""
+    greedy probe of up to `probe_tokens` tokens when that is > 0, ended early by any of
+    `stop_tokens` (the pair's `stop_tokens`; see the module docstring)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt_features needs a non-empty list of non-empty prompts")
     if pooling not in POOLINGS or probe_tokens < 0 or (pooling == "probe") != (probe_tokens > 0):
@@ -102,12 +103,11 @@ def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pool
     prompts = [list(map(int, p)) for p in prompts]
     tails = np.zeros(len(prompts), np.int32)
     if probe_tokens:  # before any resharding: the probe runs on the params as given
-        prompts, tails = with_probe(cfg, params, prompts, probe_tokens, batch)
+        prompts, tails = with_probe(cfg, params, prompts, probe_tokens, batch, stop_tokens)
     shards = 1
     if mesh is not None:
         shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
         params = jax.device_put(params, param_shardings(params, mesh))
-    arch = qwen3_arch(cfg)
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start: start + batch]
@@ -118,12 +118,7 @@ def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pool
         if mesh is not None:
             tokens, mask = (jax.device_put(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
             tail = jax.device_put(tail, batch_sharding(mesh, 1))
-        h = _features(arch, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(tail), layer=layer,
+        h = _features(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(tail), layer=layer,
                       pooling=pooling)
         out.append(np.asarray(jax.device_get(h))[: len(chunk)])
     return np.concatenate(out)
-
-
-def qwen3_arch(cfg):
-    """The config without generation ids, so pairs differing only there share compiles."""
-    return dataclasses.replace(cfg, eos_token_ids=(), bos_token_id=None, pad_token_id=None)

@@ -43,7 +43,8 @@ def cached_features(pair, prompts, cfg: PrefConfig, path: str, mesh=None) -> np.
             if str(z["key"]) == key:
                 return z["feats"]
     feats = prompt_features(pair.cfg, pair.instruct, prompts, cfg.hidden_layer, cfg.pooling,
-                            batch=cfg.feature_batch, mesh=mesh, probe_tokens=cfg.probe_tokens)
+                            batch=cfg.feature_batch, mesh=mesh, probe_tokens=cfg.probe_tokens,
+                            stop_tokens=pair.stop_tokens)
     np.savez(path, feats=feats, key=np.asarray(key))
     return feats
 

@@ -64,7 +64,8 @@ class PrefPolicy(Policy):
     def features(self, prompts, pair) -> np.ndarray:
         return prompt_features(pair.cfg, pair.instruct, prompts, layer=int(self.meta["hidden_layer"]),
                                pooling=self.meta["pooling"], batch=int(self.meta.get("feature_batch", 256)),
-                               probe_tokens=int(self.meta.get("probe_tokens", 0)))
+                               probe_tokens=int(self.meta.get("probe_tokens", 0)),
+                               stop_tokens=pair.stop_tokens)
 
     def __call__(self, prompts, pair) -> PolicyResult:
         if pair is None:

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dami_jax.config import ModelConfig
+from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.models.qwen3 import apply, init_params
 from dami_jax.toyworld import language as L
 from dami_jax.toyworld.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
@@ -80,8 +80,12 @@ def model_config(cfg: ToyTrainConfig) -> ModelConfig:
         vocab_size=len(L.VOCAB), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, max_position_embeddings=MODEL_MAX_LENGTH,
-        tie_word_embeddings=True, eos_token_ids=(L.EOS_ID,), pad_token_id=L.PAD_ID,
+        tie_word_embeddings=True,
     )
+
+
+# The toy checkpoints' config.json ids: both models end an answer with <|im_end|>.
+GENERATION_IDS = GenerationIds(eos=(L.EOS_ID,), pad=L.PAD_ID)
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +219,7 @@ def _evaluate(mcfg, instruct, thinking, cfg: ToyTrainConfig) -> dict:
     from dami_jax.pair import ModelPair
     from dami_jax.toyworld.demo import evaluate_pair, held_out_problems
 
-    pair = ModelPair(cfg=mcfg, instruct=instruct, thinking=thinking)
+    pair = ModelPair(cfg=mcfg, instruct=instruct, thinking=thinking, generation_ids=GENERATION_IDS)
     summaries, orc = evaluate_pair(pair, held_out_problems(cfg.eval_per_k, cfg.seed + 10_000), cfg.eval_lams)
     return {"summary": orc, "by_lambda": summaries}
 
@@ -235,11 +239,12 @@ def train_pair(out_dir: str | os.PathLike, cfg: ToyTrainConfig = ToyTrainConfig(
     with tempfile.TemporaryDirectory() as tok_dir:
         files = save_tokenizer(tok_dir)
         for name, params in (("instruct", instruct), ("thinking", thinking)):
-            save_hf(mcfg, params, os.path.join(out_dir, name), extra_files=files, progress=False)
+            save_hf(mcfg, params, os.path.join(out_dir, name), extra_files=files, progress=False,
+                    generation_ids=GENERATION_IDS)
     provenance = {
         "seed": cfg.seed,
         "config": dataclasses.asdict(cfg),
-        "model_config": mcfg.to_hf_dict(),
+        "model_config": mcfg.to_hf_dict(generation_ids=GENERATION_IDS),
         "command": command if command is not None else " ".join([sys.executable, *sys.argv]),
         "steps": {k: len(v) for k, v in losses.items()},
         "final_losses": {k: _final(v) for k, v in losses.items()},
