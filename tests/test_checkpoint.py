@@ -163,6 +163,14 @@ def test_orbax_convert_round_trip(tiny_hf, tmp_path):
         assert_same_params(dj.load_hf(conv, dtype="bfloat16", progress=False), ckpt.params("bfloat16"))
 
 
+def test_convert_keeps_the_generation_ids(tiny_hf, tmp_path):
+    ckpt = tiny_hf("dense_tied")
+    ids = dj.GenerationIds(eos=(3, 4), pad=0)
+    src = dj.save_hf(ckpt.cfg, ckpt.params(), tmp_path / "src", generation_ids=ids, progress=False)
+    conv = store.save_params(ckpt.cfg, ckpt.params(), tmp_path / "conv", source=src)
+    assert dj.GenerationIds.from_hf(conv) == ids
+
+
 def test_converted_by_an_older_layout_is_refused(tiny_hf, tmp_path):
     ckpt = tiny_hf("dense_tied")
     conv = store.save_params(ckpt.cfg, ckpt.params(), tmp_path / "old", source=ckpt.path)

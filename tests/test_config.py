@@ -1,13 +1,16 @@
-"""ModelConfig.from_hf / to_hf_dict and the YAML run-config helpers."""
+"""ModelConfig.from_hf / to_hf_dict, GenerationIds and the YAML run-config helpers."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from dami_jax.config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml
+from dami_jax.config import ConfigError, GenerationIds, ModelConfig, apply_overrides, from_dict, load_yaml
 
 DENSE = {
     "model_type": "qwen3",
@@ -64,7 +67,6 @@ def test_from_hf_dense(tmp_path):
         assert cfg.tie_word_embeddings is True
         assert not cfg.is_moe and cfg.model_type == "qwen3" and cfg.num_experts == 0
         assert not any(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
-        assert cfg.eos_token_ids == (151645,) and cfg.bos_token_id == 151643
 
 
 def test_from_hf_moe():
@@ -74,7 +76,6 @@ def test_from_hf_moe():
     assert cfg.norm_topk_prob is True
     assert cfg.decoder_sparse_step == 2 and cfg.mlp_only_layers == (0, 5)
     assert cfg.tie_word_embeddings is False  # default when absent
-    assert cfg.eos_token_ids == (151645, 151643)
     # transformers' rule: MoE where (i + 1) % step == 0 and i not in mlp_only_layers.
     moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     assert moe_layers == [i for i in range(48) if (i + 1) % 2 == 0 and i not in (0, 5)]
@@ -161,11 +162,13 @@ def test_missing_or_bad_files(tmp_path):
 
 @pytest.mark.parametrize("raw", [DENSE, MOE, {**MOE, "eos_token_id": 7, "mlp_only_layers": []}],
                          ids=["dense", "moe", "moe-one-eos"])
-def test_to_hf_dict_round_trip(raw):
-    cfg = ModelConfig.from_hf(raw)
-    hf = cfg.to_hf_dict()
-    json.dumps(hf)  # plain JSON data
-    assert ModelConfig.from_hf(hf) == cfg
+def test_to_hf_dict_round_trip(raw, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg, ids = ModelConfig.from_hf(raw), GenerationIds.from_hf(tmp_path)
+    hf = cfg.to_hf_dict(generation_ids=ids)
+    (tmp_path / "config.json").write_text(json.dumps(hf))  # plain JSON data
+    assert ModelConfig.from_hf(hf) == cfg and GenerationIds.from_hf(tmp_path) == ids
+    assert hf["eos_token_id"] == raw["eos_token_id"]
     assert hf["model_type"] == cfg.model_type
     assert hf["architectures"] == ["Qwen3MoeForCausalLM" if cfg.is_moe else "Qwen3ForCausalLM"]
 
@@ -173,15 +176,80 @@ def test_to_hf_dict_round_trip(raw):
 def test_to_hf_dict_loads_in_transformers():
     from transformers import AutoConfig
 
+    ids = GenerationIds(eos=(151645, 151643), bos=151643, pad=151643)
     for raw in (DENSE, MOE):
         cfg = ModelConfig.from_hf(raw)
-        hf = cfg.to_hf_dict()
+        hf = cfg.to_hf_dict(generation_ids=ids)
         tcfg = AutoConfig.for_model(**hf)
+        assert (tcfg.eos_token_id, tcfg.bos_token_id, tcfg.pad_token_id) == ([151645, 151643], 151643, 151643)
         assert tcfg.model_type == cfg.model_type
         assert tcfg.head_dim == cfg.head_dim and tcfg.num_key_value_heads == cfg.num_kv_heads
         assert tcfg.rope_parameters["rope_theta"] == cfg.rope_theta
         # ... and back through transformers' own serialization.
         assert ModelConfig.from_hf(tcfg.to_dict()) == cfg
+
+
+def test_instruct_and_thinking_ids_leave_one_model_config():
+    """Configs differing only in generation ids give one ModelConfig: one compile serves both."""
+    instruct = ModelConfig.from_hf(DENSE)
+    thinking = ModelConfig.from_hf({**DENSE, "eos_token_id": [151645, 151643], "bos_token_id": None,
+                                    "pad_token_id": 151643})
+    assert instruct == thinking and hash(instruct) == hash(thinking)
+    traces = []
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def step(cfg, x):
+        traces.append(cfg)
+        return x + cfg.num_layers
+
+    step(instruct, jnp.zeros(2))
+    step(thinking, jnp.zeros(2))
+    assert len(traces) == 1
+
+
+def _model_dir(path, config=None, generation=None):
+    path.mkdir()
+    for name, raw in (("config.json", config), ("generation_config.json", generation)):
+        if raw is not None:
+            (path / name).write_text(json.dumps(raw))
+    return path
+
+
+def test_generation_ids_from_config_and_generation_config(tmp_path):
+    # config.json alone (the toy pair)
+    only = _model_dir(tmp_path / "a", {**DENSE, "pad_token_id": 3})
+    assert GenerationIds.from_hf(only) == GenerationIds(eos=(151645,), bos=151643, pad=3)
+    # Qwen3-2507: generation_config.json adds <|endoftext|> to the EOS ids; it wins where it sets an id
+    both = _model_dir(tmp_path / "b", {**DENSE, "pad_token_id": 3},
+                      {"eos_token_id": [151645, 151643], "pad_token_id": 151643, "bos_token_id": None})
+    assert GenerationIds.from_hf(both) == GenerationIds(eos=(151645, 151643), bos=151643, pad=151643)
+    # ids it leaves out or null come from config.json
+    unset = _model_dir(tmp_path / "c", DENSE, {"eos_token_id": None, "do_sample": True})
+    assert GenerationIds.from_hf(unset) == GenerationIds(eos=(151645,), bos=151643)
+    assert GenerationIds.from_hf(_model_dir(tmp_path / "d", generation={"eos_token_id": 2})) == GenerationIds((2,))
+    assert GenerationIds.from_hf(_model_dir(tmp_path / "e")) == GenerationIds()
+    assert GenerationIds().hf_fields() == {"bos_token_id": None, "pad_token_id": None, "eos_token_id": None}
+
+
+@pytest.mark.parametrize("generation, match", [
+    ({"eos_token_id": "151645"}, r"generation_config\.json: eos_token_id must be a non-negative token id"),
+    ({"eos_token_id": [151645, 1.5]}, r"generation_config\.json: eos_token_id .* got 1\.5"),
+    ({"pad_token_id": -1}, r"generation_config\.json: pad_token_id .* got -1"),
+    ({"bos_token_id": True}, r"bos_token_id .* got True"),
+])
+def test_bad_generation_ids_are_refused(tmp_path, generation, match):
+    with pytest.raises(ConfigError, match=match):
+        GenerationIds.from_hf(_model_dir(tmp_path / "m", DENSE, generation))
+
+
+def test_generation_ids_need_a_model_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(DENSE))
+    with pytest.raises(ConfigError, match="config.json: not a model directory"):
+        GenerationIds.from_hf(tmp_path / "config.json")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        GenerationIds.from_hf(tmp_path / "m")
 
 
 # ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def _ours_greedy(ckpt, prompts):
 @pytest.mark.parametrize("name", ["dense_gqa", "moe_norm"])
 def test_greedy_matches_hf_generate(tiny_hf, prompts, name):
     ckpt = tiny_hf(name)
-    assert ckpt.cfg.eos_token_ids == ()  # no EOS: every row runs the full NEW tokens
+    assert dj.GenerationIds.from_hf(ckpt.path).eos == ()  # no EOS: every row runs the full NEW tokens
     out = _ours_greedy(ckpt, prompts)
     assert isinstance(out, dj.GenerateOutput)
     assert out.tokens.shape == (len(prompts), NEW)

@@ -276,10 +276,35 @@ def test_merge_copies_config_and_tokenizer_from_thinking(dense, tmp_path):
             "dami_merge.json", "model.safetensors"} <= names
     written = json.loads(open(os.path.join(out, "config.json")).read())
     assert written["eos_token_id"] == 7 and written["dtype"] == "bfloat16"
-    assert dj.ModelConfig.from_hf(out).eos_token_ids == (7,)
+    assert dj.GenerationIds.from_hf(out).eos == (7,)
     out_i = merge_checkpoints(inst, src, 0.5, tmp_path / "mi", tokenizer_from="instruct", progress=False)
     assert "chat_template.jinja" not in os.listdir(out_i)
-    assert dj.ModelConfig.from_hf(out_i).eos_token_ids == ()
+    assert dj.GenerationIds.from_hf(out_i).eos == ()
+
+
+def test_save_hf_round_trips_generation_ids_into_load_pair(dense, tmp_path):
+    """Instruct and Thinking with different EOS ids: save_hf writes them, transformers and load_pair
+    read them back, and the pair's ids (so its stop tokens) follow the model whose tokenizer it uses."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dami_jax.toyworld import language as L
+    from dami_jax.toyworld.tokenizer import save_tokenizer
+
+    cfg, params = dj.ModelConfig.from_hf(dense[0]), dj.load_hf(dense[0], progress=False)
+    ids = {"instruct": dj.GenerationIds(eos=(5,), bos=1, pad=0),
+           "thinking": dj.GenerationIds(eos=(5, 7), bos=1, pad=0)}
+    for name in ids:
+        dj.save_hf(cfg, params, tmp_path / name, generation_ids=ids[name], progress=False)
+        assert dj.GenerationIds.from_hf(tmp_path / name) == ids[name]
+        assert dj.ModelConfig.from_hf(tmp_path / name) == cfg
+    gen = AutoModelForCausalLM.from_pretrained(tmp_path / "thinking", dtype=torch.float32).generation_config
+    assert (gen.eos_token_id, gen.bos_token_id, gen.pad_token_id) == ([5, 7], 1, 0)
+    pair = load_pair(tmp_path / "instruct", tmp_path / "thinking", tokenizer="none")
+    assert pair.cfg == cfg and pair.generation_ids == ids["thinking"] and pair.stop_tokens == [5, 7]
+    save_tokenizer(tmp_path / "instruct")  # the toy tokenizer: its EOS joins the stop tokens
+    pair = load_pair(tmp_path / "instruct", tmp_path / "thinking", tokenizer="instruct")
+    assert pair.generation_ids == ids["instruct"] and pair.stop_tokens == [5, L.EOS_ID]
 
 
 def test_failed_merge_leaves_no_partial_output(dense, tmp_path, monkeypatch):

@@ -120,7 +120,7 @@ def test_without_js_the_thinking_pass_is_skipped(pair, prompts):
 def test_stop_and_excluded_tokens(pair, prompts):
     free = score_prompts(pair, prompts, CONF)["probe"]
     stop, fmt = int(free[0, 3]), int(free[1, 1])
-    stopped = ModelPair(dataclasses.replace(CFG, eos_token_ids=(stop,)), pair.instruct, pair.thinking)
+    stopped = ModelPair(CFG, pair.instruct, pair.thinking, generation_ids=dj.GenerationIds(eos=(stop,)))
     conf = dataclasses.replace(CONF, exclude_ids=(fmt,))
     out = score_prompts(stopped, prompts, conf)
     assert out["probe_len"][0] <= 4 and not out["content"][0, out["probe_len"][0]:].any()
@@ -133,7 +133,7 @@ def test_probe_stops_once_every_row_has_stopped(pair, prompts):
     later positions are empty (no token, not valid, not content); signals equal the reference."""
     free = score_prompts(pair, prompts, CONF)["probe"]
     stops = tuple(sorted(set(free[:, 1].tolist())))
-    stopped = ModelPair(dataclasses.replace(CFG, eos_token_ids=stops), pair.instruct, pair.thinking)
+    stopped = ModelPair(CFG, pair.instruct, pair.thinking, generation_ids=dj.GenerationIds(eos=stops))
     out = score_prompts(stopped, prompts, CONF)
     assert out["probe_len"].max() <= 2 < PROBE
     assert (out["probe"][:, 2:] == 0).all() and not out["content"][:, 2:].any()
@@ -149,7 +149,7 @@ def test_format_ids_from_tokenizer(tmp_path):
 
     save_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    p = ModelPair(dataclasses.replace(CFG, eos_token_ids=(L.EOS_ID,)), {}, {}, tok)
+    p = ModelPair(CFG, {}, {}, tok, generation_ids=dj.GenerationIds(eos=(L.EOS_ID,)))
     ids = lambda *ws: {L.TOKEN_ID[w] for w in ws}  # noqa: E731
     special = ids(*L.SPECIAL)
     assert set(format_token_ids(p, CONF)) == special | ids(L.BOX_OPEN, *L.ROLES, L.THINK, L.THINK_END)

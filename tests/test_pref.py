@@ -37,7 +37,7 @@ from dami_jax.pref import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dj.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2,
                       num_kv_heads=1, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
-                      rope_theta=10000.0, eos_token_ids=(1,))
+                      rope_theta=10000.0)
 
 
 @jax.jit
@@ -51,7 +51,8 @@ def _perturbed(params, key):
 def tiny_pair(seed: int = 0) -> ModelPair:
     """Instruct = init_params(seed); Thinking = Instruct + 0.05·N(0, 1) noise."""
     instruct = dj.init_params(TINY, seed)
-    return ModelPair(TINY, instruct, _perturbed(instruct, jax.random.key(seed + 100)))
+    return ModelPair(TINY, instruct, _perturbed(instruct, jax.random.key(seed + 100)),
+                     generation_ids=dj.GenerationIds(eos=(1,)))
 
 
 @pytest.fixture(scope="module")

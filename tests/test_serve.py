@@ -35,14 +35,14 @@ def pair(tmp_path_factory):
     from dami_jax.toyworld.tokenizer import save_tokenizer
 
     cfg = dj.ModelConfig(vocab_size=len(L.VOCAB), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, max_position_embeddings=CONTEXT, eos_token_ids=(L.EOS_ID,))
+                         num_kv_heads=2, head_dim=8, max_position_embeddings=CONTEXT)
     root = tmp_path_factory.mktemp("serve-pair")
     shapes = qwen3.abstract_params(cfg)
     for name, seed in (("instruct", 0), ("thinking", 1)):  # std 0.04 (not 0.02): varied, non-degenerate outputs
         rng = np.random.default_rng(seed)
         params = jax.tree.map(lambda s: rng.normal(0.0, 0.04, s.shape).astype(np.float32) if len(s.shape) > 1
                               else np.ones(s.shape, np.float32), shapes)
-        dj.save_hf(cfg, params, root / name)
+        dj.save_hf(cfg, params, root / name, generation_ids=dj.GenerationIds(eos=(L.EOS_ID,)))
         save_tokenizer(root / name)
     return load_pair(root / "instruct", root / "thinking")
 
