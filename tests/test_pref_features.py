@@ -47,8 +47,11 @@ def test_hidden_states_match_the_model(pair):
 
 def test_probe_features_average_the_greedy_answer(pair):
     prompts = _prompts(7)
-    got = prompt_features(TINY, pair.instruct, prompts, layer=1, pooling="probe", probe_tokens=5, batch=4)
-    out = dj.generate(TINY, pair.instruct, prompts, 5)
+    stop = [int(dj.generate(TINY, pair.instruct, prompts[:1], 5).tokens[0, 1])]  # ends row 0's probe at 2
+    got = prompt_features(TINY, pair.instruct, prompts, layer=1, pooling="probe", probe_tokens=5, batch=4,
+                          stop_tokens=stop)
+    out = dj.generate(TINY, pair.instruct, prompts, 5, stop_tokens=stop)
+    assert out.lengths[0] <= 2
     for i, (p, ids) in enumerate(zip(prompts, out.token_lists())):
         seq = p + ids  # one row, no padding: h over prompt + probe, mean over the probe's positions
         h = hidden_states(TINY, pair.instruct, jnp.asarray([seq]), jnp.ones((1, len(seq)), jnp.int32), layer=1)
@@ -75,7 +78,8 @@ def test_policy_uses_the_recorded_probe(pair, tmp_path):
     from dami_jax.policies.base import pair_fingerprint
 
     prompts = _prompts(6, seed=10)
-    feats = prompt_features(TINY, pair.instruct, prompts, layer=-1, pooling="probe", probe_tokens=3)
+    feats = prompt_features(TINY, pair.instruct, prompts, layer=-1, pooling="probe", probe_tokens=3,
+                            stop_tokens=pair.stop_tokens)
     model = RewardModel(feats.shape[1], 2, (8,), rngs=nnx.Rngs(0))
     model.set_stats(feats)
     meta = {"fingerprint": pair_fingerprint(pair), "hidden_layer": -1, "pooling": "probe", "probe_tokens": 3,
