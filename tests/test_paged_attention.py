@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +159,26 @@ def test_pallas_decode_kernels_in_interpret_mode_equal_xla(impl):
         assert np.abs(got - xla).max() > 1e-4  # the rounding is real, so the comparison below means something
         xla = paged_attention(q, bf16(k_pool), bf16(v_pool), *meta, pages_per_block=2)
     np.testing.assert_allclose(got, xla, atol=1e-5, rtol=0)
+
+
+def test_write_then_attend_updates_the_donated_pools_in_place():
+    """The compiled step holds no copy or transpose of a whole pool (a scatter that XLA cannot do
+    in place would copy the cache of every layer at every step)."""
+    kh, num_pages, page, t, r = 4, 300, 8, 6, 3  # more pages than one loop step gathers (64)
+    pool = jax.ShapeDtypeStruct((kh, num_pages, page, HEAD), jnp.float32)
+    spec = lambda *s, dtype=jnp.float32: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+
+    def step(k_pool, v_pool, q, k_new, v_new, slot_ids, cu_q_lens, kv_lens, page_table):
+        k_pool, v_pool = write_kv(k_pool, v_pool, k_new, v_new, slot_ids)
+        return paged_attention(q, k_pool, v_pool, cu_q_lens, kv_lens, page_table), k_pool, v_pool
+
+    i32 = jnp.int32
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(
+        pool, pool, spec(t, 2 * kh, HEAD), spec(t, kh, HEAD), spec(t, kh, HEAD), spec(t, dtype=i32),
+        spec(r + 1, dtype=i32), spec(r, dtype=i32), spec(r, 16, dtype=i32)).compile().as_text()
+    pool_elems = kh * num_pages * page * HEAD
+    sizes = [np.prod([int(d) for d in m.group(1).split(",")])
+             for m in re.finditer(r"= f32\[([\d,]+)\]\S* (?:copy|transpose)\(", text)]
+    assert sizes, "expected the small copies of the loop state in the HLO (is the pattern still right?)"
+    assert max(sizes) < pool_elems, f"a pool-sized copy in the compiled step: {max(sizes)} elements"
+    assert "input_output_alias" in text  # the donated pools are the outputs' buffers

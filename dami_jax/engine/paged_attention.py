@@ -37,7 +37,7 @@ def write_kv(k_pool: jax.Array, v_pool: jax.Array, k_tkh: jax.Array, v_tkh: jax.
 
     Padding tokens carry a slot past the end of the pool (pages.PageAllocator.out_of_range_slot)
     and are dropped, so they never touch a live page. Donate the pools to the enclosing jit
-    for an in-place update (benchmarks/paged_attention.py checks the compiled HLO).
+    for an in-place update (tests/test_paged_attention.py checks the compiled HLO).
     """
     def write(pool, new_tkh):
         kh, p, page, h = pool.shape
@@ -50,16 +50,18 @@ def write_kv(k_pool: jax.Array, v_pool: jax.Array, k_tkh: jax.Array, v_tkh: jax.
 
 def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q_lens: jax.Array,
                     kv_lens: jax.Array, page_table: jax.Array, *, impl: str = "xla", q_block: int = 1,
-                    pages_per_block: int = 16, items_per_chunk: int = 16, interpret: bool = False) -> jax.Array:
+                    pages_per_block: int = 8, items_per_chunk: int = 8, interpret: bool = False) -> jax.Array:
     """(T, Hq, H) attention output of the flat queries q_thd (T, Hq, H), Hq = G·K, scaled by H^-1/2.
 
     impl: "xla" (any batch), or a decode-only Pallas kernel: "pallas_tpu" or "pallas_gpu"
     (one query per row: T == R and cu_q_lens == arange(R + 1)). No fallback between them.
     q_block, pages_per_block, items_per_chunk: the XLA path's block sizes (queries per item,
     pages per item, items per loop step); q_block 1 suits decode, larger amortizes a page
-    gather over more prefill queries. interpret: run a Pallas kernel in Pallas's interpreter
-    (CPU tests); the XLA path ignores it. jax's TPU kernel reads pages as bfloat16 (it casts
-    them after loading), so it matches the XLA path over bf16-rounded pools, not float32 ones.
+    gather over more prefill queries. The defaults (8 pages per item, 8 items per step) were
+    the fastest tried for decode on CPU (benchmarks/paged_attention.py).
+    interpret: run a Pallas kernel in Pallas's interpreter (CPU tests); the XLA path ignores it.
+    jax's TPU kernel reads pages as bfloat16 (it casts them after loading), so it matches the
+    XLA path over bf16-rounded pools, not float32 ones.
     """
     kh, _, page, h = k_pool.shape
     t, hq, hd = q_thd.shape
@@ -111,10 +113,12 @@ def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, page
     qb_items = jnp.where(qb_len > 0, -(-(qb_pos + qb_len) // block_len), 0)
     cu_items = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(qb_items)]).astype(jnp.int32)
 
-    q_tkgh = q_thd.reshape(t, kh, g, h)
-    acc = (jnp.full((t, kh, g), jnp.finfo(jnp.float32).min),  # running max
-           jnp.zeros((t, kh, g), jnp.float32),  # running sum of exp
-           jnp.zeros((t, kh, g, h), jnp.float32))  # running output
+    # In the loop, arrays are kv head first, then item (the pool's axis order): both dots batch
+    # over (K, C) and take their operands as laid out. Item first ran 1.2-1.4x slower on CPU.
+    q_ktgh = q_thd.reshape(t, kh, g, h).swapaxes(0, 1)
+    acc = (jnp.full((kh, t, g), jnp.finfo(jnp.float32).min),  # running max
+           jnp.zeros((kh, t, g), jnp.float32),  # running sum of exp
+           jnp.zeros((kh, t, g, h), jnp.float32))  # running output
 
     def chunk(i, acc):
         m_run, l_run, o_run = acc
@@ -128,27 +132,28 @@ def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, page
         pages = page_table[qb_row[b][:, None], page_idx]  # (C, ppb)
         k_kclh = k_pool[:, pages].reshape(kh, c, block_len, h)
         v_kclh = v_pool[:, pages].reshape(kh, c, block_len, h)
-        q_cqkgh = q_tkgh[jnp.minimum(tok, t - 1)]
-        s = jnp.einsum("cqkgh,kclh->cqkgl", q_cqkgh, k_kclh, preferred_element_type=jnp.float32)
+        q_kcxh = q_ktgh[:, jnp.minimum(tok, t - 1)].reshape(kh, c, bq * g, h)
+        s = jnp.einsum("kcxh,kclh->kcxl", q_kcxh, k_kclh, preferred_element_type=jnp.float32)
+        s = s.reshape(kh, c, bq, g, block_len)
         k_pos = kv_block[:, None] * block_len + jnp.arange(block_len)  # (C, L)
         allowed = ((k_pos[:, None, :] <= q_pos[:, :, None]) & live_q[:, :, None]
-                   & (k_pos < kv_lens[qb_row[b]][:, None])[:, None, :])[:, :, None, None, :]
-        m = jnp.max(jnp.where(allowed, s, jnp.finfo(jnp.float32).min), axis=-1)
+                   & (k_pos < kv_lens[qb_row[b]][:, None])[:, None, :])[None, :, :, None, :]
+        m = jnp.max(jnp.where(allowed, s, jnp.finfo(jnp.float32).min), axis=-1)  # (K, C, bq, G)
         p = jnp.where(allowed, jnp.exp(s - m[..., None]), 0.0)
-        o = jnp.einsum("cqkgl,kclh->cqkgh", p.astype(v_pool.dtype), v_kclh,
-                       preferred_element_type=jnp.float32)
+        o = jnp.einsum("kcxl,kclh->kcxh", p.reshape(kh, c, bq * g, block_len).astype(v_pool.dtype), v_kclh,
+                       preferred_element_type=jnp.float32).reshape(kh, c, bq, g, h)
         # Fold the items into the running softmax of their tokens (several items may share one).
-        m_new = m_run.at[tok].max(m, mode="drop")
+        m_new = m_run.at[:, tok].max(m, mode="drop")
         alpha = jnp.exp(m_run - m_new)
-        beta = jnp.exp(m - m_new[jnp.minimum(tok, t - 1)])
-        l_run = (l_run * alpha).at[tok].add(p.sum(-1) * beta, mode="drop")
-        o_run = (o_run * alpha[..., None]).at[tok].add(o * beta[..., None], mode="drop")
+        beta = jnp.exp(m - m_new[:, jnp.minimum(tok, t - 1)])
+        l_run = (l_run * alpha).at[:, tok].add(p.sum(-1) * beta, mode="drop")
+        o_run = (o_run * alpha[..., None]).at[:, tok].add(o * beta[..., None], mode="drop")
         return m_new, l_run, o_run
 
     num_chunks = -(-cu_items[-1] // c)
     _, l_run, o_run = jax.lax.fori_loop(0, num_chunks, chunk, acc)
     out = jnp.where(l_run[..., None] > 0, o_run / jnp.where(l_run > 0, l_run, 1.0)[..., None], 0.0)
-    return out.reshape(t, hq, h).astype(q_thd.dtype)
+    return out.swapaxes(0, 1).reshape(t, hq, h).astype(q_thd.dtype)
 
 
 # ---------------------------------------------------------------------------
