@@ -93,7 +93,7 @@ def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q
 
 def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, pages_per_block,
          items_per_chunk):
-    kh, _, page, h = k_pool.shape
+    kh, num_pages, page, h = k_pool.shape
     t, hq, _ = q_thd.shape
     g, r, max_pages = hq // kh, kv_lens.shape[0], page_table.shape[1]
     bq, ppb, c = q_block, min(pages_per_block, max_pages), items_per_chunk
@@ -130,8 +130,11 @@ def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, page
         q_pos = qb_pos[b][:, None] + jnp.arange(bq)
         page_idx = jnp.minimum(kv_block[:, None] * ppb + jnp.arange(ppb), max_pages - 1)
         pages = page_table[qb_row[b][:, None], page_idx]  # (C, ppb)
-        k_kclh = k_pool[:, pages].reshape(kh, c, block_len, h)
-        v_kclh = v_pool[:, pages].reshape(kh, c, block_len, h)
+        # Rows of the pools seen as (K·P, page, H) (a bitcast): indexing it with (K, C, pages)
+        # gives the gather its natural output order, kv head first, with no transpose after.
+        rows = (jnp.arange(kh) * num_pages)[:, None, None] + pages
+        k_kclh = k_pool.reshape(kh * num_pages, page, h)[rows].reshape(kh, c, block_len, h)
+        v_kclh = v_pool.reshape(kh * num_pages, page, h)[rows].reshape(kh, c, block_len, h)
         q_kcxh = q_ktgh[:, jnp.minimum(tok, t - 1)].reshape(kh, c, bq * g, h)
         s = jnp.einsum("kcxh,kclh->kcxl", q_kcxh, k_kclh, preferred_element_type=jnp.float32)
         s = s.reshape(kh, c, bq, g, block_len)
