@@ -123,7 +123,9 @@ def test_ragged_batch_metadata():
     np.testing.assert_array_equal(batch.kv_lens, [6, 3, 0])
     np.testing.assert_array_equal(batch.page_table, [[1, 2, 0], [3, 0, 0], [0, 0, 0]])
     np.testing.assert_array_equal(batch.slot_ids, [9, 12, 13, 14, 32, 32])  # padding past the pool
-    assert all(a.dtype == np.int32 for a in (batch.cu_q_lens, batch.kv_lens, batch.page_table, batch.slot_ids))
+    np.testing.assert_array_equal(batch.positions, [5, 0, 1, 2, 0, 0])
+    np.testing.assert_array_equal(batch.token_rows, [0, 1, 1, 1, 3, 3])
+    assert all(a.dtype == np.int32 for a in vars(batch).values())
     with pytest.raises(ValueError, match="2 rows of 4 tokens do not fit a batch of 2 rows and 3 tokens"):
         alloc.ragged_batch([("decode", 1), ("prefill", 3)], num_rows=2, num_tokens=3)
     with pytest.raises(ValueError, match=r"q_len 4 outside \[0, length 3\]"):

@@ -53,6 +53,8 @@ class RaggedBatch:
     kv_lens: np.ndarray  # (R,) tokens each row attends over, its new tokens included
     page_table: np.ndarray  # (R, max_pages) page ids, NULL_PAGE past a row's pages
     slot_ids: np.ndarray  # (T,) flat slot page·page_size + offset of each new token
+    positions: np.ndarray  # (T,) each token's position in its sequence (RoPE); 0 for padding
+    token_rows: np.ndarray  # (T,) each token's row (per-row λ, sampling); R for padding
 
 
 class PageAllocator:
@@ -177,14 +179,19 @@ class PageAllocator:
         kv_lens = np.zeros(num_rows, np.int32)
         page_table = np.full((num_rows, self.max_pages_per_seq), NULL_PAGE, np.int32)
         slot_ids = np.full(num_tokens, self.out_of_range_slot, np.int32)
+        positions = np.zeros(num_tokens, np.int32)
+        token_rows = np.full(num_tokens, num_rows, np.int32)
         for r, (seq, q_len) in enumerate(rows):
             s = self._get(seq)
             if not 0 <= q_len <= s.length:
                 raise ValueError(f"row {r}: q_len {q_len} outside [0, length {s.length}] of {seq!r}")
             kv_lens[r] = s.length
             page_table[r, : len(s.pages)] = s.pages
-            slot_ids[cu_q_lens[r]: cu_q_lens[r + 1]] = self.slots(seq, s.length - q_len, q_len)
-        return RaggedBatch(cu_q_lens, kv_lens, page_table, slot_ids)
+            new = slice(cu_q_lens[r], cu_q_lens[r + 1])
+            slot_ids[new] = self.slots(seq, s.length - q_len, q_len)
+            positions[new] = np.arange(s.length - q_len, s.length)
+            token_rows[new] = r
+        return RaggedBatch(cu_q_lens, kv_lens, page_table, slot_ids, positions, token_rows)
 
     # -- internals -------------------------------------------------------------
 
