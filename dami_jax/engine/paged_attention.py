@@ -13,8 +13,9 @@ Row r's queries are flat tokens cu_q_lens[r]:cu_q_lens[r+1], the last q_len of i
 kv_lens[r] tokens, causal among themselves. Rows with no keys give zeros, not NaN.
 
 The XLA path (`impl="xla"`, the reference and the CPU default) cuts the work into
-items (a block of up to `q_block` queries of one row) x (a block of `pages_per_block`
-of that row's pages), only as many as the row's keys need, and runs them
+items (a decode row's query, or a block of up to `q_block` queries of a prefill row)
+x (a block of `pages_per_block` of that row's pages), only as many as the row's keys
+need (causal), and runs them
 `items_per_chunk` at a time in a loop whose trip count follows the batch's real
 work. Each chunk gathers its pages, computes a partial softmax per item, and folds
 it into per-token running (max, sum, output) by scatter (online softmax), so the
@@ -49,16 +50,16 @@ def write_kv(k_pool: jax.Array, v_pool: jax.Array, k_tkh: jax.Array, v_tkh: jax.
 
 
 def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q_lens: jax.Array,
-                    kv_lens: jax.Array, page_table: jax.Array, *, impl: str = "xla", q_block: int = 1,
+                    kv_lens: jax.Array, page_table: jax.Array, *, impl: str = "xla", q_block: int = 32,
                     pages_per_block: int = 8, items_per_chunk: int = 8, interpret: bool = False) -> jax.Array:
     """(T, Hq, H) attention output of the flat queries q_thd (T, Hq, H), Hq = G·K, scaled by H^-1/2.
 
     impl: "xla" (any batch), or a decode-only Pallas kernel: "pallas_tpu" or "pallas_gpu"
     (one query per row: T == R and cu_q_lens == arange(R + 1)). No fallback between them.
-    q_block, pages_per_block, items_per_chunk: the XLA path's block sizes (queries per item,
-    pages per item, items per loop step); q_block 1 suits decode, larger amortizes a page
-    gather over more prefill queries. The defaults (8 pages per item, 8 items per step) were
-    the fastest tried for decode on CPU (benchmarks/paged_attention.py).
+    q_block, pages_per_block, items_per_chunk: the XLA path's block sizes: queries per item of
+    a prefill row (decode rows always take items of one query), pages per item, items per loop
+    step. The defaults were among the fastest tried on CPU (decode: benchmarks/paged_attention.py;
+    a 512-token prefill chunk beside 7 decode rows: q_block 16-32 took 0.07-0.15 s, 1 took 1.0 s).
     interpret: run a Pallas kernel in Pallas's interpreter (CPU tests); the XLA path ignores it.
     jax's TPU kernel reads pages as bfloat16 (it casts them after loading), so it matches the
     XLA path over bf16-rounded pools, not float32 ones.
@@ -93,16 +94,37 @@ def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q
 
 def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, pages_per_block,
          items_per_chunk):
-    kh, num_pages, page, h = k_pool.shape
+    kh, _, _, h = k_pool.shape
     t, hq, _ = q_thd.shape
-    g, r, max_pages = hq // kh, kv_lens.shape[0], page_table.shape[1]
-    bq, ppb, c = q_block, min(pages_per_block, max_pages), items_per_chunk
+    g, r = hq // kh, kv_lens.shape[0]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    # Running softmax of every (kv head, token, group): max, sum of exp, output.
+    acc = (jnp.full((kh, t, g), jnp.finfo(jnp.float32).min), jnp.zeros((kh, t, g), jnp.float32),
+           jnp.zeros((kh, t, g, h), jnp.float32))
+    # Decode rows in blocks of one query, prefill rows in blocks of q_block: a decode row in a
+    # wide block would pay for q_block queries (3x slower at 32, decode on CPU). The passes
+    # touch disjoint tokens; a pass with no rows runs no loop step.
+    passes = ((q_lens == 1, 1, min(t, r)), (q_lens > 1, q_block, min(t, t // q_block + r)))
+    for rows, bq, num_qb in passes:  # num_qb: a static bound, as every block holds >= 1 token
+        acc = _fold_items(acc, q_thd.reshape(t, kh, g, h).swapaxes(0, 1), k_pool, v_pool, cu_q_lens,
+                          jnp.where(rows, q_lens, 0), q_lens, kv_lens, page_table, bq=bq, num_qb=num_qb,
+                          pages_per_block=min(pages_per_block, page_table.shape[1]), c=items_per_chunk)
+    _, l_run, o_run = acc
+    out = jnp.where(l_run[..., None] > 0, o_run / jnp.where(l_run > 0, l_run, 1.0)[..., None], 0.0)
+    return out.swapaxes(0, 1).reshape(t, hq, h).astype(q_thd.dtype)
+
+
+def _fold_items(acc, q_ktgh, k_pool, v_pool, cu_q_lens, pass_q_lens, q_lens, kv_lens, page_table, *,
+                bq, num_qb, pages_per_block, c):
+    """Fold into acc the attention of the queries counted in pass_q_lens (a subset of the rows)."""
+    kh, num_pages, page, h = k_pool.shape
+    _, t, g, _ = q_ktgh.shape
+    r, max_pages = page_table.shape
+    ppb = pages_per_block
     block_len = ppb * page  # keys per item
 
     # Query blocks: row r's queries split into ceil(q_len / bq) blocks of consecutive tokens.
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    num_qb = min(t, t // bq + r)  # static bound: every block holds >= 1 token
-    cu_qb = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(-(-q_lens // bq))])
+    cu_qb = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(-(-pass_q_lens // bq))])
     qb = jnp.arange(num_qb)
     qb_row = jnp.minimum(jnp.searchsorted(cu_qb[1:], qb, side="right"), r - 1)
     qb_first = (qb - cu_qb[qb_row]) * bq  # index of the block's first query within its row
@@ -115,11 +137,6 @@ def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, page
 
     # In the loop, arrays are kv head first, then item (the pool's axis order): both dots batch
     # over (K, C) and take their operands as laid out. Item first ran 1.2-1.4x slower on CPU.
-    q_ktgh = q_thd.reshape(t, kh, g, h).swapaxes(0, 1)
-    acc = (jnp.full((kh, t, g), jnp.finfo(jnp.float32).min),  # running max
-           jnp.zeros((kh, t, g), jnp.float32),  # running sum of exp
-           jnp.zeros((kh, t, g, h), jnp.float32))  # running output
-
     def chunk(i, acc):
         m_run, l_run, o_run = acc
         item = i * c + jnp.arange(c)
@@ -153,10 +170,7 @@ def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, page
         o_run = (o_run * alpha[..., None]).at[:, tok].add(o * beta[..., None], mode="drop")
         return m_new, l_run, o_run
 
-    num_chunks = -(-cu_items[-1] // c)
-    _, l_run, o_run = jax.lax.fori_loop(0, num_chunks, chunk, acc)
-    out = jnp.where(l_run[..., None] > 0, o_run / jnp.where(l_run > 0, l_run, 1.0)[..., None], 0.0)
-    return out.swapaxes(0, 1).reshape(t, hq, h).astype(q_thd.dtype)
+    return jax.lax.fori_loop(0, -(-cu_items[-1] // c), chunk, acc)
 
 
 # ---------------------------------------------------------------------------
