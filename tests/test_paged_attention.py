@@ -118,6 +118,16 @@ def test_empty_rows_give_zeros_not_nan():
     assert np.all(got[6:] == 0)
 
 
+def test_bfloat16_pools():
+    scene = _Scene(np.random.default_rng(6))
+    _, _, args = scene.step([("a", 9), ("b", 1)], num_rows=2, num_tokens=10)
+    q, k_pool, v_pool, *meta = args
+    got = paged_attention(q.astype(jnp.bfloat16), k_pool.astype(jnp.bfloat16), v_pool.astype(jnp.bfloat16), *meta)
+    want = paged_attention(q, k_pool, v_pool, *meta)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2, rtol=0)
+
+
 def test_write_kv_drops_padding_and_writes_only_its_slots():
     k_pool = jnp.arange(2 * 3 * 2 * 4, dtype=jnp.float32).reshape(2, 3, 2, 4)
     v_pool = -k_pool

@@ -55,7 +55,8 @@ def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q
     """(T, Hq, H) attention output of the flat queries q_thd (T, Hq, H), Hq = G·K, scaled by H^-1/2.
 
     impl: "xla" (any batch), or a decode-only Pallas kernel: "pallas_tpu" or "pallas_gpu"
-    (one query per row: T == R and cu_q_lens == arange(R + 1)). No fallback between them.
+    (T == R: row r's one query is flat token r; rows without a token, if any, come last and
+    hold no keys). No fallback between them.
     q_block, pages_per_block, items_per_chunk: the XLA path's block sizes: queries per item of
     a prefill row (decode rows always take items of one query), pages per item, items per loop
     step. The defaults were among the fastest tried on CPU (decode: benchmarks/paged_attention.py;
