@@ -36,12 +36,12 @@ def _dense_reference(q_thd, keys, values, cu_q_lens, kv_lens):
 class _Scene:
     """An allocator, pools, and each sequence's true keys/values, written step by step via write_kv."""
 
-    def __init__(self, rng, num_pages=40, page_size=4, max_pages=12, garbage=True):
+    def __init__(self, rng, num_pages=40, page_size=4, max_pages=12):
         self.rng = rng
         self.alloc = PageAllocator(num_pages, page_size, max_pages)
         shape = (KV_HEADS, num_pages, page_size, HEAD)
         # Large garbage everywhere: a slot read or weighted that a row does not hold shows.
-        fill = rng.normal(size=shape) * 1e3 if garbage else np.zeros(shape)
+        fill = rng.normal(size=shape) * 1e3
         self.k_pool = jnp.asarray(fill, jnp.float32)
         self.v_pool = jnp.asarray(fill[::-1].copy(), jnp.float32)
         self.keys, self.values = {}, {}
