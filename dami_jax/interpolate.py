@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dami_jax.errors import InputError
 from dami_jax.schedule import Schedule
 
 
@@ -20,14 +21,14 @@ def check_lam(lam, allow_extrapolation: bool = False, what: str = "lam") -> np.n
     """λ as a float32 array; NaN always refused, outside [0, 1] unless allowed."""
     arr = np.asarray(lam, dtype=np.float64)
     if arr.ndim > 1:
-        raise ValueError(f"{what} must be a scalar or a 1-D array, got shape {arr.shape}")
+        raise InputError(f"{what} must be a scalar or a 1-D array, got shape {arr.shape}")
     if np.isnan(arr).any():
-        raise ValueError(f"{what} contains NaN; expected values in [0, 1]")
+        raise InputError(f"{what} contains NaN; expected values in [0, 1]")
     if not allow_extrapolation and ((arr < 0).any() or (arr > 1).any()):
         bad = arr[(arr < 0) | (arr > 1)].ravel()[0]
-        raise ValueError(f"{what}={bad} is outside [0, 1] (pass allow_extrapolation=True to extrapolate)")
+        raise InputError(f"{what}={bad} is outside [0, 1] (pass allow_extrapolation=True to extrapolate)")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{what} must be finite")
+        raise InputError(f"{what} must be finite")
     return arr.astype(np.float32)
 
 

@@ -20,7 +20,7 @@ import dami_jax as dj
 from conftest import hf_config, left_pad, random_prompts
 from dami_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from dami_jax.interpolate import interpolate
-from dami_jax.merge import merge_checkpoints
+from dami_jax.checkpoint.merge import merge_checkpoints
 from dami_jax.pair import PairMismatchError, generate_pair, load_pair, sweep
 from dami_jax.schedule import Schedule
 
@@ -298,7 +298,7 @@ def test_failed_merge_leaves_no_partial_output(dense, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=drop.replace(".", r"\.")):
         merge_checkpoints(inst, broken, 0.5, out, progress=False)
     # a failure after the shards are written: the temporary directory is removed, `out` untouched
-    import dami_jax.merge as merge_mod
+    import dami_jax.checkpoint.merge as merge_mod
 
     def boom(*args):
         raise OSError("disk full")
