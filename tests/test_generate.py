@@ -237,24 +237,6 @@ def test_sample_argument_checks():
 # ---------------------------------------------------------------------------
 # Chat helpers
 
-@pytest.mark.parametrize(
-    "text, thinking, answer",
-    [
-        ("Let me add 2 and 2.</think>\n\nThe answer is 4.", "Let me add 2 and 2.", "The answer is 4."),
-        ("<think>\nhmm</think>4", "hmm", "4"),
-        ("Just 4.", None, "Just 4."),
-        ("  plain answer \n", None, "plain answer"),
-        ("</think>4", "", "4"),
-        ("a</think>b</think> c ", "a</think>b", "c"),  # the last </think> splits
-        ("still thinking</think>", "still thinking", ""),
-        ("", None, ""),
-        ("<think>only an opening tag", None, "<think>only an opening tag"),
-    ],
-)
-def test_split_thinking(text, thinking, answer):
-    assert dj.split_thinking(text) == (thinking, answer)
-
-
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 WORDS = ["[UNK]", "system", "user", "assistant", "you", "are", "helpful", "what", "is", "2", "+", "?", "4"]
 TEMPLATE = (
