@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
-from conftest import left_pad, random_prompts
+from helpers import left_pad, random_prompts
 from dami_jax.checkpoint import store
 
 LENGTHS = [9, 4, 13, 1]

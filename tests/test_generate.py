@@ -9,7 +9,7 @@ import pytest
 
 import dami_jax as dj
 from dami_jax.generate.chat import load_tokenizer
-from conftest import random_prompts
+from helpers import random_prompts
 
 NEW = 32
 LENGTHS = [5, 12, 1, 20]  # 4 prompts of different lengths: left padding in one batch
@@ -304,7 +304,7 @@ def test_last_only_logits_are_the_last_column(tiny_hf, prompts, delta):
     from dami_jax.interpolate import delta_params
     from dami_jax.models import qwen3
     from dami_jax.models.kv_cache import KVCache
-    from conftest import left_pad
+    from helpers import left_pad
 
     ckpt = tiny_hf("dense_gqa")
     params = ckpt.params()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
-from conftest import hf_config, left_pad, random_prompts
+from helpers import hf_config, leaves, left_pad, random_prompts
 from dami_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from dami_jax.interpolate import interpolate
 from dami_jax.checkpoint.merge import merge_checkpoints
@@ -40,11 +40,6 @@ def tp(request, tiny_hf):
     prompts[4] = prompts[0]
     return types.SimpleNamespace(name=request.param, pair=pair, instruct=ci.path, thinking=ct.path,
                                  prompts=prompts)
-
-
-def leaves(tree) -> dict:
-    return {tuple(getattr(k, "key", k) for k in path): np.asarray(x)
-            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def assert_within_one_rounding(got: dict, want: dict) -> None:
