@@ -167,7 +167,7 @@ def _changed_layers(theta_i, out) -> tuple[set, bool]:
     """Layers with any leaf differing from Θ_I, and whether a global leaf changed."""
     li, lo = leaves(theta_i), leaves(out)
     changed = {p for p in li if not same_bits(li[p], lo[p])}
-    return {p[1] for p in changed if p[0] == "layers"}, any(p[0] != "layers" for p in changed)
+    return {int(p[1]) for p in changed if p[0] == "layers"}, any(p[0] != "layers" for p in changed)
 
 
 def test_schedule_mlp_only_changes_only_mlp_leaves(cfg):
