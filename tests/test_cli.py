@@ -68,6 +68,7 @@ def test_help(command, capsys, monkeypatch):
      "argument --top-p: 0 is outside (0, 1]"),
     (["generate", "--instruct", "no/such/dir", "--thinking", "b", "--prompt", "q"],
      "dami generate: error: no/such/dir: not a model directory or a hub id"),
+    (["eval", "--bench", "nosuch", "--policies", "static:0"], "dami eval: error: unknown benchmark 'nosuch'"),
 ])
 def test_bad_input_exits_2_naming_the_problem(argv, message, capsys):
     assert _exit_code(argv) == 2
@@ -138,6 +139,14 @@ def test_calibrate_with_conf_overrides(tmp_path, capsys):
 def _subparser(command: str):
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     return sub.choices[command]
+
+
+def test_bad_input_errors_share_one_base():
+    import dami_jax as dj
+
+    for error in (dj.ConfigError, dj.CheckpointError, dj.PairMismatchError):
+        assert issubclass(error, dj.InputError)
+    assert issubclass(dj.InputError, ValueError)  # callers catching ValueError still do
 
 
 def test_an_internal_error_is_not_reported_as_bad_input(monkeypatch, capsys):
