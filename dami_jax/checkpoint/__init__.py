@@ -9,5 +9,5 @@
 - `merge`: `dami merge`, Θ(λ) written tensor by tensor (`merge_checkpoints`);
 - `tokenizer_files`: the tokenizer and generation files copied beside a checkpoint.
 
-Nothing is imported here, so `dami_jax.checkpoint.safetensors_io` stays light.
+Nothing is imported here: each user imports the module it needs (store pulls in Orbax).
 """
