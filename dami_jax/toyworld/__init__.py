@@ -22,7 +22,7 @@ import os
 from dami_jax.toyworld.language import Problem, grade, parse_answer, sample_problems
 
 PAIR_DIR = os.path.join(os.path.dirname(__file__), "assets", "pair")
-MAX_NEW_TOKENS = 96  # the toy pair's generation limit: its longest thinking trace fits
+MAX_NEW_TOKENS = 96  # the toy pair's generation limit: its longest thinking trace (k = 6) is 80 tokens
 
 
 def default_pair_dirs(root: str | None = None) -> tuple[str, str]:
