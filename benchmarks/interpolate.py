@@ -14,7 +14,7 @@ process; every ratio's reference is measured in the same run.
       interpolate into buffer `dj.interpolate(Θ_I, Θ_T, λ, out=Θ(λ)_prev)`: the
                               previous Θ(λ)'s buffers donated and overwritten in
                               place (no fresh pages to fault in);
-      numpy kernel            `dami_jax.merge`'s block kernel (threads x cache-sized
+      numpy kernel            `dami_jax.checkpoint.merge`'s block kernel (threads x cache-sized
                               chunks) into preallocated NumPy arrays, in memory;
       merge_checkpoints       `dami merge` file to file: both checkpoints written
                               with `save_hf` first (page cache warm), output
@@ -105,7 +105,7 @@ def bench_merge(cfg, ti, tt, weight_bytes: int, args, threads: int) -> list[dict
     import jax
     import numpy as np
 
-    from dami_jax import merge as merge_mod
+    from dami_jax.checkpoint import merge as merge_mod
     from dami_jax.interpolate import interpolate
 
     rows = []
@@ -136,7 +136,7 @@ def bench_merge(cfg, ti, tt, weight_bytes: int, args, threads: int) -> list[dict
     if jax.default_backend() != "cpu":  # the rest runs on host memory
         return rows
 
-    log("numpy kernel of dami_jax.merge (in memory)")
+    log("numpy kernel of dami_jax.checkpoint.merge (in memory)")
     li = [np.asarray(x).reshape(-1) for x in jax.tree.leaves(ti)]  # zero-copy views of the CPU buffers
     lt = [np.asarray(x).reshape(-1) for x in jax.tree.leaves(tt)]
     outs = [np.zeros_like(x) for x in li]
@@ -157,7 +157,7 @@ def bench_merge(cfg, ti, tt, weight_bytes: int, args, threads: int) -> list[dict
 
 def bench_merge_files(cfg, ti, tt, weight_bytes: int, args, threads: int) -> dict:
     import dami_jax as dj
-    from dami_jax.merge import merge_checkpoints
+    from dami_jax.checkpoint.merge import merge_checkpoints
 
     tmp = tempfile.mkdtemp(prefix="dami-bench-merge-", dir=args.tmp)
     try:

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     elif args.random:
         instruct, thinking = random_pair(tempfile.mkdtemp(prefix="serve_load_pair_"), args.random)
     else:
-        from dami_jax.toyworld.demo import default_pair_dirs
+        from dami_jax.toyworld import default_pair_dirs
 
         instruct, thinking = default_pair_dirs()
     lam_grid = [float(x) for x in args.lams.split(",")]

@@ -10,8 +10,12 @@ import argparse
 import json
 import math
 import sys
+import traceback
 
 from dami_jax import compilation_cache
+from dami_jax.errors import InputError
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _convert(args) -> None:
@@ -24,6 +28,17 @@ def _convert(args) -> None:
     params = load_hf(src, dtype=args.dtype, cfg=cfg)
     out = save_params(cfg, params, args.out, source=src)
     print(f"converted {src} -> {out} ({args.dtype})")
+
+
+def _merge(args) -> None:
+    from dami_jax.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES
+    from dami_jax.checkpoint.merge import merge_checkpoints
+
+    out = merge_checkpoints(args.instruct, args.thinking, args.lam, args.out, schedule=args.schedule,
+                            dtype=args.dtype, max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                            progress=not args.no_progress, tokenizer_from=args.tokenizer_from,
+                            allow_extrapolation=args.allow_extrapolation)
+    print(f"merged λ={args.lam} -> {out}")
 
 
 def _generate(args) -> None:
@@ -50,9 +65,7 @@ def _demo(args) -> None:
 def _toyworld(args) -> None:
     from dami_jax.toyworld import train
 
-    if args.action != "train":
-        raise ValueError(f"unknown toyworld action {args.action!r}; expected 'train'")
-    train.main(args.rest)
+    train.main(args.rest)  # argparse allows only action "train"
 
 
 def _run_policies(args, policies: list[str]) -> None:
@@ -91,10 +104,47 @@ def _lam_grid(text: str) -> list[float]:
     return lams
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
+def _whole_number(minimum: int):
+    """An argparse type: an int >= minimum."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+_positive_int = _whole_number(1)
+
+
+def _number_in(lo: float, hi: float, lo_open: bool = False):
+    """An argparse type: a float in [lo, hi] (or (lo, hi] when lo_open)."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (lo < x if lo_open else lo <= x) or not x <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        return x
+
+    return parse
+
+
+def _byte_size(text: str) -> int:
+    """Bytes from '500000000', '500MB', '2GiB', '4G' (decimal or binary suffixes)."""
+    units = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    s = text.strip().lower()
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2000000000, 500MB, 2GiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return int(value)
 
 
 def _train_pref(args) -> None:
@@ -112,8 +162,6 @@ def _serve(args) -> None:
 
 
 def _calibrate(args) -> None:
-    import json as _json
-
     from dami_jax.eval.benchmarks import math_prompt
     from dami_jax.eval.pairs import load_pair_config, open_pair
     from dami_jax.eval.run import toy_benchmark
@@ -121,19 +169,17 @@ def _calibrate(args) -> None:
     from dami_jax.policies.calibrate import calibrate_conf
     from dami_jax.policies.conf import load_conf_config
 
-    if args.policy != "conf":
-        raise ValueError(f"only 'conf' calibrates (routing reuses it), got {args.policy!r}")
     conf_cfg = load_conf_config(args.conf_config, args.conf_set)
     pair_cfg = load_pair_config(args.pair, args.set)
     pair = open_pair(pair_cfg)
     if args.prompts:  # one JSON object with a "question" per line, or plain text lines
         with open(args.prompts) as f:
             lines = [ln.strip() for ln in f if ln.strip()]
-        questions = [_json.loads(ln)["question"] if ln.startswith("{") else ln for ln in lines]
+        questions = [json.loads(ln)["question"] if ln.startswith("{") else ln for ln in lines]
     elif args.pair == "toy":
         questions = [p.question for p in toy_benchmark(per_k=50, seed=args.seed)]
     else:
-        raise ValueError("--prompts FILE is required for a pair other than 'toy'")
+        raise InputError("--prompts FILE is required for a pair other than 'toy'")
     wrap = math_prompt if pair_cfg.math_instruction else (lambda q: q)
     cal = calibrate_conf(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions], conf_cfg)
     cal.save(args.out)
@@ -143,25 +189,44 @@ def _calibrate(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dami", description="DAMI: dynamic model interpolation in JAX")
+    parser.add_argument("--debug", action="store_true", help="on bad input, show the traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="HF safetensors -> Orbax params checkpoint (fast launches)")
     p.add_argument("src", help="HF model directory or hub id")
     p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser(
+        "merge", help="write Θ(λ) = λ·Θ_T + (1 − λ)·Θ_I as an HF checkpoint (streaming, tensor by tensor)")
+    p.add_argument("--instruct", required=True, help="Instruct model: HF directory or hub id")
+    p.add_argument("--thinking", required=True, help="Thinking model: HF directory or hub id")
+    p.add_argument("--lam", type=float, required=True, help="λ in [0, 1] (0: Instruct, 1: Thinking)")
+    p.add_argument("--schedule", default=None, help="YAML λ schedule (per module kind / layer range)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="output dtype (default: the inputs' dtype)")
+    p.add_argument("--max-shard-bytes", type=_byte_size, default=None,
+                   help="shard size limit, e.g. 2GiB (default 4GiB)")
+    p.add_argument("--tokenizer-from", choices=["thinking", "instruct"], default="thinking",
+                   help="whose config.json, tokenizer and generation config to copy")
+    p.add_argument("--allow-extrapolation", action="store_true", help="accept λ outside [0, 1]")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser("generate", help="answer prompts at a given λ")
     p.add_argument("--instruct", required=True)
     p.add_argument("--thinking", required=True)
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--mode", choices=["delta", "merged"], default="merged")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    # The library's defaults (load_pair, generate_pair): float32, delta mode.
+    p.add_argument("--mode", choices=["delta", "merged"], default="delta",
+                   help="delta: Θ_I + λ·Δ per row; merged: Θ(λ) materialized (same tokens)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--temperature", type=_number_in(0, math.inf), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=_whole_number(0), default=0, help="0: no top-k cut")
+    p.add_argument("--top-p", type=_number_in(0, 1, lo_open=True), default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
 
@@ -213,9 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False, prefix_chars="\0")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of serve.py")
     p.set_defaults(func=_serve)
-
-    for register in _optional_commands():
-        register(sub)
     return parser
 
 
@@ -232,19 +294,20 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--set", action="append", default=[], help="pair config override key=value (repeatable)")
 
 
-def _optional_commands():
-    """Subcommands defined next to the code they drive."""
-    from dami_jax import merge
-
-    yield merge.add_merge_parser
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; bad input is one line on stderr and exit status 2.
+
+    Bad input is an `InputError` (ConfigError, CheckpointError, PairMismatchError, ...)
+    or a path that does not exist. Anything else is a bug and propagates with its
+    traceback; `--debug` prints the traceback of bad input too.
+    """
     args = build_parser().parse_args(argv)
     try:
         compilation_cache.enable()
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+    except (InputError, FileNotFoundError) as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"dami {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,10 +22,12 @@ from typing import Any
 
 import yaml
 
+from dami_jax.errors import InputError
+
 SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or field is missing, malformed or unsupported."""
 
 

@@ -13,21 +13,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dami_jax.errors import InputError
 from dami_jax.schedule import Schedule
+from dami_jax.tree import path_keys
 
 
 def check_lam(lam, allow_extrapolation: bool = False, what: str = "lam") -> np.ndarray:
     """λ as a float32 array; NaN always refused, outside [0, 1] unless allowed."""
     arr = np.asarray(lam, dtype=np.float64)
     if arr.ndim > 1:
-        raise ValueError(f"{what} must be a scalar or a 1-D array, got shape {arr.shape}")
+        raise InputError(f"{what} must be a scalar or a 1-D array, got shape {arr.shape}")
     if np.isnan(arr).any():
-        raise ValueError(f"{what} contains NaN; expected values in [0, 1]")
+        raise InputError(f"{what} contains NaN; expected values in [0, 1]")
     if not allow_extrapolation and ((arr < 0).any() or (arr > 1).any()):
         bad = arr[(arr < 0) | (arr > 1)].ravel()[0]
-        raise ValueError(f"{what}={bad} is outside [0, 1] (pass allow_extrapolation=True to extrapolate)")
+        raise InputError(f"{what}={bad} is outside [0, 1] (pass allow_extrapolation=True to extrapolate)")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{what} must be finite")
+        raise InputError(f"{what} must be finite")
     return arr.astype(np.float32)
 
 
@@ -39,11 +41,7 @@ def _leaf_scales(params, schedule: Schedule | None):
     if schedule is None:
         return jax.tree.map(lambda _: np.float32(1.0), params)
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: np.float32(schedule.scale(_path_keys(path))), params)
-
-
-def _path_keys(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        lambda path, _: np.float32(schedule.scale(path_keys(path))), params)
 
 
 def _lerp(i, t, lam):
@@ -95,7 +93,7 @@ def _check_out(out, theta_i, theta_t, lam_arr) -> None:
     lead = lam_arr.shape
     inputs = {id(x) for x in jax.tree.leaves((theta_i, theta_t))}
     for (path, o), x in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(theta_i)):
-        name = "/".join(map(str, _path_keys(path)))
+        name = "/".join(path_keys(path))
         if o.shape != lead + x.shape or o.dtype != x.dtype:
             raise ValueError(f"out {name}: {o.shape} {o.dtype}, expected {lead + x.shape} {x.dtype}")
         if id(o) in inputs:
@@ -125,7 +123,7 @@ def _check_same_tree(a, b) -> None:
         raise ValueError(f"the two param trees differ in structure:\n{sa}\nvs\n{sb}")
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         if x.shape != y.shape or x.dtype != y.dtype:
-            name = "/".join(map(str, _path_keys(path)))
+            name = "/".join(path_keys(path))
             raise ValueError(f"param {name}: {x.shape} {x.dtype} vs {y.shape} {y.dtype}")
 
 

@@ -16,13 +16,14 @@ import numpy as np
 
 from dami_jax.checkpoint.hf import load_hf, resolve_model_dir
 from dami_jax.config import GenerationIds, ModelConfig
+from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, generate, generate_stacked
 from dami_jax.generate.sampling import Greedy
 from dami_jax.interpolate import check_lam, delta_params, interpolate
 from dami_jax.schedule import Schedule
 
 
-class PairMismatchError(ValueError):
+class PairMismatchError(InputError):
     """The two checkpoints are not the same architecture."""
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
-from conftest import left_pad, random_prompts
+from helpers import left_pad, random_prompts
 from dami_jax.checkpoint import store
 
 LENGTHS = [9, 4, 13, 1]
@@ -179,8 +179,56 @@ def test_converted_by_an_older_layout_is_refused(tiny_hf, tmp_path):
         meta = json.load(f)
     with open(marker, "w") as f:
         json.dump({**meta, "format": 1}, f)
-    with pytest.raises(ValueError, match="params format 1.*convert it again"):
+    with pytest.raises(dj.CheckpointError, match="params format 1.*convert it again"):
         dj.load_hf(conv, progress=False)
+
+
+# ---------------------------------------------------------------------------
+# What save_hf, convert and merge share: the shard plan and the tokenizer files.
+
+def test_plan_shards():
+    from dami_jax.checkpoint.hf import plan_shards
+
+    assert plan_shards([4, 6], 10) == [("model.safetensors", range(0, 2))]
+    assert plan_shards([], 10) == [("model.safetensors", range(0, 0))]
+    names = [f"model-{k:05d}-of-00003.safetensors" for k in (1, 2, 3)]
+    # a tensor that would overflow the shard opens the next; one over the limit sits alone
+    assert plan_shards([5, 5, 11, 1, 3], 10) == list(zip(names, [range(0, 2), range(2, 3), range(3, 5)]))
+
+
+def test_merge_and_save_hf_shard_alike(tiny_hf, tmp_path):
+    from dami_jax.checkpoint.merge import merge_checkpoints
+
+    a, b = tiny_hf("dense_gqa"), tiny_hf("dense_gqa", 1)
+    saved = dj.save_hf(a.cfg, a.params(), tmp_path / "saved", max_shard_bytes=30_000, progress=False)
+    merged = merge_checkpoints(a.path, b.path, 0.0, tmp_path / "merged", max_shard_bytes=30_000, progress=False)
+
+    def index(d):
+        with open(os.path.join(d, "model.safetensors.index.json")) as f:
+            return json.load(f)
+
+    assert len(set(index(saved)["weight_map"].values())) > 2
+    assert index(merged) == index(saved)
+    assert_same_params(dj.load_hf(merged, progress=False), a.params())  # λ = 0 is the Instruct model
+
+
+def test_convert_and_merge_copy_the_same_tokenizer_files(tiny_hf, tmp_path):
+    from dami_jax.checkpoint.merge import merge_checkpoints
+    from dami_jax.checkpoint.tokenizer_files import TOKENIZER_FILES
+
+    a, b = tiny_hf("dense_gqa"), tiny_hf("dense_gqa", 1)
+    src = tmp_path / "src"
+    shutil.copytree(b.path, src)
+    for name in TOKENIZER_FILES:
+        (src / name).write_text(json.dumps({"file": name}))
+    (src / "notes.txt").write_text("not a tokenizer file")
+    conv = store.save_params(b.cfg, b.params(), tmp_path / "conv", source=str(src))
+    merged = merge_checkpoints(a.path, src, 0.5, tmp_path / "merged", progress=False)
+    for out in (conv, merged):
+        for name in TOKENIZER_FILES:
+            with open(os.path.join(out, name)) as f:
+                assert json.load(f) == {"file": name}, (out, name)
+        assert not os.path.exists(os.path.join(out, "notes.txt"))
 
 
 # ---------------------------------------------------------------------------

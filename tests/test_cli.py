@@ -62,6 +62,13 @@ def test_help(command, capsys, monkeypatch):
     (["serve", "--port", "abc"], "argument --port: invalid int value: 'abc'"),
     (["serve", "bogus=1"], "unknown key(s) ['bogus']"),
     (["calibrate", "conf", "--out", "unused.json", "--conf-set", "bogus=1"], "unknown key(s) ['bogus']"),
+    (["generate", "--instruct", "a", "--thinking", "b", "--prompt", "q", "--temperature", "-1"],
+     "argument --temperature: -1 is outside [0, inf]"),
+    (["generate", "--instruct", "a", "--thinking", "b", "--prompt", "q", "--top-p", "0"],
+     "argument --top-p: 0 is outside (0, 1]"),
+    (["generate", "--instruct", "no/such/dir", "--thinking", "b", "--prompt", "q"],
+     "dami generate: error: no/such/dir: not a model directory or a hub id"),
+    (["eval", "--bench", "nosuch", "--policies", "static:0"], "dami eval: error: unknown benchmark 'nosuch'"),
 ])
 def test_bad_input_exits_2_naming_the_problem(argv, message, capsys):
     assert _exit_code(argv) == 2
@@ -127,3 +134,55 @@ def test_calibrate_with_conf_overrides(tmp_path, capsys):
     assert len(s) == 300 and cal.conf.rho == 0.7 and cal.conf.tau_per_iqr == 0.1
     q25, q30, q75 = np.quantile(s, [0.25, 0.3, 0.75])  # μ at the 1 - ρ quantile
     assert cal.mu == pytest.approx(q30, abs=1e-9) and cal.tau == pytest.approx(0.1 * (q75 - q25), abs=1e-9)
+
+
+def _subparser(command: str):
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices[command]
+
+
+def test_bad_input_errors_share_one_base():
+    import dami_jax as dj
+
+    for error in (dj.ConfigError, dj.CheckpointError, dj.PairMismatchError):
+        assert issubclass(error, dj.InputError)
+    assert issubclass(dj.InputError, ValueError)  # callers catching ValueError still do
+
+
+def test_an_internal_error_is_not_reported_as_bad_input(monkeypatch, capsys):
+    """Only InputError (ConfigError, CheckpointError, ...) and a missing path are bad input."""
+    from dami_jax import cli
+
+    def bug(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "_demo", bug)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["demo"])
+    assert "error" not in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback_of_bad_input(capsys):
+    argv = ["sweep", "--pair", "no/such/pair.yaml"]
+    assert main(["--debug", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "FileNotFoundError" in err
+    assert err.rstrip().endswith("dami sweep: error: [Errno 2] No such file or directory: 'no/such/pair.yaml'")
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_defaults_follow_the_library():
+    import inspect
+
+    from dami_jax.checkpoint.merge import OUT_DTYPES
+    from dami_jax.pair import generate_pair, load_pair
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    gen = _subparser("generate").parse_args(["--instruct", "a", "--thinking", "b", "--prompt", "q"])
+    assert gen.mode == default(generate_pair, "mode") == "delta"
+    assert gen.dtype == default(load_pair, "dtype")
+    merge = next(a for a in _subparser("merge")._actions if a.dest == "dtype")
+    assert sorted(merge.choices) == sorted(OUT_DTYPES) and merge.default is None  # None: the inputs' dtype

@@ -9,7 +9,7 @@ import pytest
 
 import dami_jax as dj
 from dami_jax.generate.chat import load_tokenizer
-from conftest import random_prompts
+from helpers import random_prompts
 
 NEW = 32
 LENGTHS = [5, 12, 1, 20]  # 4 prompts of different lengths: left padding in one batch
@@ -237,24 +237,6 @@ def test_sample_argument_checks():
 # ---------------------------------------------------------------------------
 # Chat helpers
 
-@pytest.mark.parametrize(
-    "text, thinking, answer",
-    [
-        ("Let me add 2 and 2.</think>\n\nThe answer is 4.", "Let me add 2 and 2.", "The answer is 4."),
-        ("<think>\nhmm</think>4", "hmm", "4"),
-        ("Just 4.", None, "Just 4."),
-        ("  plain answer \n", None, "plain answer"),
-        ("</think>4", "", "4"),
-        ("a</think>b</think> c ", "a</think>b", "c"),  # the last </think> splits
-        ("still thinking</think>", "still thinking", ""),
-        ("", None, ""),
-        ("<think>only an opening tag", None, "<think>only an opening tag"),
-    ],
-)
-def test_split_thinking(text, thinking, answer):
-    assert dj.split_thinking(text) == (thinking, answer)
-
-
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 WORDS = ["[UNK]", "system", "user", "assistant", "you", "are", "helpful", "what", "is", "2", "+", "?", "4"]
 TEMPLATE = (
@@ -322,7 +304,7 @@ def test_last_only_logits_are_the_last_column(tiny_hf, prompts, delta):
     from dami_jax.interpolate import delta_params
     from dami_jax.models import qwen3
     from dami_jax.models.kv_cache import KVCache
-    from conftest import left_pad
+    from helpers import left_pad
 
     ckpt = tiny_hf("dense_gqa")
     params = ckpt.params()

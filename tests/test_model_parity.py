@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
-from conftest import TINY, left_pad, random_prompts
+from helpers import TINY, left_pad, random_prompts
 
 ATOL_F32 = 1e-4  # DESIGN 2.3
 LENGTHS = [9, 4, 13, 1]  # different lengths: rows 1-3 are left-padded

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import dami_jax as dj
-from conftest import hf_config, left_pad, random_prompts
+from helpers import hf_config, leaves, left_pad, random_prompts
 from dami_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from dami_jax.interpolate import interpolate
-from dami_jax.merge import merge_checkpoints
+from dami_jax.checkpoint.merge import merge_checkpoints
 from dami_jax.pair import PairMismatchError, generate_pair, load_pair, sweep
 from dami_jax.schedule import Schedule
 
@@ -40,11 +40,6 @@ def tp(request, tiny_hf):
     prompts[4] = prompts[0]
     return types.SimpleNamespace(name=request.param, pair=pair, instruct=ci.path, thinking=ct.path,
                                  prompts=prompts)
-
-
-def leaves(tree) -> dict:
-    return {tuple(getattr(k, "key", k) for k in path): np.asarray(x)
-            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def assert_within_one_rounding(got: dict, want: dict) -> None:
@@ -323,7 +318,7 @@ def test_failed_merge_leaves_no_partial_output(dense, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=drop.replace(".", r"\.")):
         merge_checkpoints(inst, broken, 0.5, out, progress=False)
     # a failure after the shards are written: the temporary directory is removed, `out` untouched
-    import dami_jax.merge as merge_mod
+    import dami_jax.checkpoint.merge as merge_mod
 
     def boom(*args):
         raise OSError("disk full")

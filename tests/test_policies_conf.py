@@ -21,7 +21,7 @@ from dami_jax.policies import (
 from dami_jax.models.qwen3 import abstract_params
 from dami_jax.policies.conf import format_token_ids
 
-from conftest import left_pad, random_prompts
+from helpers import left_pad, random_prompts
 
 VOCAB, PROBE = 32, 8
 CFG = dj.ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,

@@ -362,7 +362,7 @@ PREF_ASSET = os.path.join(ROOT, "dami_jax", "pref", "assets", "toy")
 
 def _toy_pair():
     from dami_jax.pair import load_pair
-    from dami_jax.toyworld.demo import default_pair_dirs
+    from dami_jax.toyworld import default_pair_dirs
 
     try:
         dirs = default_pair_dirs()

@@ -8,9 +8,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dami_jax as dj
-from conftest import left_pad, random_prompts
+from helpers import left_pad, random_prompts
 from dami_jax.checkpoint import store
 from dami_jax.models.sharding import batch_sharding
+from dami_jax.tree import path_keys
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (conftest sets XLA_FLAGS)")
 
@@ -42,10 +43,6 @@ def mesh():
     return dj.make_mesh(data=2, fsdp=2, tensor=2)
 
 
-def _key(path):
-    return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def _shard_shape(shape, spec, mesh):
     out = []
     for i, dim in enumerate(shape):
@@ -61,8 +58,8 @@ def _check_placement(params, reference, mesh, expected):
     assert len(flat) == len(ref)
     for (path, leaf), (rpath, rleaf) in zip(flat, ref):
         assert path == rpath
-        name = "/".join(_key(path))
-        spec = expected(_key(path), leaf.shape)
+        name = "/".join(path_keys(path))
+        spec = expected(path_keys(path), leaf.shape)
         assert isinstance(leaf.sharding, NamedSharding), name
         assert leaf.sharding.mesh == mesh, name
         assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), (name, leaf.sharding.spec, spec)

@@ -35,6 +35,10 @@ from dami_jax.models import qwen3
 from dami_jax.models.sharding import ShardingConfig, param_shardings
 
 
+DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+INDEX_FILE = "model.safetensors.index.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     hf: str  # with {l} for the layer and {e} for the expert
@@ -117,7 +121,8 @@ def _leaf(row: Row, layer: int | None, num_experts: int = 0) -> Leaf:
     return Leaf(path, (row.hf.format(l=layer),), row.split, row.transposed, False)
 
 
-def _get(tree, path):
+def get_path(tree, path):
+    """The leaf of a nested dict at a tuple of keys (a `Leaf.path`)."""
     for p in path:
         tree = tree[p]
     return tree
@@ -132,12 +137,12 @@ def _set(tree, path, value):
 # ---------------------------------------------------------------------------
 # Import
 
-class _Index:
-    """Which file holds each tensor, for single-file and sharded checkpoints."""
+class TensorIndex:
+    """Which file holds each tensor, for single-file and sharded checkpoints (`close` when done)."""
 
     def __init__(self, directory: str):
         self.directory = directory
-        index = os.path.join(directory, "model.safetensors.index.json")
+        index = os.path.join(directory, INDEX_FILE)
         single = os.path.join(directory, "model.safetensors")
         if os.path.isfile(index):
             with open(index) as f:
@@ -208,23 +213,23 @@ def load_hf(path: str | os.PathLike, dtype="float32", mesh=None, rules: Sharding
     dtype = jnp.dtype(dtype)
     abstract = qwen3.abstract_params(cfg, dtype)
     shardings = param_shardings(abstract, mesh, rules) if mesh is not None else None
-    index = _Index(directory)
+    index = TensorIndex(directory)
     table = leaf_table(cfg)
-    _check_no_extra(index, table, cfg, directory)
+    check_no_extra_tensors(index, table, cfg, directory)
     params: dict = {}
     try:
         for leaf in tqdm(table, desc=f"loading {os.path.basename(directory.rstrip('/'))}",
                          disable=not progress, leave=False):
-            want = _get(abstract, leaf.path).shape
+            want = get_path(abstract, leaf.path).shape
             value = _read_leaf(index, leaf, want, dtype)
-            sharding = None if shardings is None else _get(shardings, leaf.path)
+            sharding = None if shardings is None else get_path(shardings, leaf.path)
             _set(params, leaf.path, _place(value, sharding))
     finally:
         index.close()
     return params
 
 
-def _read_leaf(index: _Index, leaf: Leaf, want: tuple[int, ...], dtype) -> np.ndarray:
+def _read_leaf(index: TensorIndex, leaf: Leaf, want: tuple[int, ...], dtype) -> np.ndarray:
     per_expert = want[1:] if leaf.stacked else want
     out = np.empty(want, dtype) if leaf.stacked else None
     for e, name in enumerate(leaf.hf_names):
@@ -245,7 +250,8 @@ def _read_leaf(index: _Index, leaf: Leaf, want: tuple[int, ...], dtype) -> np.nd
     return out
 
 
-def _check_no_extra(index: _Index, table: list[Leaf], cfg: ModelConfig, directory: str) -> None:
+def check_no_extra_tensors(index: TensorIndex, table: list[Leaf], cfg: ModelConfig, directory: str) -> None:
+    """Refuse a checkpoint holding tensors the config does not describe (a config/weights mismatch)."""
     expected = {n for leaf in table for n in leaf.hf_names}
     # Tied checkpoints sometimes still carry lm_head.weight; it must equal the embedding, so skip it.
     extra = sorted(set(index.where) - expected - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
@@ -268,7 +274,7 @@ def _place(value: np.ndarray, sharding) -> jax.Array:
 # Export
 
 def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
-            dtype: str | None = None, max_shard_bytes: int = 4 * 1024**3, progress: bool = True,
+            dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
             extra_files: dict[str, str] | None = None, generation_ids: GenerationIds | None = None) -> str:
     """Write HF-loadable safetensors (sharded with an index past `max_shard_bytes`) + config.json.
 
@@ -281,7 +287,7 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
     """
     out_dir = os.fspath(out_dir)
     table = leaf_table(cfg)
-    np_dtype = np.dtype(jnp.dtype(dtype or _get(params, table[0].path).dtype))
+    np_dtype = np.dtype(jnp.dtype(dtype or get_path(params, table[0].path).dtype))
     tmp = staging_dir(out_dir)
     try:
         _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress)
@@ -291,7 +297,7 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
             json.dump(hf_cfg, f, indent=2)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, os.path.join(tmp, name))
-        _atomic_replace_dir(tmp, out_dir)
+        atomic_replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -301,7 +307,7 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
 def hf_tensors(params: dict, table: list[Leaf], np_dtype):
     """(HF name, numpy array) pairs, one leaf at a time (host memory ~ one leaf)."""
     for leaf in table:
-        value = np.asarray(jax.device_get(_get(params, leaf.path))).astype(np_dtype, copy=False)
+        value = np.asarray(jax.device_get(get_path(params, leaf.path))).astype(np_dtype, copy=False)
         if leaf.stacked:
             for e, name in enumerate(leaf.hf_names):
                 yield name, leaf.to_hf(value[e])
@@ -310,25 +316,41 @@ def hf_tensors(params: dict, table: list[Leaf], np_dtype):
 
 
 def _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress) -> None:
-    batches: list[list] = [[]]
-    size = 0
-    for leaf in table:
-        nbytes = int(np.prod(_get(params, leaf.path).shape)) * np_dtype.itemsize
-        if batches[-1] and size + nbytes > max_shard_bytes:
-            batches.append([])
-            size = 0
-        batches[-1].append(leaf)
-        size += nbytes
-    n = len(batches)
+    # A stacked expert leaf is written as one HF tensor per expert, all in the leaf's shard.
+    sizes = [int(np.prod(get_path(params, leaf.path).shape)) * np_dtype.itemsize for leaf in table]
     weight_map, total = {}, 0
-    for i, batch in enumerate(tqdm(batches, desc="writing safetensors", disable=not progress, leave=False)):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = list(hf_tensors(params, batch, np_dtype))
+    for fname, span in tqdm(plan_shards(sizes, max_shard_bytes), desc="writing safetensors",
+                            disable=not progress, leave=False):
+        tensors = list(hf_tensors(params, [table[i] for i in span], np_dtype))
         total += write_safetensors(os.path.join(tmp, fname), tensors)
         weight_map.update({name: fname for name, _ in tensors})
-    if n > 1:
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_shard_index(tmp, weight_map, total)
+
+
+def plan_shards(sizes: list[int], max_shard_bytes: int) -> list[tuple[str, range]]:
+    """Consecutive tensors (of these byte sizes) grouped into shard files: (file name, positions).
+
+    A shard is closed when the next tensor would take it past `max_shard_bytes`
+    (a tensor over the limit gets a shard of its own). The files are named as
+    transformers names them: `model.safetensors` alone, else `model-0000k-of-0000n.safetensors`.
+    """
+    starts, size = [0], 0
+    for i, nbytes in enumerate(sizes):
+        if i > starts[-1] and size + nbytes > max_shard_bytes:
+            starts.append(i)
+            size = 0
+        size += nbytes
+    spans = [range(lo, hi) for lo, hi in zip(starts, starts[1:] + [len(sizes)])]
+    n = len(spans)
+    return [("model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors", span)
+            for k, span in enumerate(spans)]
+
+
+def write_shard_index(directory: str, weight_map: dict[str, str], total_bytes: int) -> None:
+    """The index of a sharded checkpoint (tensor name -> file); a single file needs none."""
+    if len(set(weight_map.values())) > 1:
+        with open(os.path.join(directory, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
 
 
 def staging_dir(out_dir: str) -> str:
@@ -342,7 +364,8 @@ def staging_dir(out_dir: str) -> str:
     return tmp
 
 
-def _atomic_replace_dir(tmp: str, out_dir: str) -> None:
+def atomic_replace_dir(tmp: str, out_dir: str) -> None:
+    """Move the finished `tmp` (a `staging_dir`) to `out_dir`, replacing what was there."""
     if os.path.lexists(out_dir):
         old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=os.path.dirname(tmp))
         os.rename(out_dir, os.path.join(old, "x"))

@@ -18,6 +18,8 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
+from dami_jax.errors import InputError
+
 DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -34,7 +36,7 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _PAGE = mmap.PAGESIZE
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, truncated, or holds unexpected tensors."""
 
 
@@ -103,23 +105,34 @@ class SafetensorsFile:
             self._mm = None
 
 
+def encode_header(tensors: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+                  metadata: dict[str, str] | None = None) -> bytes:
+    """The head of a file holding (name, dtype, shape) tensors back to back in this order.
+
+    The 8-byte length, then the JSON header padded with spaces so the data starts
+    8-byte aligned. Known from shapes alone, so a writer can stream the data after it.
+    """
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, dtype, shape in tensors:
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {dtype}")
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]],
                       metadata: dict[str, str] | None = None) -> int:
     """Write (name, array) pairs to `path`; returns the bytes of tensor data written."""
     tensors = [(name, np.ascontiguousarray(a)) for name, a in tensors]
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, a in tensors:
-        if a.dtype not in _NAMES:
-            raise CheckpointError(f"cannot write tensor {name!r} of dtype {a.dtype}")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    head = encode_header([(name, a.dtype, a.shape) for name, a in tensors], metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(head)
         for _, a in tensors:
             f.write(a.reshape(-1).view(np.uint8).data)  # no extra copy
-    return offset
+    return sum(a.nbytes for _, a in tensors)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from dami_jax.checkpoint.safetensors_io import CheckpointError
+from dami_jax.checkpoint.tokenizer_files import copy_tokenizer_files
 from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.models import qwen3
 from dami_jax.models.sharding import ShardingConfig, param_shardings
@@ -23,8 +25,6 @@ from dami_jax.models.sharding import ShardingConfig, param_shardings
 MARKER = "dami_converted.json"
 # Version of the params layout (see models/qwen3.py). 2: dense kernels (out, in).
 FORMAT = 2
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
 
 
 def is_converted(directory: str) -> bool:
@@ -55,9 +55,7 @@ def save_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, sour
         ids = GenerationIds.from_hf(source) if source and os.path.isdir(source) else None
         json.dump(cfg.to_hf_dict(dtype=dtype, generation_ids=ids), f, indent=2)
     if source and os.path.isdir(source):
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+        copy_tokenizer_files(source, out_dir)
     with open(os.path.join(out_dir, MARKER), "w") as f:  # written last: marks the directory complete
         json.dump({"format": FORMAT, "dtype": dtype, "source": source}, f)
     return out_dir
@@ -68,8 +66,9 @@ def restore_params(directory: str, dtype=None, mesh=None, rules: ShardingConfig 
     with open(os.path.join(directory, MARKER)) as f:
         marker = json.load(f)
     if marker.get("format") != FORMAT:
-        raise ValueError(f"{directory} was converted by an older dami_jax (params format {marker.get('format')}, "
-                         f"this version reads {FORMAT}); convert it again with `dami convert SRC {directory}`")
+        raise CheckpointError(f"{directory} was converted by an older dami_jax (params format "
+                              f"{marker.get('format')}, this version reads {FORMAT}); convert it again with "
+                              f"`dami convert SRC {directory}`")
     saved_dtype = marker["dtype"]
     cfg = ModelConfig.from_hf(directory)
     abstract = qwen3.abstract_params(cfg, jnp.dtype(saved_dtype))

@@ -18,6 +18,8 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from dami_jax.errors import InputError
+
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 GOLD_FORMATS = ("plain", "gsm8k")
@@ -46,7 +48,7 @@ class FieldMap:
 
     def __post_init__(self):
         if self.gold not in GOLD_FORMATS:
-            raise ValueError(f"FieldMap.gold must be one of {GOLD_FORMATS}, got {self.gold!r}")
+            raise InputError(f"FieldMap.gold must be one of {GOLD_FORMATS}, got {self.gold!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ def math_prompt(question: str, instruction: str | None = DEFAULT_INSTRUCTION) ->
     on its own line (no instruction when `instruction` is None or empty). The
     chat template is applied by the caller."""
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"math_prompt: question must be a non-empty string, got {question!r}")
+        raise InputError(f"math_prompt: question must be a non-empty string, got {question!r}")
     if not instruction:
         return question.strip()
     return f"{question.strip()}\n{instruction}"
@@ -84,10 +86,10 @@ def extract_gsm8k_answer(solution: str) -> str:
     """`'... #### 1,234'` -> `'1234'` (thousands separators and `$` removed)."""
     match = _GSM8K_GOLD.search(str(solution))
     if match is None:
-        raise ValueError(f"GSM8K answer has no '#### <answer>' marker: {str(solution)[-80:]!r}")
+        raise InputError(f"GSM8K answer has no '#### <answer>' marker: {str(solution)[-80:]!r}")
     answer = match.group(1).replace(",", "").replace("$", "").strip()
     if not answer:
-        raise ValueError(f"GSM8K answer is empty after '####': {str(solution)[-80:]!r}")
+        raise InputError(f"GSM8K answer is empty after '####': {str(solution)[-80:]!r}")
     return answer
 
 
@@ -106,25 +108,25 @@ def rows_to_problems(rows: Iterable[Mapping[str, Any]], fields: FieldMap, source
     for index, row in enumerate(rows):
         where = f"{source} row {index}"
         if not isinstance(row, Mapping):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
         wanted = [fields.question, fields.answer] + ([fields.id] if fields.id else [])
         missing = [name for name in wanted if name not in row]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{where}: missing field(s) {missing}; the row has fields {sorted(row)}. "
                 f"Pass a FieldMap(question=..., answer=..., id=...) naming the right fields."
             )
         answer = row[fields.answer]
         if answer is None:
-            raise ValueError(f"{where}: field {fields.answer!r} (the answer) is null")
+            raise InputError(f"{where}: field {fields.answer!r} (the answer) is null")
         gold = extract_gsm8k_answer(answer) if fields.gold == "gsm8k" else _gold_str(answer)
         pid = str(row[fields.id]) if fields.id else f"{os.path.basename(source)}-{index}"
         if pid in seen:
-            raise ValueError(f"{where}: duplicate id {pid!r} in field {fields.id!r}; ids must be unique")
+            raise InputError(f"{where}: duplicate id {pid!r} in field {fields.id!r}; ids must be unique")
         seen.add(pid)
         question = row[fields.question]
         if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{where}: field {fields.question!r} (the question) must be a non-empty string")
+            raise InputError(f"{where}: field {fields.question!r} (the question) must be a non-empty string")
         problems.append(Problem(pid, question, gold))
     return problems
 
@@ -142,7 +144,7 @@ def load_jsonl(path: str | os.PathLike, fields: FieldMap = FieldMap(), limit: in
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
     problems = rows_to_problems(rows, fields, path)
     return problems[:limit] if limit is not None else problems
 
@@ -161,12 +163,12 @@ def load_benchmark(
     hub benchmark it overrides the built-in mapping. `limit` keeps the first rows.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        raise InputError(f"limit must be >= 1 or None, got {limit}")
     name = os.fspath(name)
     if name.endswith(".jsonl") or os.path.isfile(name):
         return load_jsonl(name, fields or FieldMap(), limit)
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} or a path to a .jsonl file")
+        raise InputError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} or a path to a .jsonl file")
     spec = BENCHMARKS[name]
     try:
         import datasets  # lazy: only hub loading needs it

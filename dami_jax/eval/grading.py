@@ -26,7 +26,8 @@ import dataclasses
 import functools
 import threading
 
-THINK_END = "</think>"
+from dami_jax.thinking import THINK_END, split_thinking
+
 MODES = ("strict", "lenient")
 
 
@@ -41,14 +42,8 @@ class Grade:
     pred: str | None
 
 
-def split_thinking(output: str) -> tuple[str | None, str]:
-    """(thinking, answer): thinking is everything before the last `</think>`
-    (None when there is none), answer everything after it."""
-    head, sep, tail = output.rpartition(THINK_END)
-    return (head, tail) if sep else (None, output)
-
-
 def answer_text(output: str) -> str:
+    """The part of an output that is graded (`split_thinking`'s answer)."""
     return split_thinking(output)[1]
 
 

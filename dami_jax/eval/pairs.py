@@ -31,10 +31,10 @@ class PairConfig:
 
 
 def toy_pair_config() -> PairConfig:
-    from dami_jax.toyworld.demo import DEFAULT_PAIR, MAX_NEW_TOKENS, default_pair_dirs
+    from dami_jax.toyworld import MAX_NEW_TOKENS, PAIR_DIR, default_pair_dirs
 
     instruct, thinking = default_pair_dirs()
-    cal = os.path.join(DEFAULT_PAIR, "conf_calibration.json")
+    cal = os.path.join(PAIR_DIR, "conf_calibration.json")
     # Plain `pref` already loads the reward model shipped for this pair (dami_jax/pref/assets/toy).
     return PairConfig(instruct, thinking, dtype="float32", max_new_tokens=MAX_NEW_TOKENS, batch_size=300,
                       conf_calibration=cal if os.path.isfile(cal) else None, math_instruction=False)

@@ -1,10 +1,8 @@
-"""Chat templates through transformers.AutoTokenizer, and thinking/answer parsing."""
+"""Chat templates through transformers.AutoTokenizer (outputs are split by `dami_jax.thinking`)."""
 
 from __future__ import annotations
 
 import os
-
-THINK_END = "</think>"
 
 
 def load_tokenizer(path_or_id: str | os.PathLike):
@@ -23,17 +21,3 @@ def chat_prompt(tokenizer, question_or_messages, **template_kwargs) -> list[int]
         ids = ids["input_ids"]
     return list(ids)
 
-
-def split_thinking(text: str) -> tuple[str | None, str]:
-    """(thinking, answer): thinking is everything before the last `</think>`.
-
-    Thinking-2507 templates insert `<think>` themselves, so outputs hold only
-    `</think>`; a stray leading `<think>` is stripped too. No `</think>`: no thinking.
-    """
-    cut = text.rfind(THINK_END)
-    if cut < 0:
-        return None, text.strip()
-    thinking = text[:cut].strip()
-    if thinking.startswith("<think>"):
-        thinking = thinking[len("<think>"):].strip()
-    return thinking, text[cut + len(THINK_END):].strip()

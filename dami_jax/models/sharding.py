@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dami_jax.tree import path_keys
+
 AXES = ("data", "fsdp", "tensor")
 
 
@@ -84,7 +86,7 @@ def param_shardings(params, mesh: Mesh, rules: ShardingConfig | None = None):
     rules = rules or ShardingConfig()
 
     def one(path, leaf):
-        keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        keys = path_keys(path)
         spec = rules.role_spec(keys)
         if len(leaf.shape) == len(spec) + 1:  # delta mode: leading (Θ_I, Δ) axis
             spec = P(None, *spec)

@@ -25,6 +25,7 @@ import numpy as np
 
 from dami_jax.config import ConfigError
 from dami_jax.interpolate import check_lam
+from dami_jax.tree import path_keys
 
 # name -> module that registers it when imported.
 MODULES = {
@@ -135,7 +136,7 @@ def _sampled_leaves(params, num_layers: int):
     """Leaves outside the layer stack, and those of the first and last layer."""
     keep = {"0", str(num_layers - 1)}
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: str(kv[0])):
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        keys = path_keys(path)
         if keys[0] != "layers" or keys[1] in keep:
             yield "/".join(keys), leaf
 

@@ -13,8 +13,7 @@ import numpy as np
 from dami_jax.generate.decode import GenerateOutput, generate
 from dami_jax.generate.sampling import Greedy
 from dami_jax.policies.base import Policy, PolicyResult, register_policy
-
-THINK_END = "</think>"
+from dami_jax.thinking import THINK_END
 
 
 class BudgetPolicy(Policy):

@@ -29,7 +29,7 @@ from dami_jax.pref.train import PrefData, train_reward_model
 
 def load_task_pair(cfg: PrefConfig):
     from dami_jax.pair import load_pair
-    from dami_jax.toyworld.demo import default_pair_dirs
+    from dami_jax.toyworld import default_pair_dirs
 
     instruct, thinking = default_pair_dirs(cfg.pair)
     return load_pair(instruct, thinking)

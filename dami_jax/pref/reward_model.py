@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dami_jax.config import ConfigError
+from dami_jax.tree import path_keys
 
 FORMAT = "dami-pref-reward-model/1"
 
@@ -81,17 +82,12 @@ def bt_loss(model: RewardModel, h_bd, lam_win_b, lam_lose_b, weight_b=None):
     return loss, acc
 
 
-def grid_argmax(scores_bk, lams_k) -> np.ndarray:
-    """λ of the best grid point per row (the first on ties)."""
-    return np.asarray(lams_k)[np.argmax(np.asarray(scores_bk), axis=1)]
-
-
 # ---------------------------------------------------------------------------
 # Export: a small directory readable without Orbax.
 
 def _flat(state) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): np.asarray(v) for p, v in leaves}
+    return {"/".join(path_keys(p)): np.asarray(v) for p, v in leaves}
 
 
 def save_reward_model(model: RewardModel, directory: str | os.PathLike, meta: dict) -> str:
@@ -128,7 +124,7 @@ def load_reward_model(directory: str | os.PathLike) -> tuple[RewardModel, dict]:
 
 def _unflat(state, flat: dict):
     def one(path, _):
-        return jnp.asarray(flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)])
+        return jnp.asarray(flat["/".join(path_keys(path))])
 
     pure = jax.tree_util.tree_map_with_path(one, nnx.to_pure_dict(state))
     new = jax.tree.map(lambda x: x, state)

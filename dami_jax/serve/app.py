@@ -37,7 +37,7 @@ class Server:
         if pair is None:
             instruct, thinking = cfg.instruct, cfg.thinking
             if instruct is None:
-                from dami_jax.toyworld.demo import default_pair_dirs
+                from dami_jax.toyworld import default_pair_dirs
 
                 instruct, thinking = default_pair_dirs()
             pair = load_pair(instruct, thinking, dtype=cfg.dtype, tokenizer=cfg.tokenizer)

@@ -15,7 +15,7 @@ partial `</think>` is held back until the next token settles it.
 
 from __future__ import annotations
 
-from dami_jax.generate.chat import THINK_END, split_thinking
+from dami_jax.thinking import THINK_END, split_thinking
 
 THINK = "<think>"
 

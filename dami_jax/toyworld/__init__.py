@@ -9,15 +9,31 @@ chained mod-10 arithmetic:
 - `tokenizer`: the matching HF tokenizer and Qwen-like chat template;
 - `train`: the trainer (`train_pair`, `ToyTrainConfig`, recipe in configs/toyworld.yaml);
 - `demo`: the static λ sweep (`dami demo`); the trainer records the same check beside the pair.
+
+Where the shipped pair lives (`PAIR_DIR`, `default_pair_dirs`) and how far it
+generates (`MAX_NEW_TOKENS`) are defined here, so eval, serve and pref find the
+pair without importing the demo.
 """
+
+from __future__ import annotations
 
 import os
 
 from dami_jax.toyworld.language import Problem, grade, parse_answer, sample_problems
 
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-PAIR_DIR = os.path.join(ASSETS, "pair")
-INSTRUCT_DIR = os.path.join(PAIR_DIR, "instruct")
-THINKING_DIR = os.path.join(PAIR_DIR, "thinking")
+PAIR_DIR = os.path.join(os.path.dirname(__file__), "assets", "pair")
+MAX_NEW_TOKENS = 96  # the toy pair's generation limit: its longest thinking trace (k = 6) is 80 tokens
 
-__all__ = ["Problem", "grade", "parse_answer", "sample_problems", "PAIR_DIR", "INSTRUCT_DIR", "THINKING_DIR"]
+
+def default_pair_dirs(root: str | None = None) -> tuple[str, str]:
+    """(instruct, thinking) directories of a toy pair: the shipped one, or one `dami toyworld train` wrote."""
+    root = root or PAIR_DIR
+    dirs = (os.path.join(root, "instruct"), os.path.join(root, "thinking"))
+    for d in dirs:
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            raise FileNotFoundError(f"{d}: no toy checkpoint (train one with `dami toyworld train --out DIR`)")
+    return dirs
+
+
+__all__ = ["MAX_NEW_TOKENS", "PAIR_DIR", "Problem", "default_pair_dirs", "grade", "parse_answer",
+           "sample_problems"]

@@ -13,24 +13,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from importlib import resources
 
 import numpy as np
 
+from dami_jax.toyworld import MAX_NEW_TOKENS, default_pair_dirs
 from dami_jax.toyworld import language as L
 
-DEFAULT_PAIR = str(resources.files("dami_jax.toyworld") / "assets" / "pair")
 HELD_OUT_SEED = 20261127  # training draws from other seeds
-MAX_NEW_TOKENS = 96
-
-
-def default_pair_dirs(root: str | None = None) -> tuple[str, str]:
-    root = root or DEFAULT_PAIR
-    dirs = (os.path.join(root, "instruct"), os.path.join(root, "thinking"))
-    for d in dirs:
-        if not os.path.isfile(os.path.join(d, "config.json")):
-            raise FileNotFoundError(f"{d}: no toy checkpoint (train one with `dami toyworld train --out DIR`)")
-    return dirs
 
 
 def run_grid(pair, problems, lams) -> list[dict]:

@@ -34,12 +34,14 @@ import re
 
 import numpy as np
 
+from dami_jax.thinking import THINK_END, THINK_START, split_thinking
+
 MAX_OPS = 6
 OPS = ("+", "-", "*")
 BLANK = "_"
 NEWLINE = "\n"
 BOX_OPEN, BOX_CLOSE = "\\boxed{", "}"
-THINK, THINK_END = "<think>", "</think>"
+THINK = THINK_START  # Qwen3's tags, so split_thinking and the budget cut apply to the toy pair
 PAD, IM_START, IM_END, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
 ROLES = ("system", "user", "assistant")
 EOS = IM_END
@@ -168,7 +170,7 @@ _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
 
 def parse_answer(output_text: str) -> int | None:
     """The last `\\boxed{n}` after the last `</think>` (whole text if none), else None."""
-    answer_part = output_text.rpartition(THINK_END)[2]
+    answer_part = split_thinking(output_text)[1]
     found = _BOXED.findall(answer_part)
     return int(found[-1]) if found else None
 

@@ -20,12 +20,10 @@ and generation files, and `dami_merge.json` recording how it was made.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,21 +31,20 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from dami_jax.checkpoint.hf import (_atomic_replace_dir, _check_no_extra, _Index, leaf_table,
-                                    resolve_model_dir, staging_dir)
-from dami_jax.checkpoint.safetensors_io import _NAMES, CheckpointError
+from dami_jax.checkpoint.hf import (DEFAULT_MAX_SHARD_BYTES, TensorIndex, atomic_replace_dir,
+                                    check_no_extra_tensors, get_path, leaf_table, plan_shards,
+                                    resolve_model_dir, staging_dir, write_shard_index)
+from dami_jax.checkpoint.safetensors_io import CheckpointError, encode_header
+from dami_jax.checkpoint.tokenizer_files import copy_tokenizer_files
 from dami_jax.config import ModelConfig
+from dami_jax.errors import InputError
 from dami_jax.interpolate import check_lam
 from dami_jax.models import qwen3
 from dami_jax.pair import check_same_architecture
 from dami_jax.schedule import Schedule
 
-DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3  # as save_hf
 OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
               "float16": np.dtype(np.float16)}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
-                   "tokenizer.model")
 BLOCK_ELEMS = 1 << 22  # elements per written block (16 MiB of float32)
 CHUNK_ELEMS = 1 << 14  # elements per arithmetic chunk (fits L1/L2 with its temporaries)
 
@@ -82,23 +79,23 @@ def merge_checkpoints(instruct: str | os.PathLike, thinking: str | os.PathLike, 
     """
     lam32 = check_lam(lam, allow_extrapolation)
     if lam32.ndim != 0:
-        raise ValueError(f"merge takes one λ, got {lam32.shape[0]} values (use `dami sweep` for a grid)")
+        raise InputError(f"merge takes one λ, got {lam32.shape[0]} values (use `dami sweep` for a grid)")
     if tokenizer_from not in ("thinking", "instruct"):
-        raise ValueError(f"tokenizer_from must be 'thinking' or 'instruct', got {tokenizer_from!r}")
+        raise InputError(f"tokenizer_from must be 'thinking' or 'instruct', got {tokenizer_from!r}")
     if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+        raise InputError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
     dirs = {"instruct": resolve_model_dir(instruct), "thinking": resolve_model_dir(thinking)}
     out_dir = os.fspath(out_dir)
     for role, d in dirs.items():
         _refuse_converted(d, role)
         if os.path.abspath(d) == os.path.abspath(out_dir):
-            raise ValueError(f"--out {out_dir} is the {role} checkpoint; choose another directory")
+            raise InputError(f"--out {out_dir} is the {role} checkpoint; choose another directory")
     cfg_i, cfg_t = ModelConfig.from_hf(dirs["instruct"]), ModelConfig.from_hf(dirs["thinking"])
     check_same_architecture(cfg_i, cfg_t)
     cfg = cfg_t if tokenizer_from == "thinking" else cfg_i
     schedule = _as_schedule(schedule, cfg.num_layers)
 
-    index_i, index_t = _Index(dirs["instruct"]), _Index(dirs["thinking"])
+    index_i, index_t = TensorIndex(dirs["instruct"]), TensorIndex(dirs["thinking"])
     try:
         items, in_dtypes = _plan(cfg, index_i, index_t, lam32, schedule, dirs)
         out_dtype = _out_dtype(dtype, in_dtypes)
@@ -111,15 +108,13 @@ def merge_checkpoints(instruct: str | os.PathLike, thinking: str | os.PathLike, 
                 _write_all(tmp, items, index_i, index_t, out_dtype, max_shard_bytes, metadata, worker, progress)
             src = dirs[tokenizer_from]
             _write_config(src, tmp, out_dtype)
-            for name in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(src, name)):
-                    shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+            copy_tokenizer_files(src, tmp)
             with open(os.path.join(tmp, "dami_merge.json"), "w") as f:
                 json.dump({"instruct": os.fspath(instruct), "thinking": os.fspath(thinking),
                            "lam": float(lam32), "dtype": _dtype_name(out_dtype),
                            "schedule": None if schedule is None else dataclasses.asdict(schedule),
                            "tokenizer_from": tokenizer_from}, f, indent=2)
-            _atomic_replace_dir(tmp, out_dir)
+            atomic_replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -145,21 +140,21 @@ def _refuse_converted(directory: str, role: str) -> None:
 def _as_schedule(schedule, num_layers: int) -> Schedule | None:
     if schedule is None or isinstance(schedule, Schedule):
         if schedule is not None and schedule.num_layers != num_layers:
-            raise ValueError(f"schedule was built for {schedule.num_layers} layers, the models have {num_layers}")
+            raise InputError(f"schedule was built for {schedule.num_layers} layers, the models have {num_layers}")
         return schedule
     if isinstance(schedule, dict):
         return Schedule.from_dict(schedule, num_layers)
     return Schedule.from_yaml(os.fspath(schedule), num_layers)
 
 
-def _plan(cfg: ModelConfig, index_i: _Index, index_t: _Index, lam32, schedule, dirs):
+def _plan(cfg: ModelConfig, index_i: TensorIndex, index_t: TensorIndex, lam32, schedule, dirs):
     table = leaf_table(cfg)
-    _check_no_extra(index_i, table, cfg, dirs["instruct"])
-    _check_no_extra(index_t, table, cfg, dirs["thinking"])
+    check_no_extra_tensors(index_i, table, cfg, dirs["instruct"])
+    check_no_extra_tensors(index_t, table, cfg, dirs["thinking"])
     abstract = qwen3.abstract_params(cfg)
     items, dtypes = [], set()
     for leaf in table:
-        want = _get(abstract, leaf.path).shape
+        want = get_path(abstract, leaf.path).shape
         per = want[1:] if leaf.stacked else want
         hf_shape = leaf.hf_shape(per)
         scale = np.float32(1.0 if schedule is None else schedule.scale(leaf.path))
@@ -178,18 +173,12 @@ def _plan(cfg: ModelConfig, index_i: _Index, index_t: _Index, lam32, schedule, d
     return items, dtypes
 
 
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def _out_dtype(dtype, in_dtypes) -> np.dtype:
     if dtype is None:
         return next(iter(in_dtypes)) if len(in_dtypes) == 1 else OUT_DTYPES["float32"]
     name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
     if name not in OUT_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(OUT_DTYPES)}, got {dtype!r}")
+        raise InputError(f"dtype must be one of {sorted(OUT_DTYPES)}, got {dtype!r}")
     return OUT_DTYPES[name]
 
 
@@ -200,42 +189,15 @@ def _dtype_name(dt: np.dtype) -> str:
 # ---------------------------------------------------------------------------
 # Writing: shards planned from sizes, headers first, tensors streamed block by block.
 
-def _shards(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
-    """Consecutive items grouped as save_hf does: a new shard when the next would overflow."""
-    shards: list[list[_Item]] = [[]]
-    size = 0
-    for it in items:
-        if shards[-1] and size + it.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(it)
-        size += it.nbytes
-    return shards
-
-
-def _header(items: list[_Item], out_dtype: np.dtype, metadata: dict) -> bytes:
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for it in items:
-        header[it.name] = {"dtype": _NAMES[out_dtype], "shape": list(it.shape),
-                           "data_offsets": [offset, offset + it.nbytes]}
-        offset += it.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as write_safetensors
-    return struct.pack("<Q", len(blob)) + blob
-
-
 def _write_all(tmp, items, index_i, index_t, out_dtype, max_shard_bytes, metadata, worker, progress):
-    shards = _shards(items, max_shard_bytes)
-    n = len(shards)
     weight_map, total = {}, 0
     bar = tqdm(total=sum(it.nbytes for it in items), unit="B", unit_scale=True, desc="merging",
                disable=not progress, leave=False)
     with bar:
-        for k, shard in enumerate(shards):
-            fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        for fname, span in plan_shards([it.nbytes for it in items], max_shard_bytes):
+            shard = [items[i] for i in span]
             with open(os.path.join(tmp, fname), "wb") as f:
-                f.write(_header(shard, out_dtype, metadata))
+                f.write(encode_header([(it.name, out_dtype, it.shape) for it in shard], metadata))
                 for it in shard:
                     fi, ft = index_i.file_of(it.name), index_t.file_of(it.name)
                     worker.tensor(f, fi.get(it.name), ft.get(it.name), it.lam, out_dtype, bar)
@@ -244,9 +206,7 @@ def _write_all(tmp, items, index_i, index_t, out_dtype, max_shard_bytes, metadat
                     weight_map[it.name] = fname
                     total += it.nbytes
                 worker.flush()  # every block of this shard written before the file closes
-    if n > 1:
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_shard_index(tmp, weight_map, total)
 
 
 class _Worker:
@@ -378,50 +338,3 @@ def _write_config(src: str, tmp: str, out_dtype: np.dtype) -> None:
     raw["dtype"] = name
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)
-
-
-# ---------------------------------------------------------------------------
-# CLI
-
-def _size(text: str) -> int:
-    """Bytes from '500000000', '500MB', '2GiB', '4G' (decimal or binary suffixes)."""
-    units = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    s = text.strip().lower()
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
-    try:
-        value = float(num) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2000000000, 500MB, 2GiB)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
-    return int(value)
-
-
-def add_merge_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "merge", help="write Θ(λ) = λ·Θ_T + (1 − λ)·Θ_I as an HF checkpoint (streaming, tensor by tensor)")
-    p.add_argument("--instruct", required=True, help="Instruct model: HF directory or hub id")
-    p.add_argument("--thinking", required=True, help="Thinking model: HF directory or hub id")
-    p.add_argument("--lam", type=float, required=True, help="λ in [0, 1] (0: Instruct, 1: Thinking)")
-    p.add_argument("--schedule", default=None, help="YAML λ schedule (per module kind / layer range)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    p.add_argument("--dtype", default=None, choices=sorted(OUT_DTYPES),
-                   help="output dtype (default: the inputs' dtype)")
-    p.add_argument("--max-shard-bytes", type=_size, default=DEFAULT_MAX_SHARD_BYTES,
-                   help="shard size limit, e.g. 2GiB (default 4GiB)")
-    p.add_argument("--tokenizer-from", choices=["thinking", "instruct"], default="thinking",
-                   help="whose config.json, tokenizer and generation config to copy")
-    p.add_argument("--allow-extrapolation", action="store_true", help="accept λ outside [0, 1]")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_merge)
-    return p
-
-
-def run_merge(args) -> None:
-    out = merge_checkpoints(args.instruct, args.thinking, args.lam, args.out, schedule=args.schedule,
-                            dtype=args.dtype, max_shard_bytes=args.max_shard_bytes,
-                            progress=not args.no_progress, tokenizer_from=args.tokenizer_from,
-                            allow_extrapolation=args.allow_extrapolation)
-    print(f"merged λ={args.lam} -> {out}")
