@@ -78,7 +78,7 @@ def served(pair, calibration):
     policies = {"dami-instruct": "static:0", "dami-static-0.8": "static:0.8", "dami-thinking": "static:1",
                 "dami-conf": f"conf:{calibration}", "dami-routing": f"routing:0.5:{calibration}", "dami-pref": "pref"}
     cfg = ServeConfig(slots=8, max_seq_len=CONTEXT, max_queue=64, policies=policies, max_body_bytes=64 << 10,
-                      warmup_buckets=1)
+                      warmup_buckets=1, optional=("dami-pref",))
     app = create_app(cfg, pair=pair)
     server, thread, url = _start(app)
     yield app.server, url
@@ -112,7 +112,7 @@ def _chat(client, question, lam=None, model="dami-static-0.8", **kw):
 def test_models_list_only_loadable_policies(client):
     models = {m.id: m.policy for m in client.models.list().data}
     assert {"dami-instruct", "dami-static-0.8", "dami-thinking", "dami-conf", "dami-routing"} <= set(models)
-    assert "dami-pref" not in models  # no trained reward model: not served
+    assert "dami-pref" not in models  # optional, and no reward model trained on this pair: skipped
     assert models["dami-static-0.8"] == "static:0.8"
 
 
