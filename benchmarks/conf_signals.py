@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="held-out problems")
     ap.add_argument("--calib", type=int, default=300, help="unlabeled calibration problems (seed + 1)")
     ap.add_argument("--seed", type=int, default=31337)
-    ap.add_argument("--config", default=None, help="Conf YAML (default configs/policy_conf.yaml)")
+    ap.add_argument("--config", default=None, help="ConfConfig YAML (default: its dataclass defaults, as configs/policy_conf.yaml)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 

@@ -149,8 +149,8 @@ def run_large(args) -> dict:
     from dami_jax.pair import ModelPair
     from dami_jax.policies.base import build_policy, pair_fingerprint
     from dami_jax.policies.calibrate import Calibration
-    from dami_jax.policies.conf import (ConfPolicy, _padded_ids, conf_signals, format_token_ids, load_conf_config,
-                                        padded_rows)
+    from dami_jax.policies.conf import (ConfPolicy, ScoreCoeffs, _padded_ids, conf_signals, format_token_ids,
+                                        load_conf_config, padded_rows)
     from dami_jax.policies.execute import answer
     from dami_jax.policies.routing import RoutingPolicy
 
@@ -172,8 +172,7 @@ def run_large(args) -> dict:
 
     tokens, mask = (jnp.asarray(a) for a in left_pad(prompts, args.prompt_len))
     excl, stops = _padded_ids(format_token_ids(pair, conf_cfg)), _padded_ids(pair.stop_tokens)
-    coeffs = jnp.asarray([*conf_cfg.weights, cal.mu, cal.tau, conf_cfg.lam_min, conf_cfg.lam_max, 0.0],
-                         jnp.float32)
+    coeffs = ScoreCoeffs.of(conf_cfg, cal.mu, cal.tau)
 
     def scoring_exact_rows():
         out = conf_signals(cfg, pair.instruct, pair.thinking, tokens, mask, excl, stops, coeffs,

@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.add_argument("--seed", type=int, default=7, help="toy calibration problems (not the eval seed)")
     p.add_argument("--set", action="append", default=[], help="pair config override key=value")
-    p.add_argument("--conf-config", default=None, help="Conf YAML (default configs/policy_conf.yaml)")
+    p.add_argument("--conf-config", default=None, help="ConfConfig YAML (default: its dataclass defaults)")
     p.add_argument("--conf-set", action="append", default=[],
                    help="Conf config override key=value, e.g. rho=0.7 (saved in the calibration)")
     p.set_defaults(func=_calibrate)

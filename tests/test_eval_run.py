@@ -1,7 +1,6 @@
 """`dami eval` end to end on the shipped toy pair, resume, and the budget baseline."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ import os
 import shutil
 import types
 
-import jax
 import numpy as np
 import pytest
 

@@ -238,6 +238,58 @@ def test_supervised_fit(pair, calibration):
     assert ((lam > 0.5) == wrong).mean() >= 0.9
 
 
+def test_recalibrating_reuses_the_compiled_scoring(pair, prompts):
+    """μ, τ, the weights and the aggregation are traced `ScoreCoeffs`: no recompile."""
+    from dami_jax.policies import conf_signals
+
+    score_prompts(pair, prompts, CONF, 0.0, 1.0)
+    compiled = conf_signals._cache_size()
+    for conf, mu, tau in ((CONF, 0.3, 2.0), (dataclasses.replace(CONF, aggregate="max", w_js=0.5), -1.0, 0.1)):
+        out = score_prompts(pair, prompts, conf, mu, tau)
+        np.testing.assert_allclose(out["lam"], 1 / (1 + np.exp(-(out["score"] - mu) / tau)), atol=1e-5)
+    assert conf_signals._cache_size() == compiled
+
+
+def _policy_imports() -> dict[str, set[str]]:
+    """module -> the dami_jax.policies modules it imports anywhere (function bodies too)."""
+    import ast
+    import os
+
+    import dami_jax.policies as package
+
+    root, out = os.path.dirname(package.__file__), {}
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py") and name != "__init__.py":
+            with open(os.path.join(root, name)) as f:
+                tree = ast.parse(f.read())
+            found = set()
+            for node in ast.walk(tree):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                found |= {n.rsplit(".", 1)[1] for n in names if n.startswith("dami_jax.policies.")}
+            out[name[:-3]] = found
+    return out
+
+
+def test_no_import_cycle_between_policy_modules():
+    graph = _policy_imports()
+    assert graph["calibration"] <= {"base", "conf_config"}  # the calibration types need only ConfConfig
+    assert "calibrate" not in graph["conf"] and "calibrate" not in graph["routing"]
+    done, path = set(), []
+
+    def visit(m):
+        assert m not in path, f"import cycle: {' -> '.join(path + [m])}"
+        if m not in done:
+            path.append(m)
+            for n in graph.get(m, ()):
+                visit(n)
+            path.pop()
+            done.add(m)
+
+    for m in graph:
+        visit(m)
+
+
 def test_build_policy_specs_and_static():
     assert build_policy("static:0.8")([[1], [2]], None).lam.tolist() == pytest.approx([0.8, 0.8])
     assert build_policy({"name": "static", "lam": 1}).lam == 1.0

@@ -26,6 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
 CONTEXT = 512
+BUDGET = 5
 QUESTIONS = ["3+4*7", "9-2", "1+1+1+1", "8*8-3", "2*3", "5-5+5"]
 
 
@@ -76,9 +77,10 @@ def served(pair, calibration):
     from dami_jax.serve import ServeConfig, create_app
 
     policies = {"dami-instruct": "static:0", "dami-static-0.8": "static:0.8", "dami-thinking": "static:1",
-                "dami-conf": f"conf:{calibration}", "dami-routing": f"routing:0.5:{calibration}", "dami-pref": "pref"}
+                "dami-conf": f"conf:{calibration}", "dami-routing": f"routing:0.5:{calibration}", "dami-pref": "pref",
+                "dami-budget": f"budget:{BUDGET}"}
     cfg = ServeConfig(slots=8, max_seq_len=CONTEXT, max_queue=64, policies=policies, max_body_bytes=64 << 10,
-                      warmup_buckets=1)
+                      warmup_buckets=1, optional=("dami-pref",))
     app = create_app(cfg, pair=pair)
     server, thread, url = _start(app)
     yield app.server, url
@@ -101,8 +103,8 @@ def _reference(pair, prompt, lam, n, **kw):
     return generate_pair(pair, [prompt], lam, n, **kw).token_lists()[0]
 
 
-def _chat(client, question, lam=None, model="dami-static-0.8", **kw):
-    extra = {"return_token_ids": True, **({} if lam is None else {"lambda": lam})}
+def _chat(client, question, lam=None, model="dami-static-0.8", extra_body=None, **kw):
+    extra = {"return_token_ids": True, **({} if lam is None else {"lambda": lam}), **(extra_body or {})}
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                           extra_body=extra, **kw)
 
@@ -112,7 +114,7 @@ def _chat(client, question, lam=None, model="dami-static-0.8", **kw):
 def test_models_list_only_loadable_policies(client):
     models = {m.id: m.policy for m in client.models.list().data}
     assert {"dami-instruct", "dami-static-0.8", "dami-thinking", "dami-conf", "dami-routing"} <= set(models)
-    assert "dami-pref" not in models  # no trained reward model: not served
+    assert "dami-pref" not in models  # optional, and no reward model trained on this pair: skipped
     assert models["dami-static-0.8"] == "static:0.8"
 
 
@@ -161,6 +163,86 @@ def test_each_policy_serves(client, pair):
         assert lam == pytest.approx(expected, abs=1e-6), model
         if model == "dami-routing":
             assert lam in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("max_tokens", [24, BUDGET + 1])
+def test_budget_model_cuts_thinking_as_generate_budget_does(client, pair, max_tokens):
+    from dami_jax.policies.budget import generate_budget, think_end_ids
+
+    _, forced = think_end_ids(pair.tokenizer)
+    for q, ignore_eos in (("3+4*7", False), ("8*8-3", False), ("9-2", True), ("2*3", True)):
+        r = _chat(client, q, model="dami-budget", max_tokens=max_tokens, temperature=0,
+                  extra_body={"return_token_ids": True, "ignore_eos": ignore_eos})
+        ref = generate_budget(pair, [_ids(pair, q)], BUDGET, max_tokens, stop_tokens=[] if ignore_eos else None)
+        ids = r.choices[0].token_ids
+        assert ids == ref.token_lists()[0], q
+        assert r.choices[0].finish_reason == ref.finish_reasons[0]
+        assert r.model_extra["lambda"] == 1.0 and r.model_extra["policy"] == f"budget:{BUDGET}"
+        if ignore_eos:  # this random Thinking model does not close its thinking itself: the cut did
+            assert len(ids) == max_tokens and ids[BUDGET:BUDGET + len(forced)] == forced[:max_tokens - BUDGET]
+
+
+def test_apply_budget_rule():
+    """The in-step rule on hand-made rows: no budget; thinking closed by the row itself before
+    its budget; still thinking at the budget (forced tokens replace its samples, then it samples on)."""
+    import jax.numpy as jnp
+
+    from dami_jax.serve.slots import apply_budget
+
+    end, sep, forced = 7, 8, jnp.asarray([7, 8, 8], jnp.int32)
+    sampled = [[1, 2, 3, 4, 5, 6], [1, end, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]
+    think = jnp.asarray([-1, 0, 0], jnp.int32)
+    budget = jnp.asarray([0, 3, 3], jnp.int32)
+    out = []
+    for step in range(1, 7):  # step 0 (the first token) is sampled at insert
+        tok, think = apply_budget(jnp.asarray([r[step - 1] for r in sampled], jnp.int32),
+                                  jnp.full((3,), step, jnp.int32), think, budget, forced)
+        out.append(tok.tolist())
+    assert [list(r) for r in zip(*out)] == [[1, 2, 3, 4, 5, 6], [1, end, 3, 4, 5, 6], [1, 2, end, sep, sep, 6]]
+    assert think.tolist() == [-1, -1, 3]
+
+
+def test_default_server_serves_every_model_of_the_toy_pair():
+    """ServeConfig's defaults open the shipped toy pair; conf and routing use its shipped
+    calibration (as `dami eval --pair toy` does), so every listed model is served and answers."""
+    from dami_jax.eval.pairs import expand_policy, toy_pair_config
+    from dami_jax.policies import build_policy
+    from dami_jax.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(slots=2, warmup=False)
+    app = create_app(cfg)
+    server, thread, url = _start(app)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        models = {m.id: m.policy for m in c.models.list().data}
+        assert set(models) == set(cfg.policies)
+        toy, pair = toy_pair_config(), app.server.pair
+        for name in ("dami-conf", "dami-routing"):
+            policy = build_policy(expand_policy(cfg.policies[name], toy), pair)
+            assert models[name] == policy.spec and models[name].endswith(toy.conf_calibration)
+            r = c.completions.create(model=name, prompt=[5, 6, 7], max_tokens=2, temperature=0)
+            assert r.model_extra["lambda"] == pytest.approx(float(policy([[5, 6, 7]], pair).lam[0]), abs=1e-6)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_a_model_that_cannot_load_stops_startup_unless_optional(pair, caplog):
+    import logging
+
+    from dami_jax.config import ConfigError
+    from dami_jax.serve import ServeConfig, Server
+
+    policies = {"m": "static:0.5", "broken": "conf:/no/such/calibration.json"}
+    cfg = dict(slots=2, max_seq_len=CONTEXT, warmup=False, policies=policies)
+    with pytest.raises(ConfigError, match=r"model 'broken' .*no Conf calibration at /no/such.*optional"):
+        Server(ServeConfig(**cfg), pair)
+    with caplog.at_level(logging.WARNING, logger="dami_jax.serve"):
+        server = Server(ServeConfig(**cfg, optional=("broken",)), pair)
+    assert list(server.policies) == ["m"]
+    assert "optional model broken (policy 'conf:/no/such/calibration.json') is not served" in caplog.text
+    with pytest.raises(ConfigError, match="optional names .'typo'. are not in policies"):
+        ServeConfig(**cfg, optional=("typo",))
 
 
 @pytest.mark.parametrize("lam", [0.2, 0.9])

@@ -9,16 +9,16 @@
 from dami_jax.policies.base import (
     MODULES, Policy, PolicyResult, build_policy, known_policies, pair_fingerprint, register_policy,
 )
-from dami_jax.policies.calibrate import (
-    Calibration, calibrate_conf, fit_conf_supervised, logistic_fit, quantile_calibration,
-)
-from dami_jax.policies.conf import ConfConfig, ConfPolicy, conf_signals, load_conf_config, score_prompts
+from dami_jax.policies.calibrate import calibrate_conf, fit_conf_supervised, logistic_fit, quantile_calibration
+from dami_jax.policies.calibration import Calibration, resolve_calibration
+from dami_jax.policies.conf import ConfPolicy, ScoreCoeffs, conf_signals, score_prompts
+from dami_jax.policies.conf_config import ConfConfig, load_conf_config
 from dami_jax.policies.routing import RoutingPolicy, routing_threshold
 from dami_jax.policies.static import StaticPolicy
 
 __all__ = [
     "MODULES", "Calibration", "ConfConfig", "ConfPolicy", "Policy", "PolicyResult", "RoutingPolicy",
-    "StaticPolicy", "build_policy", "calibrate_conf", "conf_signals", "fit_conf_supervised",
+    "ScoreCoeffs", "StaticPolicy", "build_policy", "calibrate_conf", "conf_signals", "fit_conf_supervised",
     "known_policies", "load_conf_config", "logistic_fit", "pair_fingerprint", "quantile_calibration",
-    "register_policy", "routing_threshold", "score_prompts",
+    "register_policy", "resolve_calibration", "routing_threshold", "score_prompts",
 ]

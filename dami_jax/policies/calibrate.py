@@ -1,4 +1,4 @@
-"""Calibration of the Conf score s(q), saved as a small JSON beside the policy.
+"""Calibrating the Conf score s(q): the μ and τ of a `Calibration` (calibration.py).
 
 Without labels (`calibrate_conf`): μ = quantile of s at 1 − ρ, so a share ρ of the
 calibration queries gets λ above the midpoint; τ = IQR(s)/(2·ln 3). That τ is
@@ -19,62 +19,13 @@ routing baseline takes its threshold from them).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import numpy as np
 
-from dami_jax.config import ConfigError, from_dict
 from dami_jax.policies.base import pair_fingerprint
-from dami_jax.policies.conf import SIGNALS, ConfConfig, load_conf_config, score_prompts
-
-VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-    mu: float
-    tau: float
-    conf: ConfConfig
-    fingerprint: str
-    scores: tuple[float, ...]  # sorted s over the calibration prompts
-    method: str = "quantile"  # or "logistic"
-
-    def check(self, pair) -> None:
-        """Refuse a pair other than the one calibrated on (checked once per pair object)."""
-        key = (id(pair.instruct), id(pair.thinking))
-        if getattr(self, "_checked", None) == key:
-            return
-        found = pair_fingerprint(pair)
-        if found != self.fingerprint:
-            raise ConfigError(f"calibration was made for pair {self.fingerprint}, but this pair is {found}; "
-                              "recalibrate with calibrate_conf(pair, prompts, cfg)")
-        object.__setattr__(self, "_checked", key)
-
-    def save(self, path: str | os.PathLike) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        data = {"version": VERSION, "method": self.method, "mu": self.mu, "tau": self.tau,
-                "fingerprint": self.fingerprint, "conf": dataclasses.asdict(self.conf),
-                "n": len(self.scores), "scores": list(self.scores)}
-        with open(path, "w") as f:
-            json.dump(data, f, indent=1)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Calibration":
-        if not os.path.isfile(path):
-            raise ConfigError(f"no Conf calibration at {path}; make one with "
-                              "dami_jax.policies.calibrate_conf(pair, prompts, cfg).save(path)")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            if data.get("version") != VERSION:
-                raise ConfigError(f"version {data.get('version')!r}, expected {VERSION}")
-            return cls(mu=float(data["mu"]), tau=float(data["tau"]),
-                       conf=from_dict(ConfConfig, data["conf"], where=f"{path}: conf"),
-                       fingerprint=str(data["fingerprint"]), scores=tuple(map(float, data["scores"])),
-                       method=str(data["method"]))
-        except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
-            raise ConfigError(f"{path}: not a valid Conf calibration ({e})") from e
+from dami_jax.policies.calibration import Calibration
+from dami_jax.policies.conf import score_prompts
+from dami_jax.policies.conf_config import SIGNALS, ConfConfig, load_conf_config
 
 
 def quantile_calibration(scores, rho: float, tau_per_iqr: float, min_tau: float) -> tuple[float, float]:
@@ -132,17 +83,3 @@ def fit_conf_supervised(pair, prompts, wrong, cfg: ConfConfig | None = None,
     s = sum(named[k] * out[k] for k in signals)
     return Calibration(-b / scale, 1.0 / scale, new, pair_fingerprint(pair), tuple(sorted(map(float, s))),
                        method="logistic")
-
-
-def resolve_calibration(calibration: str | None, config: str | None, pair=None) -> tuple[Calibration, str]:
-    """Load the calibration at `calibration` (default: the `calibration` field of the
-    Conf YAML `config`); verify it against `pair` when one is given."""
-    path = calibration or load_conf_config(config).calibration
-    if not path:
-        raise ConfigError("the conf/routing policy needs a calibration: make one with "
-                          "calibrate_conf(pair, prompts, cfg).save(PATH) and pass 'conf:PATH' "
-                          "(or set `calibration` in configs/policy_conf.yaml)")
-    cal = Calibration.load(path)
-    if pair is not None:
-        cal.check(pair)
-    return cal, str(path)

@@ -13,7 +13,7 @@ tokenizer's special and added tokens and `exclude_tokens` (configurable). The
 signals are aggregated (mean or max) over content positions, 0 when there is
 none (`n_content` = 0 flags it), and
   s = w_A·A + w_D·D + w_M·M,  λ = λ_min + (λ_max − λ_min)·σ((s − μ)/τ).
-μ and τ come from a `Calibration` (calibrate.py), which this policy requires.
+μ and τ come from a `Calibration` (calibration.py), which this policy requires.
 With w_D = 0 (the default) the Thinking model does not enter s, so its teacher-forced
 pass is skipped (about half the scoring's work) and D is reported as NaN; callers that
 want D anyway (the supervised fit, the signal benchmark) ask for it with `with_js`.
@@ -21,71 +21,45 @@ want D anyway (the supervised fit, the signal benchmark) ask for it with `with_j
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from dami_jax.config import ConfigError, load_yaml
 from dami_jax.generate.decode import bucket_length, left_pad
 from dami_jax.models.kv_cache import KVCache
 from dami_jax.models.qwen3 import apply
 from dami_jax.policies.base import Policy, PolicyResult, register_policy
+from dami_jax.policies.calibration import resolve_calibration
+from dami_jax.policies.conf_config import ConfConfig, load_conf_config  # noqa: F401 (re-exported)
 
-DEFAULT_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "policy_conf.yaml")
-SIGNALS = ("entropy", "js", "maxprob")
 INFO = ("score", "entropy", "js", "maxprob", "n_content", "probe_len")
 
 
-@dataclasses.dataclass(frozen=True)
-class ConfConfig:
-    probe_tokens: int = 16  # P
-    aggregate: str = "mean"  # over content positions: "mean" or "max"
-    w_entropy: float = 1.0  # w_A
-    w_js: float = 0.0  # w_D (0: see the toy-world measurement in configs/policy_conf.yaml)
-    w_maxprob: float = 0.0  # w_M
-    lam_min: float = 0.0
-    lam_max: float = 1.0
-    rho: float = 0.5  # target share of "hard" queries: μ = quantile of s at 1 − ρ
-    tau_per_iqr: float = 1.0 / (2.0 * math.log(3.0))  # τ = tau_per_iqr · IQR(s)
-    min_tau: float = 1e-4
-    route_share: float = 0.5  # routing baseline: share of queries sent to Thinking
-    exclude_special: bool = True  # tokenizer.all_special_ids + added tokens flagged special
-    exclude_added: bool = True  # tokenizer.get_added_vocab()
-    exclude_tokens: tuple[str, ...] = ("<think>", "</think>")
-    exclude_ids: tuple[int, ...] = ()
-    batch_size: int = 32
-    calibration: str | None = None  # default calibration JSON for `conf` / `routing`
+@struct.dataclass
+class ScoreCoeffs:
+    """The numbers that turn signals into s and λ, all traced: recalibrating (μ, τ), new weights or
+    switching mean/max aggregation reuse the compiled scoring. The flag is traced too because both
+    aggregations of a (B, P) array cost nothing next to the probe."""
 
-    def __post_init__(self):
-        checks = [
-            (self.probe_tokens >= 1, "probe_tokens must be >= 1"),
-            (self.aggregate in ("mean", "max"), "aggregate must be 'mean' or 'max'"),
-            (all(math.isfinite(w) for w in self.weights), "weights must be finite"),
-            (0.0 <= self.lam_min <= self.lam_max <= 1.0, "need 0 <= lam_min <= lam_max <= 1"),
-            (0.0 < self.rho < 1.0, "rho must be in (0, 1)"),
-            (self.tau_per_iqr > 0 and self.min_tau > 0, "tau_per_iqr and min_tau must be > 0"),
-            (0.0 <= self.route_share <= 1.0, "route_share must be in [0, 1]"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"ConfConfig: {msg} (got {self})")
+    w_entropy: jax.Array  # w_A
+    w_js: jax.Array  # w_D (left out of s when D is not measured)
+    w_maxprob: jax.Array  # w_M
+    mu: jax.Array
+    tau: jax.Array
+    lam_min: jax.Array
+    lam_max: jax.Array
+    max_aggregate: jax.Array  # bool: max over content positions, else mean
 
-    @property
-    def weights(self) -> tuple[float, float, float]:
-        return (self.w_entropy, self.w_js, self.w_maxprob)
-
-
-def load_conf_config(path: str | os.PathLike | None = None, overrides=()) -> ConfConfig:
-    """configs/policy_conf.yaml (or `path`) + dotted overrides; defaults if the file is absent."""
-    if path is None:
-        path = DEFAULT_YAML if os.path.isfile(DEFAULT_YAML) else None
-    return load_yaml(ConfConfig, path, overrides)
+    @classmethod
+    def of(cls, cfg: ConfConfig, mu: float = 0.0, tau: float = 1.0) -> "ScoreCoeffs":
+        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+        return cls(w_entropy=f32(cfg.w_entropy), w_js=f32(cfg.w_js), w_maxprob=f32(cfg.w_maxprob),
+                   mu=f32(mu), tau=f32(tau), lam_min=f32(cfg.lam_min), lam_max=f32(cfg.lam_max),
+                   max_aggregate=jnp.asarray(cfg.aggregate == "max"))
 
 
 # ---------------------------------------------------------------------------
@@ -105,13 +79,11 @@ def position_signals(logits_i, logits_t=None):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "probe_len", "with_js"))
-def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_ids, coeffs, *,
+def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_ids, coeffs: ScoreCoeffs, *,
                  probe_len: int, with_js: bool = True) -> dict:
     """Probe, per-position and aggregated signals, score and λ for a left-padded batch.
 
-    exclude_ids / stop_ids: 1-D int arrays (-1 padded). coeffs: float32
-    [w_A, w_D, w_M, μ, τ, λ_min, λ_max, 1 for max else mean aggregation]
-    (traced: recalibrating or changing the aggregation does not recompile).
+    exclude_ids / stop_ids: 1-D int arrays (-1 padded). coeffs: a `ScoreCoeffs` (traced).
     with_js=False: the Thinking model is not run, D is NaN and left out of s.
     """
     b, t = tokens_bt.shape
@@ -144,15 +116,15 @@ def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_
 
     def agg(x):
         x = jnp.where(content, x, 0.0)
-        return jnp.where(coeffs[7] > 0, jnp.max(x, 1), jnp.sum(x, 1) / jnp.maximum(n, 1))
+        return jnp.where(coeffs.max_aggregate, jnp.max(x, 1), jnp.sum(x, 1) / jnp.maximum(n, 1))
 
     a, d, m = agg(ent), agg(js), agg(maxp)
-    score = coeffs[0] * a + coeffs[2] * m
+    score = coeffs.w_entropy * a + coeffs.w_maxprob * m
     if with_js:
-        score = score + coeffs[1] * d
+        score = score + coeffs.w_js * d
     else:  # D was not measured
         js, d = jnp.full_like(js, jnp.nan), jnp.full_like(d, jnp.nan)
-    lam = coeffs[5] + (coeffs[6] - coeffs[5]) * jax.nn.sigmoid((score - coeffs[3]) / coeffs[4])
+    lam = coeffs.lam_min + (coeffs.lam_max - coeffs.lam_min) * jax.nn.sigmoid((score - coeffs.mu) / coeffs.tau)
     return dict(probe=probe, probe_len=jnp.sum(valid, 1), content=content, entropy_pos=ent, js_pos=js,
                 maxprob_pos=maxp, entropy=a, js=d, maxprob=m, n_content=n, score=score, lam=lam)
 
@@ -200,7 +172,7 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
         raise ValueError(f"prompt of {max(map(len, prompts))} tokens + a probe of {probe} exceeds the "
                          f"context of {context} tokens")
     excl, stops = _padded_ids(format_token_ids(pair, cfg)), _padded_ids(pair.stop_tokens)
-    coeffs = jnp.asarray([*cfg.weights, mu, tau, cfg.lam_min, cfg.lam_max, cfg.aggregate == "max"], jnp.float32)
+    coeffs = ScoreCoeffs.of(cfg, mu, tau)
     outs = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start: start + cfg.batch_size]
@@ -232,8 +204,6 @@ class ConfPolicy(Policy):
 
 
 def make_conf(pair=None, calibration: str | None = None, config: str | None = None) -> ConfPolicy:
-    from dami_jax.policies.calibrate import resolve_calibration
-
     cal, path = resolve_calibration(calibration, config, pair)
     return ConfPolicy(cal, path)
 

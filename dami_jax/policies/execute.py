@@ -16,7 +16,7 @@ def answer(pair, policy: Policy, prompts: list[list[int]], max_new_tokens: int, 
     if budget is not None:
         from dami_jax.policies.budget import generate_budget
 
-        out = generate_budget(pair, prompts, budget, max_new_tokens, sampling=sampling, seed=seed)
+        out = generate_budget(pair, prompts, budget, max_new_tokens, sampling=sampling, seed=seed, mode=mode)
     else:
         out = generate_pair(pair, prompts, chosen.lam, max_new_tokens, mode=mode, sampling=sampling, seed=seed)
     return out, chosen

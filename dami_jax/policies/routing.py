@@ -17,6 +17,7 @@ import numpy as np
 
 from dami_jax.config import ConfigError
 from dami_jax.policies.base import Policy, PolicyResult, register_policy
+from dami_jax.policies.calibration import resolve_calibration
 from dami_jax.policies.conf import score_prompts
 
 INFO = ("score", "entropy", "js", "maxprob", "n_content", "probe_len")
@@ -66,8 +67,6 @@ def _parse(args: list[str]) -> dict:
 
 def make_routing(pair=None, share: float | None = None, calibration: str | None = None,
                  config: str | None = None) -> RoutingPolicy:
-    from dami_jax.policies.calibrate import resolve_calibration
-
     cal, path = resolve_calibration(calibration, config, pair)
     return RoutingPolicy(cal, share, path)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -17,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from dami_jax.config import ConfigError
+from dami_jax.eval.pairs import PairConfig, expand_policy, open_pair, toy_pair_config
 from dami_jax.serve import api
 from dami_jax.serve.config import ServeConfig
 from dami_jax.serve.engine import Engine
@@ -31,16 +34,13 @@ class Server:
     """Everything a request needs: config, pair, tokenizer, loaded policies, engine, metrics."""
 
     def __init__(self, cfg: ServeConfig, pair=None):
-        from dami_jax.pair import load_pair
-
+        """pair None: open cfg.instruct/thinking (both None: the shipped toy pair, whose plain `conf`,
+        `routing` and `pref` use its shipped calibration and reward model, as `dami eval` does)."""
         self.cfg = cfg
+        pair_cfg = None
         if pair is None:
-            instruct, thinking = cfg.instruct, cfg.thinking
-            if instruct is None:
-                from dami_jax.toyworld import default_pair_dirs
-
-                instruct, thinking = default_pair_dirs()
-            pair = load_pair(instruct, thinking, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+            pair_cfg = pair_config(cfg)
+            pair = open_pair(pair_cfg)
         if pair.tokenizer is None:
             raise ValueError("the server needs a tokenizer with a chat template (load_pair(..., tokenizer=...))")
         self.pair, self.tokenizer = pair, pair.tokenizer
@@ -48,28 +48,34 @@ class Server:
         size = min(pair.cfg.max_position_embeddings, cfg.max_seq_len or 4096)
         self.engine = Engine(pair, cfg.slots, size, cfg.max_queue, self.metrics, cfg.steps_per_call,
                              cfg.prefill_rows)
-        self.policies = self._load_policies()
+        self.policies = self._load_policies(pair_cfg)
         self.default_model = cfg.default_model
         if self.default_model not in self.policies:
             self.default_model = next(iter(self.policies))
             log.warning("default_model %r is not served; requests naming no model get %r",
                         cfg.default_model, self.default_model)
 
-    def _load_policies(self) -> dict:
+    def _load_policies(self, pair_cfg) -> dict:
+        """name -> policy; a model that does not load stops startup unless `optional` lists it."""
         from dami_jax.policies import build_policy
 
         out = {}
         for name, spec in self.cfg.policies.items():
+            if pair_cfg is not None and isinstance(spec, str):
+                spec = expand_policy(spec, pair_cfg)
             try:
                 policy = build_policy(spec, self.pair)
                 if self.cfg.warmup:  # compile its scoring now, not on the first request
                     policy([[0] * 8], self.pair)
             except Exception as e:  # not servable here: no calibration, no trained model, ...
-                log.warning("model %s (policy %r) is not served: %s", name, spec, e)
+                if name not in self.cfg.optional:
+                    raise ConfigError(f"model {name!r} (policy {spec!r}) cannot be served: {e}. Fix it, remove "
+                                      f"it from `policies`, or list it in `optional` to skip it") from e
+                log.warning("optional model %s (policy %r) is not served: %s", name, spec, e)
                 continue
             out[name] = policy
         if not out:
-            raise ValueError(f"no policy of {sorted(self.cfg.policies)} loads; nothing to serve")
+            raise ConfigError(f"no policy of {sorted(self.cfg.policies)} loads; nothing to serve")
         return out
 
     def start(self) -> None:
@@ -79,6 +85,13 @@ class Server:
 
     def stop(self) -> None:
         self.engine.stop()
+
+
+def pair_config(cfg: ServeConfig) -> PairConfig:
+    """The pair a ServeConfig names: its instruct/thinking, or (both None) the shipped toy pair."""
+    if cfg.instruct is None:
+        return dataclasses.replace(toy_pair_config(), dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+    return PairConfig(cfg.instruct, cfg.thinking, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
 
 
 class Guard:

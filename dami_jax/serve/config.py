@@ -1,4 +1,7 @@
-"""ServeConfig: the server's settings as a frozen dataclass (configs/serve.yaml + dotted overrides)."""
+"""ServeConfig: the server's settings as a frozen dataclass, which holds every default.
+
+configs/serve.yaml is an example of it; `load_serve_config(path, overrides)` reads one.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,9 @@ import os
 
 from dami_jax.config import ConfigError, load_yaml
 
-DEFAULT_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "serve.yaml")
-
-# Served model name -> policy spec (dami_jax.policies.build_policy). Names whose
-# policy does not load (no calibration, no trained reward model) are not served.
+# Served model name -> policy spec (dami_jax.policies.build_policy). Plain `conf`,
+# `routing` and `pref` use the pair's own calibration / reward model (the toy pair
+# ships both; see dami_jax.eval.pairs.expand_policy).
 DEFAULT_POLICIES = {
     "dami-instruct": "static:0",
     "dami-static-0.5": "static:0.5",
@@ -22,6 +24,9 @@ DEFAULT_POLICIES = {
     "dami-routing": "routing",
     "dami-pref": "pref",
 }
+# Models that need a per-pair artifact (the toy pair ships them; another pair may not):
+# by default, a pair without one serves the rest and logs why these are missing.
+DEFAULT_OPTIONAL = ("dami-conf", "dami-routing", "dami-pref")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +59,14 @@ class ServeConfig:
     top_k: int = 0
     reasoning_lambda: float = 0.5  # streaming: text before `</think>` is reasoning when λ >= this
     policies: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    # Model names whose policy may fail to load (skipped with a warning); any other model's failure
+    # stops startup. None: the names of DEFAULT_OPTIONAL that `policies` lists.
+    optional: tuple[str, ...] | None = None
     default_model: str = "dami-static-0.8"  # used when a request names no model
 
     def __post_init__(self):
+        if self.optional is None and isinstance(self.policies, dict):
+            object.__setattr__(self, "optional", tuple(n for n in DEFAULT_OPTIONAL if n in self.policies))
         checks = [
             (self.slots >= 1, "slots must be >= 1"),
             (self.max_seq_len >= 0, "max_seq_len must be >= 0 (0: the model's context)"),
@@ -76,6 +86,9 @@ class ServeConfig:
             (isinstance(self.policies, dict) and all(isinstance(k, str) and isinstance(v, (str, dict))
                                                      for k, v in self.policies.items()),
              "policies must map model names to policy specs"),
+            (not set(self.optional) - set(self.policies),
+             f"optional names {sorted(set(self.optional) - set(self.policies))} are not in policies "
+             f"{sorted(self.policies) if isinstance(self.policies, dict) else self.policies}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -95,7 +108,5 @@ class ServeConfig:
 
 
 def load_serve_config(path: str | os.PathLike | None = None, overrides=()) -> ServeConfig:
-    """configs/serve.yaml (or `path`) + dotted overrides such as `slots=16`."""
-    if path is None and os.path.isfile(DEFAULT_YAML):
-        path = DEFAULT_YAML
+    """A ServeConfig YAML (none: the dataclass defaults) + dotted overrides such as `slots=16`."""
     return load_yaml(ServeConfig, path, overrides)

@@ -8,7 +8,8 @@ group), their prompts are prefilled `prefill_rows` at a time per bucket width
 numbers never depend on its neighbours), and each is copied into n slots, one
 per choice, whose first token is sampled at once. Then one jitted call
 advances every slot by `steps_per_call` tokens, whatever their λ, lengths or
-sampling settings (slots.py).
+sampling settings (slots.py). A request under a thinking budget (`budget:<n>`)
+has its thinking cut inside the step, as `generate_budget` cuts it.
 
 Tokens go to each request's asyncio queue as lists of events:
 ("token", index, id), ("finish", index, reason), ("error", message), where
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from dami_jax.generate.decode import MIN_BUCKET, bucket_length, left_pad
+from dami_jax.generate.sampling import top_p_cut
 from dami_jax.serve import slots as SL
 from dami_jax.serve.request import GenRequest, QueueFull, push_all, resolve_lambdas
 
@@ -58,10 +60,25 @@ class Engine:
         self.temp = np.zeros(slots, np.float32)
         self.top_k = np.zeros(slots, np.int32)
         self.top_p_cut = np.zeros(slots, np.float32)
+        self.budget = np.zeros(slots, np.int32)  # thinking budget per slot (0: none)
+        self.forced = self._forced_tokens(pair.tokenizer)
         self.pending: collections.deque[GenRequest] = collections.deque()
         self.cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _forced_tokens(tokenizer) -> np.ndarray | None:
+        """The tokens a thinking budget forces (`</think>` first), None when the tokenizer has none."""
+        from dami_jax.policies.budget import think_end_ids
+
+        try:
+            end_id, forced = think_end_ids(tokenizer)
+        except (AttributeError, ValueError):  # no tokenizer, or `</think>` is not one token
+            return None
+        if not forced or forced[0] != end_id:
+            return None
+        return np.asarray(forced, np.int32)
 
     # -- client side (any thread) -------------------------------------------
     def submit(self, reqs: list[GenRequest]) -> None:
@@ -145,6 +162,9 @@ class Engine:
             return
         by_width: dict[int, list] = {}
         for r, lam in zip(group, resolve_lambdas(group, self.pair)):
+            if r.thinking_budget is not None and self.forced is None:
+                r.push([("error", "a thinking budget needs a tokenizer with a single `</think>` token")])
+                continue
             if lam is not None and not r.cancelled:
                 r.lam_used = lam
                 n = len(r.prompt)  # padded as `generate` pads: never into the room max_tokens needs
@@ -184,21 +204,25 @@ class Engine:
         lam = np.asarray([r.lam_used for r, _ in chunk] + [0.0] * (self.prefill_rows - len(chunk)), np.float32)
         logits, pcache = self._prefill(self.params, tokens, mask, lam)
         firsts = {}
+        think_end = np.int32(-1 if self.forced is None else self.forced[0])
         for row, (r, take) in enumerate(chunk):
-            cut = np.float32(1.0 - r.top_p) if r.temperature > 0 else np.float32(0.0)
+            cut = top_p_cut(r.top_p) if r.temperature > 0 else np.float32(0.0)
+            budget = np.int32(r.thinking_budget or 0)
             for j, slot in enumerate(take):
                 key = SL.row_key(np.uint32(r.seed), np.int32(r.row_base + j))
                 self.state, firsts[slot] = self._insert(self.state, pcache, logits, np.int32(row), np.int32(slot),
-                                                        key, np.float32(r.temperature), np.int32(r.top_k), cut)
+                                                        key, np.float32(r.temperature), np.int32(r.top_k), cut,
+                                                        budget, think_end)
                 self.seqs[slot] = _Seq(r, j, 0, width)
                 self.lam[slot], self.temp[slot] = r.lam_used, r.temperature
-                self.top_k[slot], self.top_p_cut[slot] = r.top_k, cut
+                self.top_k[slot], self.top_p_cut[slot], self.budget[slot] = r.top_k, cut, budget
         return firsts
 
     def _decode(self) -> None:
         # Copies: on CPU a numpy argument may be aliased, and these arrays change under a running step.
-        rows = (self.lam.copy(), self.temp.copy(), self.top_k.copy(), self.top_p_cut.copy())
-        self.state, tokens = self._step(self.params, self.state, *rows)
+        rows = (self.lam.copy(), self.temp.copy(), self.top_k.copy(), self.top_p_cut.copy(), self.budget.copy())
+        forced = np.full(1, -1, np.int32) if self.forced is None else self.forced
+        self.state, tokens = self._step(self.params, self.state, *rows, forced)
         tokens = np.asarray(tokens)  # (steps, B)
         busy = [i for i, s in enumerate(self.seqs) if s is not None]
         if self.metrics is not None:
@@ -238,6 +262,7 @@ class Engine:
         self.temp[slot] = 0.0
         self.top_p_cut[slot] = 0.0
         self.top_k[slot] = 0
+        self.budget[slot] = 0
 
     def _gauge(self) -> None:
         if self.metrics is not None:

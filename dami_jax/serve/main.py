@@ -12,7 +12,8 @@ from dami_jax import compilation_cache
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible DAMI server (per-request λ).")
-    p.add_argument("--config", help="YAML of ServeConfig fields (default configs/serve.yaml)")
+    p.add_argument("--config", help="YAML of ServeConfig fields (default: ServeConfig's defaults; "
+                   "configs/serve.yaml is an example)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="Bearer key clients must send (default $DAMI_API_KEY)")

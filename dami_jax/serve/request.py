@@ -28,6 +28,7 @@ class GenRequest:
     row_base: int = 0  # row id (sampling key) of choice 0; choice j uses row_base + j
     lam: float | None = None  # explicit λ, else the policy's
     policy: object = None
+    thinking_budget: int | None = None  # the policy's budget (budget:<n>): thinking cut after n tokens
     stop_ids: tuple[int, ...] = ()
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None

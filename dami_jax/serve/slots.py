@@ -15,9 +15,15 @@ one scatter, and the params (unbatched) are shared by all rows: a step is one
 batched matmul per weight, like lock-step decoding. In delta mode every row
 computes with its own λ (DESIGN 2.2), so any mix of λ shares one step.
 
-Sampling per row (temperature, top-k, top-p as (B,) arrays; temperature 0 is
-greedy) in HF order, with the key of row r at step t = fold_in(fold_in(key(seed),
-r), t): the scheme of `generate`, so a request reproduces `generate_pair`.
+Sampling per row (`generate.sampling.sample_rows`: temperature, top-k, top-p as
+(B,) arrays; temperature 0 is greedy) in HF order, with the key of row r at step
+t = fold_in(fold_in(key(seed), r), t): the scheme of `generate`, so a request
+reproduces `generate_pair`.
+
+A row with a thinking budget (`budget:<n>`, policies/budget.py) that has written n
+tokens without closing its thinking gets the forced tokens (`</think>` and the
+separator after it) in place of its samples, inside the step, then samples on:
+`generate_budget`'s rule, without a second prefill.
 A slot holding no request keeps computing garbage that nobody reads.
 """
 
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dami_jax.config import ModelConfig
+from dami_jax.generate.sampling import sample_rows
 from dami_jax.models import qwen3
 from dami_jax.models.kv_cache import KVCache
 
@@ -40,6 +47,7 @@ class SlotState:
     last: jax.Array  # (B,) int32 last sampled token (the next step's input)
     step: jax.Array  # (B,) int32 tokens emitted so far (the sampling key's step)
     keys: jax.Array  # (B, 2) uint32 raw key data of fold_in(key(seed), row id)
+    think: jax.Array  # (B,) int32 thinking-budget phase (see `apply_budget`)
 
 
 def init_state(cfg: ModelConfig, slots: int, size: int, dtype) -> SlotState:
@@ -47,37 +55,21 @@ def init_state(cfg: ModelConfig, slots: int, size: int, dtype) -> SlotState:
     k, v = (tuple(x.reshape(slots, -1, *x.shape[1:]) for x in xs) for xs in (cache.k, cache.v))
     cache = cache.replace(k=k, v=v, index=jnp.zeros((slots,), jnp.int32))  # distinct buffers: all are donated
     return SlotState(cache=cache, last=jnp.zeros((slots,), jnp.int32), step=jnp.zeros((slots,), jnp.int32),
-                     keys=jnp.zeros((slots, 2), jnp.uint32))
+                     keys=jnp.zeros((slots, 2), jnp.uint32), think=jnp.full((slots,), -1, jnp.int32))
 
 
-def sample_rows(logits_bv, keys_b, temp_b, top_k_b, top_p_cut_b):
-    """Per-row temperature -> top-k -> top-p (HF order); temperature <= 0: argmax.
+def apply_budget(token_b, step_b, think_b, budget_b, forced_f):
+    """The thinking budget's rule at one step: (token (B,), new think (B,)).
 
-    top_p_cut_b = 1 − top_p, computed on the host in float64 as `Sample` does.
-    Matches `Sample.next_tokens` / `Greedy` row by row for the same keys. One
-    ascending sort serves both filters (entries cut by top-k sort first anyway),
-    and it is skipped when no row filters.
+    think_b: -1 no budget or thinking closed; 0 thinking; k >= 1: k of the forced
+    tokens written. step_b: tokens the row has emitted (this token's index).
+    forced_f: (F,) the forced tokens, `</think>` first.
     """
-    logits_bv = logits_bv.astype(jnp.float32)
-    greedy = temp_b <= 0
-    x = logits_bv / jnp.where(greedy, 1.0, temp_b)[:, None]
-
-    def filtered(x):
-        b, v = x.shape
-        order = jnp.argsort(x, axis=-1)  # ascending, stable
-        asc = jnp.take_along_axis(x, order, axis=-1)
-        kth = jnp.take_along_axis(asc, jnp.clip(v - top_k_b, 0, v - 1)[:, None], axis=-1)
-        cut_k = (top_k_b[:, None] > 0) & (x < kth)
-        asc = jnp.where((top_k_b[:, None] > 0) & (asc < kth), -jnp.inf, asc)
-        cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
-        drop_sorted = (cum <= top_p_cut_b[:, None]).at[:, -1].set(False)
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(b)[:, None], order].set(drop_sorted)
-        return jnp.where(cut_k | ((top_p_cut_b[:, None] > 0) & drop), -jnp.inf, x)
-
-    needs = jnp.any(~greedy & ((top_k_b > 0) | (top_p_cut_b > 0)))
-    x = jax.lax.cond(needs, filtered, lambda x: x, x)
-    sampled = jax.vmap(jax.random.categorical)(keys_b, x)
-    return jnp.where(greedy, jnp.argmax(logits_bv, axis=-1), sampled).astype(jnp.int32)
+    f = forced_f.shape[0]
+    forcing = ((think_b == 0) & (step_b >= budget_b)) | ((think_b > 0) & (think_b < f))
+    token = jnp.where(forcing, forced_f[jnp.clip(think_b, 0, f - 1)], token_b)
+    closed = (think_b == 0) & ~forcing & (token == forced_f[0])  # the row wrote `</think>` itself
+    return token, jnp.where(forcing, think_b + 1, jnp.where(closed, -1, think_b))
 
 
 def _step_keys(raw_b2, step_b):
@@ -93,17 +85,18 @@ def _row_call(cfg, params, k, v, valid, index, next_pos, token, lam):
     return logits[0, -1], cache.k, cache.v, cache.valid[0], cache.index, cache.next_pos[0]
 
 
-def _step(cfg, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b):
+def _step(cfg, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b, budget_b, forced_f):
     c = state.cache
     row = functools.partial(_row_call, cfg, params)
     logits, k, v, valid, index, next_pos = jax.vmap(row)(c.k, c.v, c.valid, c.index, c.next_pos,
                                                          state.last, lam_b)
     token = sample_rows(logits, _step_keys(state.keys, state.step), temp_b, top_k_b, top_p_cut_b)
+    token, think = apply_budget(token, state.step, state.think, budget_b, forced_f)
     cache = KVCache(k=k, v=v, valid=valid, index=index, next_pos=next_pos)
-    return state.replace(cache=cache, last=token, step=state.step + 1), token
+    return state.replace(cache=cache, last=token, step=state.step + 1, think=think), token
 
 
-def _steps(cfg, k, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b):
+def _steps(cfg, k, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b, budget_b, forced_f):
     """k decode steps in one call (one host round trip): tokens (k, B).
 
     A row that ends inside the call computes on; the host drops its extra tokens.
@@ -111,7 +104,7 @@ def _steps(cfg, k, params, state: SlotState, lam_b, temp_b, top_k_b, top_p_cut_b
     index is clamped), but the host has ended it with "length" by then.
     """
     def body(st, _):
-        return _step(cfg, params, st, lam_b, temp_b, top_k_b, top_p_cut_b)
+        return _step(cfg, params, st, lam_b, temp_b, top_k_b, top_p_cut_b, budget_b, forced_f)
 
     return jax.lax.scan(body, state, None, length=k)
 
@@ -125,8 +118,10 @@ def _prefill(cfg, params, tokens_gw, mask_gw, lam_g):
     return logits[:, -1], cache
 
 
-def _insert(state: SlotState, pcache: KVCache, logits_gv, row, slot, raw_key, temp, top_k, top_p_cut):
-    """Copy row `row` of a prefilled batch into `slot` and sample its first token (step 0)."""
+def _insert(state: SlotState, pcache: KVCache, logits_gv, row, slot, raw_key, temp, top_k, top_p_cut, budget,
+            think_end):
+    """Copy row `row` of a prefilled batch into `slot` and sample its first token (step 0).
+    budget > 0: the row thinks under that budget (`think_end`: the id of `</think>`)."""
     c, w, size = state.cache, pcache.size, state.cache.valid.shape[1]
 
     def take(x):  # row `row`, keeping a batch axis of 1
@@ -146,8 +141,9 @@ def _insert(state: SlotState, pcache: KVCache, logits_gv, row, slot, raw_key, te
                     v=tuple(put(b, take_kv(x)) for b, x in zip(c.v, pcache.v)),
                     valid=put(c.valid, valid_row), index=c.index.at[slot].set(w),
                     next_pos=c.next_pos.at[slot].set(take(pcache.next_pos)[0]))
-    return state.replace(cache=cache, last=state.last.at[slot].set(first),
-                         step=state.step.at[slot].set(1), keys=state.keys.at[slot].set(raw_key)), first
+    think = jnp.where((budget > 0) & (first != think_end), 0, -1)
+    return state.replace(cache=cache, last=state.last.at[slot].set(first), step=state.step.at[slot].set(1),
+                         keys=state.keys.at[slot].set(raw_key), think=state.think.at[slot].set(think)), first
 
 
 @functools.lru_cache(maxsize=8)

@@ -103,7 +103,3 @@ def _partial_tag(text: str, tag: str) -> int:
             return n
     return 0
 
-
-def stream_total(parts: list[tuple[str, str]]) -> tuple[str, str]:
-    """Concatenated (reasoning, content) of stream deltas (for tests and clients)."""
-    return "".join(p[0] for p in parts), "".join(p[1] for p in parts)
