@@ -50,8 +50,16 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Execution, not architecture (static under jit, not exported to HF):
+    # layout "cpu" (XLA:CPU-tuned cache and dots), "readable" (einsums, (B, S, K, H)
+    # cache) or "auto" (cpu on the CPU backend, else readable; models/kv_cache.resolve_layout);
+    # scan_layers: the layer loop as one lax.scan over stacked params (qwen3.stack_layers).
+    layout: str = "auto"
+    scan_layers: bool = False
 
     def __post_init__(self):
+        if self.layout not in ("auto", "cpu", "readable"):
+            raise ConfigError(f"layout={self.layout!r}: expected 'auto', 'cpu' or 'readable'")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} must be a multiple of "
@@ -87,6 +95,7 @@ class ModelConfig:
     def architecture_fields(self) -> dict[str, Any]:
         """Fields that fix shapes and semantics (not generation ids)."""
         skip = {"eos_token_ids", "bos_token_id", "pad_token_id", "max_position_embeddings"}
+        skip |= {"layout", "scan_layers"}  # execution fields
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     @classmethod
