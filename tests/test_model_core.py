@@ -223,3 +223,20 @@ def test_named_scopes_in_the_program(tiny_hf):
         debug_info=True)
     for scope in ("layer_0/attn", "layer_0/moe", "layer_1/mlp", "layer_2/moe"):
         assert scope in text, scope
+
+
+def test_schedules_on_stacked_params(tiny_hf):
+    """A kind-only schedule gives the stacked result; layer ranges are refused with a clear error."""
+    from dami_jax.schedule import Schedule
+
+    params = tiny_hf("dense_tied").params()
+    other = _other(params)
+    stacked, stacked_other = qwen3.stack_layers(params), qwen3.stack_layers(other)
+    kinds = Schedule.from_dict({"default": 0.0, "rules": [{"kinds": ["mlp"], "scale": 1.0}]}, num_layers=2)
+    got = dj.interpolate(stacked, stacked_other, 0.5, schedule=kinds)
+    want = qwen3.stack_layers(dj.interpolate(params, other, 0.5, schedule=kinds))
+    for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    ranged = Schedule.from_dict({"rules": [{"layers": [1, None], "scale": 0.5}]}, num_layers=2)
+    with pytest.raises(ValueError, match="layer ranges needs per-layer params, not stacked"):
+        dj.interpolate(stacked, stacked_other, 0.5, schedule=ranged)
