@@ -63,6 +63,7 @@ _ones = nnx.initializers.ones
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, delta: bool, dtype, rngs: nnx.Rngs | None, layout: str):
+        del layout  # one form in both layouts; taken so every block is built with the same keywords
         self.eps = eps
         self.scale = param((dim,), dtype, delta, rngs, _ones)
 

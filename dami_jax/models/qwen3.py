@@ -160,7 +160,7 @@ class Qwen3(nnx.Module):
         logits_btv = self.embed.attend(x_btd, lam) if self.tied else self.lm_head(x_btd, lam)
         if cache is not None:
             cache = KVCache(k=ks, v=vs, valid=key_valid, index=cache.index + tokens_bt.shape[1],
-                            next_pos=cache.next_pos + jnp.sum(mask_bt, axis=1, dtype=jnp.int32))
+                            next_pos=cache.next_pos + jnp.sum(mask_bt.astype(bool), axis=1, dtype=jnp.int32))
         return logits_btv.astype(jnp.float32), cache
 
     def hidden(self, tokens_bt, mask_bt, layer: int, lam=None):
