@@ -34,8 +34,9 @@ def log(msg: str) -> None:
     print(f"[compile] {msg}", file=sys.stderr, flush=True)
 
 
-def programs(cfg, args):
-    """(name, jitted function, abstract arguments) of generate's prefill and decode loop."""
+def measure(cfg, args) -> list[dict]:
+    """Lower and compile generate's prefill, then its decode loop (whose state is the prefill's
+    output, read from the lowered prefill: tracing it beforehand would warm the decode's cache)."""
     import jax
     import jax.numpy as jnp
 
@@ -49,18 +50,19 @@ def programs(cfg, args):
     b = args.batch
     tokens = jax.ShapeDtypeStruct((b, width), jnp.int32)
     rest = (jax.ShapeDtypeStruct((b, 1), jnp.int32), jax.random.key(0), jax.ShapeDtypeStruct((b,), jnp.int32))
-    prefill_args = (params, tokens, tokens, None, *rest)
-    state = jax.eval_shape(prefill, *prefill_args)
-    return [("prefill", prefill, prefill_args), ("decode", decode, (params, state, None, *rest))]
-
-
-def measure(fn, fn_args) -> dict:
-    t0 = time.perf_counter()
-    lowered = fn.lower(*fn_args)
-    t1 = time.perf_counter()
-    lowered.compile()
-    t2 = time.perf_counter()
-    return {"lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+    out, state = [], None
+    for name, fn in (("prefill", prefill), ("decode", decode)):
+        fn_args = (params, tokens, tokens, None, *rest) if name == "prefill" else (params, state, None, *rest)
+        t0 = time.perf_counter()
+        lowered = fn.lower(*fn_args)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        state = lowered.out_info
+        out.append({"program": name, "lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0})
+        log(f"{name}, {'scanned' if cfg.scan_layers else 'unrolled'} layers: lower {t1 - t0:.1f} s, "
+            f"compile {t2 - t1:.1f} s")
+    return out
 
 
 def main(argv=None) -> int:
@@ -83,12 +85,7 @@ def main(argv=None) -> int:
     base = dataclasses.replace(_common.model_config(args.preset), layout=args.layout)
     results = []
     for scan in (False, True):
-        cfg = dataclasses.replace(base, scan_layers=scan)
-        for name, fn, fn_args in programs(cfg, args):
-            log(f"{name}, {'scanned' if scan else 'unrolled'} layers")
-            r = measure(fn, fn_args)
-            log(f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s")
-            results.append({"program": name, "scan_layers": scan, **r})
+        results += [{**r, "scan_layers": scan} for r in measure(dataclasses.replace(base, scan_layers=scan), args)]
 
     rows, ratios = [], {}
     for name in ("prefill", "decode"):
