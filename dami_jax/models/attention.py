@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dami_jax.config import ModelConfig
-from dami_jax.models.layers import ACTIVATIONS, Linear, RMSNorm, rope
-from dami_jax.models.sharding import constrain
+from dami_jax.models.layers import Linear, RMSNorm, rope
+from dami_jax.models.sharding import ACTIVATIONS, constrain
 
 _MASKED = jnp.finfo(jnp.float32).min
 

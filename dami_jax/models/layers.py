@@ -19,10 +19,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dami_jax.models.sharding import ShardingConfig, constrain
-
-ACTIVATIONS = ShardingConfig()  # activation specs used inside the model under an active mesh
-
 
 def row_lam(lam: jax.Array, ndim: int, dtype) -> jax.Array:
     """λ per row shaped to broadcast against a (B, ...) tensor of rank ndim."""

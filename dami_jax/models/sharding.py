@@ -59,6 +59,9 @@ class ShardingConfig:
         return table[module]
 
 
+ACTIVATIONS = ShardingConfig()  # the rules the model pins its activations with (`constrain`)
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; -1 in one axis takes the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
