@@ -6,7 +6,7 @@ G = heads / kv_heads query rows against S cache slots. Timed at decode shapes:
 
 - "query first" (the reference here, dami_jax's code until 2026-11-27):
   q (G, H) x k (S, H)ᵀ -> scores (G, S), masked softmax, p (G, S) x v (H, S)ᵀ -> (G, H);
-- `dami_jax.models.qwen3.attend`: k (S, H) x q (G, H)ᵀ -> (S, G), an optimization barrier,
+- `dami_jax.models.attention.attend_cpu`: k (S, H) x q (G, H)ᵀ -> (S, G), an optimization barrier,
   the small transpose to (G, S), masked softmax, v (H, S) x p (G, S)ᵀ -> (H, G).
 
 Same math, float32; outputs are checked equal. Also timed: one plain read of the keys
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from dami_jax.models.qwen3 import attend
+    from dami_jax.models.attention import attend_cpu as attend
 
     fns = {"query first": jax.jit(query_first), "cache first": jax.jit(attend)}
     read = jax.jit(lambda k: jnp.sum(k, axis=2))

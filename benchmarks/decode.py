@@ -40,6 +40,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -144,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bw-bytes", type=float, default=None,
                     help="size of the bandwidth probe array (default 1 GiB on CPU, 2 GiB on GPU; "
                          "64 MiB for --preset tiny)")
+    ap.add_argument("--layout", default="auto", choices=["auto", "cpu", "readable"],
+                    help="the model's execution layout (ModelConfig.layout)")
+    ap.add_argument("--scan-layers", action="store_true", help="the layer loop as one lax.scan")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
@@ -154,7 +158,7 @@ def main(argv=None) -> int:
 
     load_start = os.getloadavg()[0]
     backend = jax.default_backend()
-    cfg = _common.model_config(args.preset)
+    cfg = dataclasses.replace(_common.model_config(args.preset), layout=args.layout, scan_layers=args.scan_layers)
     bw_bytes = int(args.bw_bytes or (64 * 2**20 if args.preset == "tiny" else
                                      (2**30 if backend == "cpu" else 2 * 2**30)))
 

@@ -51,8 +51,16 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Execution, not architecture (static under jit, not exported to HF):
+    # layout "cpu" (XLA:CPU-tuned cache and dots), "readable" (einsums, (B, S, K, H)
+    # cache) or "auto" (cpu on the CPU backend, else readable; models/kv_cache.resolve_layout);
+    # scan_layers: the layer loop as one lax.scan over stacked params (qwen3.stack_layers).
+    layout: str = "auto"
+    scan_layers: bool = False
 
     def __post_init__(self):
+        if self.layout not in ("auto", "cpu", "readable"):
+            raise ConfigError(f"layout={self.layout!r}: expected 'auto', 'cpu' or 'readable'")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} must be a multiple of "
@@ -86,8 +94,9 @@ class ModelConfig:
         )
 
     def architecture_fields(self) -> dict[str, Any]:
-        """Fields that fix shapes and semantics (all but the context length)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "max_position_embeddings"}
+        """Fields that fix shapes and semantics (not the context length or execution fields)."""
+        skip = {"max_position_embeddings", "layout", "scan_layers"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "ModelConfig":

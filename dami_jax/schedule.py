@@ -70,6 +70,9 @@ class Rule:
             return True
         if layer is None:  # layer ranges select only per-layer params
             return False
+        if not isinstance(layer, int) and not str(layer).isdigit():
+            raise ValueError("a schedule with layer ranges needs per-layer params, not stacked ones "
+                             "(models.qwen3.stack_layers): interpolate unstacked params, then stack")
         layer = int(layer)
         if self.layers is not None:
             start, stop = self.layers

@@ -3,9 +3,13 @@
 The reference for every prompt is HF run on that prompt alone, unpadded; ours
 runs the whole batch left-padded with an attention mask, so the check covers
 padding, per-row RoPE positions and masking as well as the weights mapping.
+Every test runs with both model layouts (readable einsums and the XLA:CPU-tuned
+dots; models/kv_cache.py).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +24,12 @@ LENGTHS = [9, 4, 13, 1]  # different lengths: rows 1-3 are left-padded
 ALL = list(TINY)
 
 
-@pytest.fixture(scope="module", params=ALL)
+@pytest.fixture(scope="module", params=[(n, layout) for n in ALL for layout in ("cpu", "readable")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def ckpt(request, tiny_hf):
-    return tiny_hf(request.param)
+    name, layout = request.param
+    base = tiny_hf(name)  # the copy shares `_params`: each checkpoint loads once
+    return dataclasses.replace(base, _cfg=dataclasses.replace(base.cfg, layout=layout))
 
 
 def _real_rows(logits, mask, prompts):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import dami_jax as dj
 from helpers import left_pad, random_prompts
 from dami_jax.checkpoint import store
+from dami_jax.models import qwen3
 from dami_jax.models.sharding import batch_sharding
 from dami_jax.tree import path_keys
 
@@ -145,3 +148,27 @@ def test_orbax_restore_onto_mesh_keeps_shardings(tiny_hf, mesh, sharded, tmp_pat
         assert len(leaf.sharding.device_set) == 1
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(ckpt.params())):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("layout", ["cpu", "readable"])
+def test_constrained_forward_matches_unconstrained(tiny_hf, mesh, sharded, layout):
+    """Under an active mesh the model pins its activations (batch on data, heads on tensor):
+    the program gains sharding constraints and computes the same logits."""
+    ckpt = tiny_hf("moe_norm")
+    cfg = dataclasses.replace(ckpt.cfg, layout=layout)
+    tokens, mask = left_pad(random_prompts(cfg.vocab_size, [9, 4, 13, 1], seed=22))
+    put = batch_sharding(mesh, 2)
+    args = (sharded("moe_norm"), jax.device_put(tokens, put), jax.device_put(mask, put))
+
+    def logits(p, t, m):
+        return qwen3.apply(cfg, p, t, m)[0]
+
+    free = jax.jit(logits).lower(*args)
+    with jax.set_mesh(mesh):
+        pinned = jax.jit(logits).lower(*args)
+    assert "sharding_constraint" not in free.as_text()
+    # per layer: q, k, v, the layer output; plus the embeddings
+    assert pinned.as_text().count("sharding_constraint") >= 4 * cfg.num_layers + 1
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(pinned.compile()(*args))[real], np.asarray(free.compile()(*args))[real],
+                               rtol=0, atol=2e-5)

@@ -23,16 +23,28 @@ Dense kernels are (out, in) like HF's: the contracted axis is minor, which
 XLA:CPU multiplies 1.7x faster than (in, out) at batch 16 decode shapes (equal
 at batch 1; benchmarks/dot_chain.py); it also makes loading HF tensors a plain copy.
 
-Delta mode (DESIGN 2.2): every leaf gains a leading axis of 2 holding (Θ_I, Δ),
-and each row b of the batch computes with Θ_I + λ_b·Δ. Every parameter enters an
-op linear in it, so `y = f(x; W_I) + λ_b·f(x; Δ)` reproduces the merged model for
-any mix of λ in one batch.
+Delta mode (DESIGN 2.2): every leaf gains a leading axis of 2 holding (Θ_I, Δ);
+see models/layers.py.
+
+Stacked layers (`ModelConfig.scan_layers`): `layers/...` is one tree whose
+leaves lead with the layer axis L (after delta mode's axis: (2, L, ...)), made
+by `stack_layers`, and the layer loop is one `lax.scan`: XLA compiles the layer
+once instead of L times (Qwen3-4B on CPU: decode 7.9 -> 1.6 s, benchmarks/compile.py).
+Only layers of one kind (all dense or all MoE) stack. A step pays for it on CPU,
+where each layer's weights and cache are sliced out of the stacks by copies:
+the 0.6B batch-1 decode step ran 95 -> 400 ms (benchmarks/decode.py --scan-layers).
+
+Execution, chosen by the config and not the params: `layout` (models/kv_cache.py)
+picks the readable einsums or the XLA:CPU-tuned dots; under an active mesh the
+activations are constrained (batch on data, heads on tensor; models/sharding.py);
+each block runs in a named scope (layer_3/attn, layer_3/mlp or moe) for profiles.
 
 Norms and softmax run in float32; everything else in the params' dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -41,276 +53,133 @@ import numpy as np
 from flax import nnx
 
 from dami_jax.config import ModelConfig
-from dami_jax.models.kv_cache import KVCache
+from dami_jax.models.attention import Attention, allowed_keys
+from dami_jax.models.kv_cache import KVCache, resolve_layout
+from dami_jax.models.layers import MLP, Embed, Linear, MoE, RMSNorm
+from dami_jax.models.sharding import ACTIVATIONS, constrain
 
 Params = dict
 
 
-# ---------------------------------------------------------------------------
-# Ops that accept plain or delta (stacked Θ_I, Δ) weights.
-
-def _row_lam(lam: jax.Array, ndim: int, dtype) -> jax.Array:
-    """λ per row shaped to broadcast against a (B, ...) tensor of rank ndim."""
-    return lam.astype(dtype).reshape(lam.shape + (1,) * (ndim - 1))
-
-
-def _matmul_t(x: jax.Array, w: jax.Array, lam: jax.Array | None) -> jax.Array:
-    """x (B, T, I) times Wᵀ for W (O, I), or for delta weights (2, O, I): Θ_I + λ_b·Δ per row."""
-    if lam is None:
-        return jnp.einsum("bti,oi->bto", x, w)
-    # (Θ_I; Δ) as one (2·O, I) matrix (a free reshape) in a single product: slicing
-    # w[0], w[1] makes XLA copy both halves each step, and a dot batched over the
-    # stacked axis ran 1.6x slower than this (benchmarks/interpolate.py, batch 8, CPU).
-    o = w.shape[1]
-    both = jnp.einsum("bti,oi->bto", x, w.reshape(2 * o, w.shape[2]))
-    return both[..., :o] + _row_lam(lam, 3, both.dtype) * both[..., o:]
-
-
-def _param(shape, dtype, delta, rngs, init):
-    full = (2, *shape) if delta else tuple(shape)
-    if rngs is None:  # shapes only: nothing traced, no key drawn (see abstract_params)
-        return nnx.Param(jax.ShapeDtypeStruct(full, jnp.dtype(dtype)))
-    return nnx.Param(init(rngs.params(), full, dtype))
-
-
-_normal = nnx.initializers.normal(0.02)
-_ones = nnx.initializers.ones
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, delta: bool, dtype, rngs: nnx.Rngs):
-        self.eps = eps
-        self.scale = _param((dim,), dtype, delta, rngs, _ones)
-
-    def __call__(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
-        w = self.scale[...]
-        if lam is None:
-            return y * w
-        return y * (w[0] + _row_lam(lam, y.ndim, y.dtype) * w[1])
-
-
-class Linear(nnx.Module):
-    """y = x·Wᵀ, W stored (*out_shape, in_features) like HF's weight.
-
-    Applied as one 2-D (out, in) matrix: XLA:CPU transposes (copies) a kernel
-    whose output axes it must split, at every call.
-    """
-
-    def __init__(self, out_shape, in_features: int, *, delta: bool, dtype, rngs: nnx.Rngs):
-        self.out_shape = tuple(out_shape)
-        self.kernel = _param((*self.out_shape, in_features), dtype, delta, rngs, _normal)
-
-    def __call__(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
-        w = self.kernel[...]
-        w = w.reshape(*w.shape[: w.ndim - len(self.out_shape) - 1], -1, w.shape[-1])  # a free reshape
-        y = _matmul_t(x, w, lam)
-        return y.reshape(*y.shape[:2], *self.out_shape)
-
-
-class Embed(nnx.Module):
-    def __init__(self, vocab: int, dim: int, *, delta: bool, dtype, rngs: nnx.Rngs):
-        self.embedding = _param((vocab, dim), dtype, delta, rngs, _normal)
-
-    def __call__(self, tokens: jax.Array, lam: jax.Array | None) -> jax.Array:
-        table = self.embedding[...]
-        if lam is None:
-            return jnp.take(table, tokens, axis=0)
-        both = jnp.take(table, tokens, axis=1)  # rows of Θ_I and Δ, no copy of the table halves
-        return both[0] + _row_lam(lam, both.ndim - 1, both.dtype) * both[1]
-
-    def attend(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
-        """Tied lm_head: logits against the embedding table."""
-        return _matmul_t(x, self.embedding[...], lam)
-
-
-def rope(x_btnh: jax.Array, pos_bt: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF's rotate_half convention (halves, not interleaved)."""
-    h = x_btnh.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    freqs = pos_bt.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x_btnh.dtype), jnp.sin(emb).astype(x_btnh.dtype)
-    x1, x2 = x_btnh[..., : h // 2], x_btnh[..., h // 2 :]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_btnh * cos + rotated * sin
-
-
-def allowed_keys(key_valid_bs: jax.Array, q_slot_t: jax.Array) -> jax.Array:
-    """(B, T, S) bool: query t may attend key slot s (a valid key at or before its own slot)."""
-    k_slot = jnp.arange(key_valid_bs.shape[1])
-    return key_valid_bs[:, None, :] & (k_slot[None, None, :] <= q_slot_t[None, :, None])
-
-
-def attend(q_nqh: jax.Array, k_nsh: jax.Array, v_nhs: jax.Array, allowed_bts: jax.Array) -> jax.Array:
-    """Softmax attention over the cache slots S: (N, H, G·T) for the query rows (G, T) of
-    each (row, kv head) n = b·K + j (row g·T + t), keys/values in KVCache's layouts,
-    allowed_bts from allowed_keys.
-
-    The cache is each dot's left operand (its S slots the product's rows, the few query rows
-    its columns), and the barrier keeps XLA from folding the small transpose of the scores
-    into the first dot. With the query rows first, XLA:CPU ran decode attention 1.2-3.2x slower
-    (benchmarks/attention_dots.py).
-    """
-    n, s, h = k_nsh.shape
-    b, t = allowed_bts.shape[:2]
-    scores = jnp.einsum("nsh,nqh->nsq", k_nsh, q_nqh, preferred_element_type=jnp.float32)
-    scores = jax.lax.optimization_barrier(scores).swapaxes(1, 2)
-    scores = (scores * (h ** -0.5)).reshape(b, n // b, -1, t, s)
-    scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_nhs.dtype).reshape(n, -1, s)
-    return jnp.einsum("nhs,nqs->nhq", v_nhs, probs)
-
-
-class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs):
-        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
-        self.q_proj = Linear((n, h), d, **kw)
-        self.k_proj = Linear((k, h), d, **kw)
-        self.v_proj = Linear((k, h), d, **kw)
-        self.o_proj = Linear((d,), n * h, **kw)  # HF's (D, N·H): heads flattened on the input side
-        self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
-        self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
-        self.rope_theta = cfg.rope_theta
-        self.groups = n // k
-
-    def __call__(self, x, pos_bt, allowed_bts, kv, index, lam):
-        b, t, _ = x.shape
-        q = rope(self.q_norm(self.q_proj(x, lam), lam), pos_bt, self.rope_theta)
-        k = rope(self.k_norm(self.k_proj(x, lam), lam), pos_bt, self.rope_theta)
-        v = self.v_proj(x, lam)
-        # Keys (B·K, T, H) and values (B·K, H, T): the layouts of KVCache, where
-        # both attention dots contract their minor axis (see KVCache for why).
-        nk, h, g = k.shape[2], k.shape[3], self.groups
-        k = k.transpose(0, 2, 1, 3).reshape(b * nk, t, h)
-        v = v.transpose(0, 2, 3, 1).reshape(b * nk, h, t)
-        if kv is not None:  # write this chunk into the cache, attend over all slots
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, index))
-        q_nqh = q.reshape(b, t, nk, g, h).transpose(0, 2, 3, 1, 4).reshape(b * nk, g * t, h)
-        out = attend(q_nqh, k, v, allowed_bts).reshape(b, nk, h, g, t)
-        return self.o_proj(out.transpose(0, 4, 1, 3, 2).reshape(b, t, nk * g * h), lam), (k, v)
-
-
-class MLP(nnx.Module):
-    def __init__(self, d: int, f: int, *, delta: bool, dtype, rngs: nnx.Rngs):
-        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
-        self.gate_proj = Linear((f,), d, **kw)
-        self.up_proj = Linear((f,), d, **kw)
-        self.down_proj = Linear((d,), f, **kw)
-
-    def __call__(self, x, lam):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, lam)) * self.up_proj(x, lam), lam)
-
-
-def _ragged(x_md, w_edf, group_sizes, lam_m):
-    if lam_m is None:
-        return jax.lax.ragged_dot(x_md, w_edf, group_sizes)
-    # Θ_I and Δ experts as 2E groups of one ragged_dot over [x; x] (no copy of the halves).
-    s, e = w_edf.shape[:2]
-    m = x_md.shape[0]
-    out = jax.lax.ragged_dot(jnp.concatenate([x_md, x_md]), w_edf.reshape(s * e, *w_edf.shape[2:]),
-                             jnp.concatenate([group_sizes, group_sizes]))
-    return out[:m] + lam_m.astype(out.dtype)[:, None] * out[m:]
-
-
-class MoE(nnx.Module):
-    """Top-k routed experts; tokens sorted by expert and multiplied with ragged_dot."""
-
-    def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs):
-        d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
-        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
-        self.router = Linear((e,), d, **kw)
-        self.gate_proj = _param((e, d, f), dtype, delta, rngs, _normal)
-        self.up_proj = _param((e, d, f), dtype, delta, rngs, _normal)
-        self.down_proj = _param((e, f, d), dtype, delta, rngs, _normal)
-        self.top_k = cfg.num_experts_per_tok
-        self.norm_topk_prob = cfg.norm_topk_prob
-
-    def __call__(self, x, lam):
-        b, t, d = x.shape
-        probs = jax.nn.softmax(self.router(x, lam).astype(jnp.float32), axis=-1)
-        top_w, top_e = jax.lax.top_k(probs, self.top_k)  # (B, T, k)
-        if self.norm_topk_prob:
-            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-        num_experts = probs.shape[-1]
-        expert = top_e.reshape(-1)
-        order = jnp.argsort(expert, stable=True)
-        token = order // self.top_k  # flat (b*t) token of each sorted assignment
-        group_sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)
-        xs = x.reshape(b * t, d)[token]
-        lam_s = None if lam is None else jnp.repeat(lam, t)[token]
-        h = jax.nn.silu(_ragged(xs, self.gate_proj[...], group_sizes, lam_s))
-        h = h * _ragged(xs, self.up_proj[...], group_sizes, lam_s)
-        y = _ragged(h, self.down_proj[...], group_sizes, lam_s)
-        y = y * top_w.reshape(-1)[order].astype(y.dtype)[:, None]
-        return jnp.zeros((b * t, d), y.dtype).at[token].add(y).reshape(b, t, d)
-
-
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, delta: bool, dtype, rngs: nnx.Rngs):
-        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    def __init__(self, cfg: ModelConfig, layer: int, **kw):
+        d = cfg.hidden_size
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
         self.attn = Attention(cfg, **kw)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        if cfg.is_moe_layer(layer):
-            self.mlp = MoE(cfg, **kw)
+        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+        self.moe = cfg.is_moe_layer(layer)
+        if self.moe:
+            self.mlp = MoE(d, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                           cfg.norm_topk_prob, **kw)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+            self.mlp = MLP(d, cfg.intermediate_size, **kw)
 
-    def __call__(self, x, pos_bt, allowed_bts, kv, index, lam):
-        h, kv = self.attn(self.input_norm(x, lam), pos_bt, allowed_bts, kv, index, lam)
-        x = x + h
-        return x + self.mlp(self.post_attn_norm(x, lam), lam), kv
+    def __call__(self, x_btd, pos_bt, allowed_bts, kv, index, lam):
+        with jax.named_scope("attn"):
+            h_btd, kv = self.attn(self.input_norm(x_btd, lam), pos_bt, allowed_bts, kv, index, lam)
+        x_btd = x_btd + h_btd
+        with jax.named_scope("moe" if self.moe else "mlp"):
+            x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd, lam), lam)
+        return constrain(x_btd, ACTIVATIONS.batch), kv
+
+
+def check_scannable(cfg: ModelConfig) -> None:
+    """scan_layers needs layers of one kind: refuse configs that mix dense and MoE layers."""
+    moe = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    if 0 < len(moe) < cfg.num_layers:
+        dense = sorted(set(range(cfg.num_layers)) - set(moe))
+        raise ValueError(
+            f"scan_layers needs layers of one kind, but this config has dense layers {dense} and MoE "
+            f"layers {moe} (mlp_only_layers={list(cfg.mlp_only_layers)}, decoder_sparse_step="
+            f"{cfg.decoder_sparse_step}); use scan_layers=False")
 
 
 class Qwen3(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, delta: bool = False, dtype=jnp.float32, rngs: nnx.Rngs | None):
-        kw = dict(delta=delta, dtype=dtype, rngs=rngs)
+        kw = dict(delta=delta, dtype=dtype, rngs=rngs, layout=resolve_layout(cfg.layout))
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.scan = cfg.scan_layers
+        if self.scan:  # one layer's modules; merged with the stacked leaves (see stack_layers)
+            check_scannable(cfg)
+            if rngs is not None:
+                raise ValueError("scanned params are built unrolled, then stacked: use init_params")
+            self.layers = DecoderLayer(cfg, 0, **kw)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear((cfg.vocab_size,), cfg.hidden_size, **kw)
+            self.lm_head = Linear("BTD,VD->BTV", (cfg.vocab_size,), (cfg.hidden_size,), **kw)
         self.tied = cfg.tie_word_embeddings
+        self.num_layers = cfg.num_layers
 
-    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False):
-        b, t = tokens_bt.shape
+    def _inputs(self, tokens_bt, mask_bt, cache: KVCache | None, lam):
+        """Embeddings, RoPE positions, the (B, T, S) attention mask, the valid key slots and
+        the cache slot this chunk is written at."""
+        t = tokens_bt.shape[1]
         mask_bt = mask_bt.astype(bool)
-        offset = jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1
+        offset = jnp.maximum(jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1, 0)
         if cache is None:
-            pos_bt = jnp.maximum(offset, 0)
-            key_valid = mask_bt
-            q_slot, index = jnp.arange(t), 0
+            pos_bt, key_valid, q_slot, index = offset, mask_bt, jnp.arange(t), 0
         else:
-            pos_bt = cache.next_pos[:, None] + jnp.maximum(offset, 0)
+            pos_bt = cache.next_pos[:, None] + offset
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, cache.index))
             q_slot, index = cache.index + jnp.arange(t), cache.index
-        allowed_bts = allowed_keys(key_valid, q_slot)
+        x_btd = constrain(self.embed(tokens_bt, lam), ACTIVATIONS.batch)
+        return x_btd, pos_bt, allowed_keys(key_valid, q_slot), key_valid, index
 
-        x = self.embed(tokens_bt, lam)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, pos_bt, allowed_bts, kv, index, lam)
-            new_k.append(k)
-            new_v.append(v)
+    def _decoder(self, x_btd, pos_bt, allowed_bts, cache, index, lam, count: int):
+        """x after the first `count` decoder layers, and their keys/values (per layer, or
+        stacked when scanned): the updated cache, or each chunk's own without a cache."""
+        args = (pos_bt, allowed_bts)
+        if not self.scan:
+            ks, vs = [], []
+            for i in range(count):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                with jax.named_scope(f"layer_{i}"):
+                    x_btd, (k, v) = self.layers[i](x_btd, *args, kv, index, lam)
+                ks.append(k)
+                vs.append(v)
+            return x_btd, tuple(ks), tuple(vs)
+
+        graphdef, stacked = nnx.split(self.layers)
+        axis = 0 if lam is None else 1  # the layer axis comes after delta mode's (Θ_I, Δ)
+
+        def body(x_btd, xs):
+            i, kv = xs
+            weights = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, axis, keepdims=False), stacked)
+            with jax.named_scope("layer"):
+                return nnx.merge(graphdef, weights)(x_btd, *args, kv, index, lam)
+
+        kv = None if cache is None else (cache.k, cache.v)
+        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (jnp.arange(count), kv))
+        return x_btd, ks, vs
+
+    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False):
+        x_btd, pos_bt, allowed_bts, key_valid, index = self._inputs(tokens_bt, mask_bt, cache, lam)
+        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, cache, index, lam, self.num_layers)
         if last_only:  # a prefill needs only the next token's logits: skip T-1 rows of the lm_head
-            x = x[:, -1:]
-        x = self.final_norm(x, lam)
-        logits = self.embed.attend(x, lam) if self.tied else self.lm_head(x, lam)
+            x_btd = x_btd[:, -1:]
+        x_btd = self.final_norm(x_btd, lam)
+        logits_btv = self.embed.attend(x_btd, lam) if self.tied else self.lm_head(x_btd, lam)
         if cache is not None:
-            cache = KVCache(
-                k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=cache.index + t,
-                next_pos=cache.next_pos + jnp.sum(mask_bt, axis=1, dtype=jnp.int32),
-            )
-        return logits.astype(jnp.float32), cache
+            cache = KVCache(k=ks, v=vs, valid=key_valid, index=cache.index + tokens_bt.shape[1],
+                            next_pos=cache.next_pos + jnp.sum(mask_bt.astype(bool), axis=1, dtype=jnp.int32))
+        return logits_btv.astype(jnp.float32), cache
+
+    def hidden(self, tokens_bt, mask_bt, layer: int, lam=None):
+        """(B, T, D) hidden states after `layer` decoder layers, no cache; layer num_layers
+        includes the final norm (HF output_hidden_states numbering). Runs only what it needs."""
+        x_btd, pos_bt, allowed_bts, _, index = self._inputs(tokens_bt, mask_bt, None, lam)
+        x_btd, _, _ = self._decoder(x_btd, pos_bt, allowed_bts, None, index, lam, layer)
+        return self.final_norm(x_btd, lam) if layer == self.num_layers else x_btd
 
 
 # ---------------------------------------------------------------------------
 # Functional surface: params pytree in, arrays out.
+
+def _unrolled(cfg: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(cfg, scan_layers=False)
+
 
 @functools.lru_cache(maxsize=None)
 def _graphdef(cfg: ModelConfig, delta: bool) -> nnx.GraphDef:
@@ -319,13 +188,20 @@ def _graphdef(cfg: ModelConfig, delta: bool) -> nnx.GraphDef:
 
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32, delta: bool = False) -> Params:
     """The params pytree as ShapeDtypeStructs (shapes for loading and sharding)."""
+    if cfg.scan_layers:
+        check_scannable(cfg)
+        return jax.eval_shape(stack_layers, abstract_params(_unrolled(cfg), dtype, delta))
     # Built with rngs=None rather than nnx.eval_shape of the random init, whose
     # tracing cost grows quadratically with the number of leaves (1.2 s for 28 layers).
     return nnx.to_pure_dict(nnx.state(Qwen3(cfg, delta=delta, dtype=jnp.dtype(dtype), rngs=None)))
 
 
 def init_params(cfg: ModelConfig, key: int | jax.Array = 0, dtype=jnp.float32) -> Params:
-    """Random params (normal 0.02, unit norms), for tests and benchmarks."""
+    """Random params (normal 0.02, unit norms), for tests and benchmarks; stacked when
+    cfg.scan_layers (the same values as the unrolled init, stacked)."""
+    if cfg.scan_layers:
+        check_scannable(cfg)
+        return stack_layers(init_params(_unrolled(cfg), key, dtype))
     seed = key if isinstance(key, int) else int(jax.random.randint(key, (), 0, 2**31 - 1))
     # Eager on purpose: one jitted init of every leaf took 2 min to compile for Qwen3-4B on an
     # H100 (32 s on CPU for 0.6B, against 13 s eager); eagerly each initializer compiles once per shape.
@@ -337,6 +213,49 @@ def is_delta(params: Params) -> bool:
     return params["embed"]["embedding"].ndim == 3
 
 
+def is_stacked(params: Params) -> bool:
+    """Stacked params hold one tree of layer-stacked leaves under `layers`, not one per layer."""
+    return "input_norm" in params["layers"]
+
+
+def stack_layers(params: Params) -> Params:
+    """Per-layer params -> one tree with the layer axis leading each leaf (after delta mode's
+    (Θ_I, Δ) axis, so interpolate / delta_params of stacked params are the stacked results)."""
+    if is_stacked(params):
+        raise ValueError("params are already stacked")
+    layers = [params["layers"][i] for i in range(len(params["layers"]))]
+    kinds = {jax.tree.structure(layer) for layer in layers}
+    if len(kinds) > 1:
+        raise ValueError("only layers of one kind stack: these params mix dense and MoE layers")
+    axis = 1 if is_delta(params) else 0
+    return {**params, "layers": jax.tree.map(lambda *ws: jnp.stack(ws, axis=axis), *layers)}
+
+
+def unstack_layers(params: Params) -> Params:
+    """The inverse of stack_layers: one tree per layer, keyed 0..L-1."""
+    if not is_stacked(params):
+        raise ValueError("params are not stacked")
+    axis = 1 if is_delta(params) else 0
+    count = params["layers"]["input_norm"]["scale"].shape[axis]
+    layers = {i: jax.tree.map(lambda w: jnp.take(w, i, axis=axis), params["layers"]) for i in range(count)}
+    return {**params, "layers": layers}
+
+
+def _model(cfg: ModelConfig, params: Params, lam) -> Qwen3:
+    delta = is_delta(params)
+    if delta != (lam is not None):
+        raise ValueError(
+            "delta-mode params need a per-row lam (B,)" if delta
+            else "lam was given but params are not in delta mode (see dami_jax.interpolate.delta_params)"
+        )
+    if is_stacked(params) != cfg.scan_layers:
+        raise ValueError(
+            "cfg.scan_layers=True needs stacked params (qwen3.stack_layers(params))" if cfg.scan_layers
+            else "params are stacked (qwen3.stack_layers): use a config with scan_layers=True"
+        )
+    return nnx.merge(_graphdef(cfg, delta), params)
+
+
 def apply(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, cache=None, lam=None, last_only: bool = False):
     """One model call (not jitted): logits (B, T, V) float32 and the updated cache.
 
@@ -344,14 +263,23 @@ def apply(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, cache=None, lam=
     `last_only`: logits of the last column only, (B, 1, V) (left padding puts
     every row's last token there).
     """
-    delta = is_delta(params)
-    if delta != (lam is not None):
-        raise ValueError(
-            "delta-mode params need a per-row lam (B,)" if delta
-            else "lam was given but params are not in delta mode (see dami_jax.interpolate.delta_params)"
-        )
-    model = nnx.merge(_graphdef(cfg, delta), params)
-    return model(tokens_bt, mask_bt, cache=cache, lam=lam, last_only=last_only)
+    return _model(cfg, params, lam)(tokens_bt, mask_bt, cache=cache, lam=lam, last_only=last_only)
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """A hidden-state layer in [0, num_layers]; negatives count back (-1: after the final norm)."""
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise ValueError(f"hidden_layer={layer} is outside [-{num_layers + 1}, {num_layers}] "
+                         f"for a model of {num_layers} layers (0: embeddings, -1: final)")
+    return layer % (num_layers + 1)
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, layer: int, lam=None) -> jax.Array:
+    """(B, T, D) hidden states (not jitted), numbered as HF's output_hidden_states: 0 is the
+    embedding output, i the output of decoder layer i, num_layers (or -1) the last layer's
+    output after the final norm. Only the layers up to `layer` run."""
+    layer = resolve_layer(layer, cfg.num_layers)
+    return _model(cfg, params, lam).hidden(tokens_bt, mask_bt, layer, lam=lam)
 
 
 @functools.partial(jax.jit, static_argnums=0)

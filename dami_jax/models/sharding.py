@@ -3,6 +3,10 @@
 A spec axis whose mesh size does not divide the dimension is dropped
 (replicated) for that leaf, so tiny test models and odd head counts still load
 on any mesh; real models divide evenly.
+
+Inside the model, `constrain` pins activations (batch on the data axes, heads
+on tensor) when a mesh is active (`with jax.set_mesh(mesh):`); without one it
+does nothing, so single-device code pays nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class ShardingConfig:
     lm_head: P = P("tensor", "fsdp")  # (V, D)
     norm: P = P(None)  # (D,) and (H,)
     batch: P = P(("data", "fsdp"))  # leading batch axis of activations and inputs
+    heads: P = P(("data", "fsdp"), None, "tensor")  # (B, T, N, H) activations, (B, S, K, H) cache
 
     def role_spec(self, path: tuple[str, ...]) -> P:
         """The spec of a param (by its path), written for its plain (non-delta) rank."""
@@ -56,6 +61,9 @@ class ShardingConfig:
         return table[module]
 
 
+ACTIVATIONS = ShardingConfig()  # the rules the model pins its activations with (`constrain`)
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; -1 in one axis takes the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
@@ -70,15 +78,24 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     return Mesh(np.array(devices).reshape(shape), AXES)
 
 
-def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """Drop spec axes that do not divide their dimension; pad the spec to the rank."""
+def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
+    """Drop spec axes that do not divide their dimension or are not in the mesh; pad to the rank."""
     out = []
     for i, dim in enumerate(shape):
         axis = spec[i] if i < len(spec) else None
         names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+        names = tuple(n for n in names if n in mesh.shape)
         size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-        out.append(axis if names and dim % size == 0 else None)
+        out.append((names if len(names) > 1 else names[0]) if names and dim % size == 0 else None)
     return P(*out)
+
+
+def constrain(x: jax.Array, spec: P) -> jax.Array:
+    """x constrained to `spec` (fitted to its shape) under an active mesh; x itself without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, fit_spec(spec, x.shape, mesh))
 
 
 def param_shardings(params, mesh: Mesh, rules: ShardingConfig | None = None):
@@ -88,8 +105,8 @@ def param_shardings(params, mesh: Mesh, rules: ShardingConfig | None = None):
     def one(path, leaf):
         keys = path_keys(path)
         spec = rules.role_spec(keys)
-        if len(leaf.shape) == len(spec) + 1:  # delta mode: leading (Θ_I, Δ) axis
-            spec = P(None, *spec)
+        # Leading axes beyond the role's rank (delta mode's (Θ_I, Δ), stacked layers) are replicated.
+        spec = P(*([None] * (len(leaf.shape) - len(spec))), *spec)
         return NamedSharding(mesh, fit_spec(spec, tuple(leaf.shape), mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)

@@ -1,10 +1,8 @@
 """h(q): the frozen Instruct model's hidden state of a prompt, for the reward model.
 
-`qwen3.apply` returns logits only, so `hidden_states` runs the NNX model's own
-pieces (embed, decoder layers, final norm) on a merged module; the numerics are
-the model's. Layer numbering follows HF `output_hidden_states`: 0 is the
-embedding output, i the output of decoder layer i, and num_layers (or -1) the
-last layer's output after the final norm.
+`hidden_states` is the model's own (`qwen3.hidden_states`), numbered as HF's
+`output_hidden_states`: 0 is the embedding output, i the output of decoder
+layer i, and num_layers (or -1) the last layer's output after the final norm.
 
 `prompt_features` computes the pooled features of many prompts with one jitted
 function per padded shape (length and batch buckets); under a mesh the batch is
@@ -24,34 +22,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dami_jax.generate.decode import bucket_length, generate, left_pad
-from dami_jax.models import qwen3
+from dami_jax.models.qwen3 import hidden_states, resolve_layer
 from dami_jax.models.sharding import batch_sharding, param_shardings
 from dami_jax.pref.config import POOLINGS
-
-
-def resolve_layer(layer: int, num_layers: int) -> int:
-    if not -(num_layers + 1) <= layer <= num_layers:
-        raise ValueError(f"hidden_layer={layer} is outside [-{num_layers + 1}, {num_layers}] "
-                         f"for a model of {num_layers} layers (0: embeddings, -1: final)")
-    return layer % (num_layers + 1)
-
-
-def hidden_states(cfg, params, tokens_bt, mask_bt, layer: int) -> jax.Array:
-    """(B, T, D) hidden states after `layer` (HF numbering), left-padded prompts, no cache."""
-    layer = resolve_layer(layer, cfg.num_layers)
-    model = nnx.merge(qwen3._graphdef(cfg, False), params)
-    mask = mask_bt.astype(bool)
-    pos_bt = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    allowed_bts = qwen3.allowed_keys(mask, jnp.arange(tokens_bt.shape[1]))
-    x = model.embed(tokens_bt, None)
-    for block in list(model.layers)[:layer]:
-        x, _ = block(x, pos_bt, allowed_bts, None, 0, None)
-    if layer == cfg.num_layers:
-        x = model.final_norm(x, None)
-    return x
 
 
 def pool(h_btd, mask_bt, pooling: str, tail_b=None) -> jax.Array:
