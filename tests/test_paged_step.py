@@ -111,3 +111,21 @@ def test_plain_params_and_stacked_layers(tiny_hf):
     d = _Driver(cfg, qwen3.stack_layers(ckpt.params()), False, prompts)
     d.step([("a", 5), ("b", 12), ("c", 3)])
     d.step([("a", 1), ("b", 1), ("c", 1), ("d", 9)])
+
+
+def test_the_step_updates_the_donated_pools_in_place(tiny_hf):
+    """The compiled model step (layers unrolled) holds no copy or transpose of a layer's pool."""
+    import re
+
+    cfg = tiny_hf("dense_gqa", 0).cfg
+    params = qwen3.abstract_params(cfg)
+    num_pages, t, r = 300, 8, 4
+    pools = jax.eval_shape(lambda: qwen3.init_pools(cfg, num_pages, PAGE, jnp.float32))
+    batch = PageAllocator(num_pages, PAGE, MAX_PAGES).ragged_batch([], r, t)
+    text = _step.lower(cfg, params, pools, jax.ShapeDtypeStruct((t,), jnp.int32),
+                       jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)).compile().as_text()
+    pool_elems = cfg.num_kv_heads * num_pages * PAGE * cfg.head_dim
+    sizes = [np.prod([int(d) for d in m.group(1).split(",")])
+             for m in re.finditer(r"= f32\[([\d,]+)\]\S* (?:copy|transpose)\(", text)]
+    assert max(sizes, default=0) < pool_elems, f"a pool-sized copy in the compiled step: {max(sizes)} elements"
+    assert "input_output_alias" in text

@@ -285,7 +285,9 @@ def apply(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, cache=None, lam=
 
 def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple:
     """Empty KV pools (k_pools, v_pools) for the engine: per layer (K, P, page, H), a tuple of
-    layers, or one (L, K, P, page, H) array each when cfg.scan_layers."""
+    layers, or one (L, K, P, page, H) array each when cfg.scan_layers. Unrolled, the step updates
+    the donated pools in place; scanned, XLA copies the stacks once a step (as the dense cache's),
+    so the engine on CPU wants scan_layers=False."""
     shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     if cfg.scan_layers:
         return jnp.zeros((cfg.num_layers, *shape), dtype), jnp.zeros((cfg.num_layers, *shape), dtype)
