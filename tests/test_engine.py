@@ -96,8 +96,14 @@ def test_plain_params_equal_generate(tiny_hf):
     ckpt = tiny_hf("dense_tied", 0)
     prompts = random_prompts(ckpt.cfg.vocab_size, [6, 11, 3], seed=2)
     want = dj.generate(ckpt.cfg, ckpt.params(), prompts, 7)
-    got = dj.Engine(ckpt.cfg, ckpt.params(), num_pages=32, **SMALL).generate(prompts, 7)
-    _assert_same(got, want)
+    eng = dj.Engine(ckpt.cfg, ckpt.params(), num_pages=32, **SMALL)
+    _assert_same(eng.generate(prompts, 7), want)
+    # A limit per prompt: each row stops at its own.
+    got = eng.generate(prompts, [7, 2, 5])
+    assert got.lengths.tolist() == [7, 2, 5] and got.tokens.shape == (3, 7)
+    for i, n in enumerate([7, 2, 5]):
+        np.testing.assert_array_equal(got.tokens[i, :n], want.tokens[i, :n])
+        assert not got.tokens[i, n:].any()
 
 
 def test_submit_step_poll_refill_and_refusals(pair, prompts, want):

@@ -151,8 +151,9 @@ class Engine:
         return req
 
     def submit(self, prompt, max_new_tokens: int, **kw) -> int:
-        """Queue one request (keywords as `request`); returns its id. A refused request raises
-        here and changes nothing: the others keep being served."""
+        """Queue one request (keywords as `request`; row_id, seeding its sampling keys, defaults to
+        the returned id); returns its id. A refused request raises here and changes nothing: the
+        others keep being served."""
         req = self.request(prompt, max_new_tokens, **kw)
         self.sched.add(req)
         return req.rid
@@ -222,25 +223,27 @@ class Engine:
 
     # -- batch API ----------------------------------------------------------------------
 
-    def generate(self, prompts, max_new_tokens: int, lam=None, sampling=Greedy(), seed: int = 0,
+    def generate(self, prompts, max_new_tokens, lam=None, sampling=Greedy(), seed: int = 0,
                  stop_tokens=None, row_ids=None) -> GenerateOutput:
         """All prompts through the engine, as `dj.generate` (same output type and keys: row i
-        samples with row id row_ids[i], default i). lam: a scalar or one per prompt (delta mode);
+        samples with row id row_ids[i], default i). max_new_tokens: one limit, or one per prompt
+        (tokens then has the largest as its width); lam: a scalar or one per prompt (delta mode);
         stop_tokens: one list, or one per prompt (default: the pair's EOS ids, or none).
         Every request is checked before any runs."""
         b = len(prompts)
         if b == 0:
             raise InputError("prompts is empty")
+        limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (b,)).tolist()
         lams = [None] * b if lam is None else np.broadcast_to(check_lam(lam), (b,)).tolist()
         stops = stop_table(self.default_stops if stop_tokens is None else stop_tokens, b)
         row_ids = range(b) if row_ids is None else [int(r) for r in row_ids]
-        reqs = [self.request(p, max_new_tokens, lam=lams[i], sampling=sampling, seed=seed,
+        reqs = [self.request(p, limits[i], lam=lams[i], sampling=sampling, seed=seed,
                              stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i])
                 for i, p in enumerate(prompts)]
         for req in reqs:
             self.sched.add(req)
         self.run()
-        out = np.zeros((b, max_new_tokens), np.int32)
+        out = np.zeros((b, max(limits)), np.int32)
         for i, req in enumerate(reqs):
             self.finished.pop(req.rid, None)
             out[i, : len(req.generated)] = req.generated
