@@ -6,6 +6,7 @@ Public surface (DESIGN 2.1); see README.md.
 from dami_jax.config import ConfigError, GenerationIds, ModelConfig
 from dami_jax.checkpoint.hf import load_hf, save_hf
 from dami_jax.checkpoint.safetensors_io import CheckpointError
+from dami_jax.engine.engine import Engine
 from dami_jax.errors import InputError
 from dami_jax.generate import GenerateOutput, Greedy, Sample, chat_prompt, generate, split_thinking
 from dami_jax.interpolate import delta_params, interpolate
@@ -15,7 +16,7 @@ from dami_jax.schedule import Schedule
 from dami_jax.models.sharding import ShardingConfig, make_mesh
 
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerateOutput", "GenerationIds", "Greedy", "InputError", "ModelConfig",
+    "CheckpointError", "ConfigError", "Engine", "GenerateOutput", "GenerationIds", "Greedy", "InputError", "ModelConfig",
     "ModelPair", "PairMismatchError", "Sample", "Schedule", "ShardingConfig", "chat_prompt", "delta_params",
     "forward", "generate", "generate_pair", "init_params", "interpolate", "load_hf", "load_pair",
     "make_mesh", "save_hf", "split_thinking", "sweep",

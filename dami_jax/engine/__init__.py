@@ -4,6 +4,10 @@
   and the int32 metadata of one step (`RaggedBatch`).
 - paged_attention.py: the device side. The pools (K, P, page, H) of one layer,
   `write_kv` and `paged_attention` over a flat ragged batch.
+- scheduler.py: continuous batching on the host: requests, the rows and tokens of each
+  step (decode first, chunked prefill, admission by pages), preemption or reservation.
+- engine.py: `Engine` (dj.Engine): the pools, the jitted step (models/qwen3.paged_step and
+  per-row sampling) over a small ladder of shapes, and submit / step / poll / generate.
 
 One step, as a scheduler drives it:
     alloc.extend(seq, q_len) for each row        # pages as needed; OutOfPages -> preempt, retry

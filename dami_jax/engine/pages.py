@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 NULL_PAGE = 0
@@ -55,6 +56,10 @@ class RaggedBatch:
     slot_ids: np.ndarray  # (T,) flat slot page·page_size + offset of each new token
     positions: np.ndarray  # (T,) each token's position in its sequence (RoPE); 0 for padding
     token_rows: np.ndarray  # (T,) each token's row (per-row λ, sampling); R for padding
+
+
+# A pytree, so a step's metadata enters the jitted model step as one argument (as device arrays).
+jax.tree_util.register_dataclass(RaggedBatch)
 
 
 class PageAllocator:

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dami_jax.config import ModelConfig
+from dami_jax.engine.paged_attention import paged_attention, write_kv
+from dami_jax.engine.pages import RaggedBatch
 from dami_jax.models.layers import Linear, RMSNorm, rope
 from dami_jax.models.sharding import ACTIVATIONS, constrain
 
@@ -78,6 +80,14 @@ def _cpu(q_btnh, k_btkh, v_btkh, allowed_bts, kv, index):
     return out.transpose(0, 4, 1, 3, 2).reshape(b, t, n, h), (k, v)
 
 
+def _paged(q_btnh, k_btkh, v_btkh, kv, batch: RaggedBatch):
+    """The flat batch (T, 1): write this step's keys/values into the pools kv (k_pool, v_pool),
+    then attend over each row's pages."""
+    k_pool, v_pool = write_kv(*kv, k_btkh[:, 0], v_btkh[:, 0], batch.slot_ids)
+    out_thd = paged_attention(q_btnh[:, 0], k_pool, v_pool, batch.cu_q_lens, batch.kv_lens, batch.page_table)
+    return out_thd[:, None], (k_pool, v_pool)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs | None, layout: str):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -93,11 +103,16 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, pos_bt, allowed_bts, kv, index, lam):
         """Attention output (B, T, D) and this layer's keys/values: the updated cache
-        `kv` (k, v) written at slot `index`, or this chunk's own without a cache."""
+        `kv` (k, v) written at slot `index`, or this chunk's own without a cache.
+        Paged (the engine's step): `index` is a RaggedBatch, x the flat batch (T, 1, D) and
+        `kv` this layer's pools (k_pool, v_pool), returned updated."""
         q_btnh = rope(self.q_norm(self.q_proj(x_btd, lam), lam), pos_bt, self.rope_theta)
         k_btkh = rope(self.k_norm(self.k_proj(x_btd, lam), lam), pos_bt, self.rope_theta)
         v_btkh = self.v_proj(x_btd, lam)
         q_btnh, k_btkh, v_btkh = (constrain(a, ACTIVATIONS.heads) for a in (q_btnh, k_btkh, v_btkh))
-        run = _readable if self.layout == "readable" else _cpu
-        out_btnh, kv = run(q_btnh, k_btkh, v_btkh, allowed_bts, kv, index)
+        if isinstance(index, RaggedBatch):
+            out_btnh, kv = _paged(q_btnh, k_btkh, v_btkh, kv, index)
+        else:
+            run = _readable if self.layout == "readable" else _cpu
+            out_btnh, kv = run(q_btnh, k_btkh, v_btkh, allowed_bts, kv, index)
         return self.o_proj(out_btnh, lam), kv

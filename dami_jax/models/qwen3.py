@@ -53,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from dami_jax.config import ModelConfig
+from dami_jax.engine.pages import RaggedBatch
 from dami_jax.models.attention import Attention, allowed_keys
 from dami_jax.models.kv_cache import KVCache, resolve_layout
 from dami_jax.models.layers import MLP, Embed, Linear, MoE, RMSNorm
@@ -127,16 +128,17 @@ class Qwen3(nnx.Module):
         x_btd = constrain(self.embed(tokens_bt, lam), ACTIVATIONS.batch)
         return x_btd, pos_bt, allowed_keys(key_valid, q_slot), key_valid, index
 
-    def _decoder(self, x_btd, pos_bt, allowed_bts, cache, index, lam, count: int):
+    def _decoder(self, x_btd, pos_bt, allowed_bts, kv, index, lam, count: int):
         """x after the first `count` decoder layers, and their keys/values (per layer, or
-        stacked when scanned): the updated cache, or each chunk's own without a cache."""
+        stacked when scanned): the updated cache or pools kv (ks, vs), or each chunk's own
+        when kv is None."""
         args = (pos_bt, allowed_bts)
         if not self.scan:
             ks, vs = [], []
             for i in range(count):
-                kv = None if cache is None else (cache.k[i], cache.v[i])
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 with jax.named_scope(f"layer_{i}"):
-                    x_btd, (k, v) = self.layers[i](x_btd, *args, kv, index, lam)
+                    x_btd, (k, v) = self.layers[i](x_btd, *args, layer_kv, index, lam)
                 ks.append(k)
                 vs.append(v)
             return x_btd, tuple(ks), tuple(vs)
@@ -150,13 +152,13 @@ class Qwen3(nnx.Module):
             with jax.named_scope("layer"):
                 return nnx.merge(graphdef, weights)(x_btd, *args, kv, index, lam)
 
-        kv = None if cache is None else (cache.k, cache.v)
         x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (jnp.arange(count), kv))
         return x_btd, ks, vs
 
     def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False):
         x_btd, pos_bt, allowed_bts, key_valid, index = self._inputs(tokens_bt, mask_bt, cache, lam)
-        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, cache, index, lam, self.num_layers)
+        kv = None if cache is None else (cache.k, cache.v)
+        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, kv, index, lam, self.num_layers)
         if last_only:  # a prefill needs only the next token's logits: skip T-1 rows of the lm_head
             x_btd = x_btd[:, -1:]
         x_btd = self.final_norm(x_btd, lam)
@@ -165,6 +167,21 @@ class Qwen3(nnx.Module):
             cache = KVCache(k=ks, v=vs, valid=key_valid, index=cache.index + tokens_bt.shape[1],
                             next_pos=cache.next_pos + jnp.sum(mask_bt.astype(bool), axis=1, dtype=jnp.int32))
         return logits_btv.astype(jnp.float32), cache
+
+    def paged(self, tokens_t, pools, batch: RaggedBatch, lam_t):
+        """The engine's step over a flat ragged batch: logits (R, V) float32 of each row's last
+        token, and the updated pools. The T tokens run as a (T, 1) batch, so every block but
+        attention works unchanged, with λ per token (lam_t)."""
+        x_btd = self.embed(tokens_t[:, None], lam_t)
+        x_btd, ks, vs = self._decoder(x_btd, batch.positions[:, None], None, pools, batch, lam_t,
+                                      self.num_layers)
+        # Only each row's last token needs logits (a padding row points at a real token; ignored).
+        last_r = jnp.maximum(batch.cu_q_lens[1:] - 1, 0)
+        x_btd = x_btd[last_r]
+        lam_r = None if lam_t is None else lam_t[last_r]
+        x_btd = self.final_norm(x_btd, lam_r)
+        logits_btv = self.embed.attend(x_btd, lam_r) if self.tied else self.lm_head(x_btd, lam_r)
+        return logits_btv[:, 0].astype(jnp.float32), (ks, vs)
 
     def hidden(self, tokens_bt, mask_bt, layer: int, lam=None):
         """(B, T, D) hidden states after `layer` decoder layers, no cache; layer num_layers
@@ -264,6 +281,28 @@ def apply(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, cache=None, lam=
     every row's last token there).
     """
     return _model(cfg, params, lam)(tokens_bt, mask_bt, cache=cache, lam=lam, last_only=last_only)
+
+
+def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple:
+    """Empty KV pools (k_pools, v_pools) for the engine: per layer (K, P, page, H), a tuple of
+    layers, or one (L, K, P, page, H) array each when cfg.scan_layers. Unrolled, the step updates
+    the donated pools in place; scanned, XLA copies the stacks once a step (as the dense cache's),
+    so the engine on CPU wants scan_layers=False."""
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    if cfg.scan_layers:
+        return jnp.zeros((cfg.num_layers, *shape), dtype), jnp.zeros((cfg.num_layers, *shape), dtype)
+    return (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+
+def paged_step(cfg: ModelConfig, params: Params, pools, tokens_t, batch: RaggedBatch, lam_t=None):
+    """One engine step (not jitted; jit it with the pools donated): logits (R, V) float32 of each
+    row's last token and the updated pools (init_pools's form).
+
+    tokens_t (T,): the flat batch of the step, batch its metadata (pages.PageAllocator.ragged_batch,
+    as device arrays); lam_t (T,): each token's λ, required for delta-mode params (0 for padding).
+    """
+    return _model(cfg, params, lam_t).paged(tokens_t, pools, batch, lam_t)
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:

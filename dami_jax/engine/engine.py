@@ -1,0 +1,252 @@
+"""`Engine`: paged KV pools, the jitted step, and the request API over the scheduler.
+
+One step: the scheduler plans rows (decode rows, then prefill chunks, then admissions);
+the engine pads them to a shape of its ladder, runs the model step (qwen3.paged_step, the
+pools donated) and samples each row's next token on the device with the keys of
+`generate` (fold_in(fold_in(key(seed), row id), step)), so a row's tokens do not depend
+on which requests share its batch; the scheduler then records the tokens.
+
+The ladder: row counts and token counts each from a short list (a few sizes up to
+max_rows and max_tokens_per_step, x4 apart), so at most a dozen programs compile, each
+once (lazily, or all by `warmup`); params are an argument, never a closure.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dami_jax.config import ModelConfig
+from dami_jax.engine.pages import PageAllocator, PageRequestError
+from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler
+from dami_jax.errors import InputError
+from dami_jax.generate.decode import GenerateOutput, stop_table
+from dami_jax.generate.sampling import Greedy, Sample, sample_rows, top_p_cut
+from dami_jax.interpolate import check_lam
+from dami_jax.models import qwen3
+
+
+def ladder(limit: int, start: int) -> tuple[int, ...]:
+    """start, 4·start, 16·start, ... below limit, then limit: the padded sizes of one axis."""
+    sizes = []
+    size = start
+    while size < limit:
+        sizes.append(size)
+        size *= 4
+    return (*sizes, limit)
+
+
+def _bucket(n: int, sizes: tuple[int, ...]) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+def _step_impl(cfg, params, pools, tokens_t, batch, lam_r, temperature_r, top_k_r, top_p_cut_r, seed_r,
+               row_id_r, step_r):
+    lam_t = None if lam_r is None else jnp.append(lam_r, 0.0)[batch.token_rows]  # padding: row R, λ 0
+    logits_rv, pools = qwen3.paged_step(cfg, params, pools, tokens_t, batch, lam_t)
+    keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
+        seed_r, row_id_r, step_r)
+    return sample_rows(logits_rv, keys, temperature_r, top_k_r, top_p_cut_r), pools
+
+
+_step = jax.jit(_step_impl, static_argnums=0, donate_argnums=2)
+
+
+def _sampling_row(sampling) -> tuple[float, int, float]:
+    if isinstance(sampling, Greedy):
+        return 0.0, 0, 0.0
+    if isinstance(sampling, Sample):
+        return sampling.temperature, sampling.top_k, float(top_p_cut(sampling.top_p))
+    raise InputError(f"sampling must be dj.Greedy() or dj.Sample(...), got {sampling!r}")
+
+
+class Engine:
+    """Continuous batching over a paged KV cache, for one model (plain params) or a pair in
+    delta mode (every request its own λ).
+
+    Engine(pair) or Engine(cfg, params). Capacity: `num_pages` pages of `page_size` tokens
+    per layer (or as many as `kv_bytes` holds for all layers' keys and values), page 0 being
+    the null page; `max_rows` rows and `max_tokens_per_step` tokens per step (the chunked
+    prefill budget); `max_context` tokens per sequence (default the model's context).
+    `reserve`: hold pages for prompt + max_new_tokens from admission on and never preempt
+    (otherwise the youngest row is preempted and recomputed when pages run out).
+    """
+
+    def __init__(self, model, params=None, *, num_pages: int | None = None, kv_bytes: int | None = None,
+                 page_size: int = 16, max_rows: int = 32, max_tokens_per_step: int = 256,
+                 max_context: int | None = None, reserve: bool = False):
+        if isinstance(model, ModelConfig):
+            if params is None:
+                raise InputError("Engine(cfg, params): params are missing")
+            cfg, self.default_stops = model, ()
+        else:  # a ModelPair: delta mode
+            if params is not None:
+                raise InputError("Engine(pair) takes no params: it runs the pair's delta params")
+            cfg, params, self.default_stops = model.cfg, model.delta, tuple(model.stop_tokens)
+        if cfg.scan_layers != qwen3.is_stacked(params):
+            raise InputError(f"cfg.scan_layers={cfg.scan_layers} but params are "
+                             f"{'' if qwen3.is_stacked(params) else 'not '}stacked")
+        self.cfg, self.params, self.delta = cfg, params, qwen3.is_delta(params)
+        dtype = jax.tree.leaves(params)[0].dtype
+        context = cfg.max_position_embeddings if max_context is None else min(max_context,
+                                                                               cfg.max_position_embeddings)
+        if page_size < 1 or context < 1:
+            raise InputError(f"page_size and max_context must be >= 1, got {page_size} and {context}")
+        page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+        if (num_pages is None) == (kv_bytes is None):
+            raise InputError("give the pool's size as exactly one of num_pages and kv_bytes")
+        if num_pages is None:
+            num_pages = kv_bytes // page_bytes
+            if num_pages < 2:
+                raise InputError(
+                    f"a KV budget of {kv_bytes} bytes holds {num_pages} page(s) of {page_bytes} bytes "
+                    f"({page_size} tokens x {cfg.num_layers} layers x keys and values); the pool needs at "
+                    f"least 2 (the null page and one usable page), so at least {2 * page_bytes} bytes")
+        try:
+            alloc = PageAllocator(num_pages, page_size, -(-context // page_size))
+        except PageRequestError as e:
+            raise InputError(f"KV pool: {e}") from None
+        self.sched = Scheduler(alloc, max_rows=max_rows, max_tokens=max_tokens_per_step, context=context,
+                               reserve=reserve)
+        self.rows_ladder = ladder(max_rows, 4)
+        self.tokens_ladder = ladder(max(max_tokens_per_step, max_rows), 16)
+        self.pools = qwen3.init_pools(cfg, num_pages, page_size, dtype)
+        self.pool_bytes = num_pages * page_bytes
+        self.finished: dict[int, Request] = {}
+        self.stats = {"steps": 0, "tokens": 0, "padded_tokens": 0}
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------
+
+    @property
+    def context(self) -> int:
+        return self.sched.context
+
+    def request(self, prompt, max_new_tokens: int, *, lam=None, sampling=Greedy(), seed: int = 0,
+                stop_tokens=None, row_id: int | None = None) -> Request:
+        """A checked Request (not queued): RequestRefused/InputError name what is wrong."""
+        rid = next(self._ids)
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise RequestRefused(f"request {rid}: the prompt is empty; it needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestRefused(f"request {rid}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        if max_new_tokens < 1:
+            raise RequestRefused(f"request {rid}: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if self.delta and lam is None:
+            raise RequestRefused(f"request {rid}: delta-mode params need a λ per request")
+        if not self.delta and lam is not None:
+            raise RequestRefused(f"request {rid}: lam was given but params are not in delta mode")
+        temperature, top_k, cut = _sampling_row(sampling)
+        stops = self.default_stops if stop_tokens is None else stop_tokens
+        req = Request(rid=rid, prompt=prompt, max_new_tokens=int(max_new_tokens),
+                      lam=0.0 if lam is None else float(check_lam(lam)), temperature=temperature, top_k=top_k,
+                      top_p_cut=cut, stop_ids=frozenset(int(s) for s in stops), seed=int(seed),
+                      row_id=rid if row_id is None else int(row_id))
+        self.sched.check(req)
+        return req
+
+    def submit(self, prompt, max_new_tokens: int, **kw) -> int:
+        """Queue one request (keywords as `request`; row_id, seeding its sampling keys, defaults to
+        the returned id); returns its id. A refused request raises here and changes nothing: the
+        others keep being served."""
+        req = self.request(prompt, max_new_tokens, **kw)
+        self.sched.add(req)
+        return req.rid
+
+    def poll(self, rid: int) -> Request | None:
+        """The finished request (its `generated` tokens and `finish_reason`), once; else None."""
+        return self.finished.pop(rid, None)
+
+    def cancel(self, rid: int) -> None:
+        for req in (*self.sched.running, *self.sched.waiting):
+            if req.rid == rid:
+                self.sched.cancel(req)
+
+    @property
+    def idle(self) -> bool:
+        return self.sched.idle
+
+    # -- steps ------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests it finished (also kept for `poll`)."""
+        plan = self.sched.plan()
+        if not plan:
+            if self.sched.waiting:  # nothing runs and the queue's head cannot enter: a bug
+                raise RuntimeError(f"no row can run: {len(self.sched.waiting)} waiting, "
+                                   f"{self.sched.alloc.num_free} free pages")
+            return []
+        num_rows = _bucket(len(plan), self.rows_ladder)
+        num_tokens = _bucket(sum(q for _, q in plan), self.tokens_ladder)
+        batch = self.sched.alloc.ragged_batch([(req.rid, q) for req, q in plan], num_rows, num_tokens)
+        tokens_t = np.zeros(num_tokens, np.int32)
+        for (req, q), start in zip(plan, batch.cu_q_lens):
+            tokens_t[start: start + q] = req.tokens[req.computed: req.computed + q]
+        def rows(field, dtype):
+            out = np.zeros(num_rows, dtype)
+            out[: len(plan)] = [field(req) for req, _ in plan]
+            return jnp.asarray(out)
+
+        lam_r = rows(lambda r: r.lam, np.float32) if self.delta else None
+        next_r, self.pools = _step(
+            self.cfg, self.params, self.pools, jnp.asarray(tokens_t), jax.tree.map(jnp.asarray, batch), lam_r,
+            rows(lambda r: r.temperature, np.float32), rows(lambda r: r.top_k, np.int32),
+            rows(lambda r: r.top_p_cut, np.float32), rows(lambda r: r.seed, np.uint32),
+            rows(lambda r: r.row_id, np.int32), rows(lambda r: len(r.generated), np.int32))
+        done = self.sched.commit(plan, np.asarray(next_r)[: len(plan)])
+        self.stats["steps"] += 1
+        self.stats["tokens"] += sum(q for _, q in plan)
+        self.stats["padded_tokens"] += num_tokens
+        self.finished.update((req.rid, req) for req in done)
+        return done
+
+    def run(self) -> None:
+        """Step until every submitted request has finished."""
+        while not self.sched.idle:
+            self.step()
+
+    def warmup(self) -> None:
+        """Compile every shape of the ladder now (a step of padding only: it writes nothing)."""
+        alloc = self.sched.alloc
+        for r, t in itertools.product(self.rows_ladder, self.tokens_ladder):
+            batch = alloc.ragged_batch([], r, t)
+            zeros = jnp.zeros(r, jnp.float32)
+            _, self.pools = _step(self.cfg, self.params, self.pools, jnp.zeros(t, jnp.int32),
+                                  jax.tree.map(jnp.asarray, batch), zeros if self.delta else None, zeros,
+                                  jnp.zeros(r, jnp.int32), zeros, jnp.zeros(r, jnp.uint32),
+                                  jnp.zeros(r, jnp.int32), jnp.zeros(r, jnp.int32))
+
+    # -- batch API ----------------------------------------------------------------------
+
+    def generate(self, prompts, max_new_tokens, lam=None, sampling=Greedy(), seed: int = 0,
+                 stop_tokens=None, row_ids=None) -> GenerateOutput:
+        """All prompts through the engine, as `dj.generate` (same output type and keys: row i
+        samples with row id row_ids[i], default i). max_new_tokens: one limit, or one per prompt
+        (tokens then has the largest as its width); lam: a scalar or one per prompt (delta mode);
+        stop_tokens: one list, or one per prompt (default: the pair's EOS ids, or none).
+        Every request is checked before any runs."""
+        b = len(prompts)
+        if b == 0:
+            raise InputError("prompts is empty")
+        limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (b,)).tolist()
+        lams = [None] * b if lam is None else np.broadcast_to(check_lam(lam), (b,)).tolist()
+        stops = stop_table(self.default_stops if stop_tokens is None else stop_tokens, b)
+        row_ids = range(b) if row_ids is None else [int(r) for r in row_ids]
+        reqs = [self.request(p, limits[i], lam=lams[i], sampling=sampling, seed=seed,
+                             stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i])
+                for i, p in enumerate(prompts)]
+        for req in reqs:
+            self.sched.add(req)
+        self.run()
+        out = np.zeros((b, max(limits)), np.int32)
+        for i, req in enumerate(reqs):
+            self.finished.pop(req.rid, None)
+            out[i, : len(req.generated)] = req.generated
+        return GenerateOutput(tokens=out, lengths=np.array([len(r.generated) for r in reqs], np.int32),
+                              finish_reasons=[r.finish_reason for r in reqs],
+                              cache_full=any(r.context_full for r in reqs))
