@@ -10,6 +10,7 @@ import math
 import os
 
 from dami_jax.config import ConfigError, load_yaml
+from dami_jax.thinking import THINK_END, THINK_START
 
 SIGNALS = ("entropy", "js", "maxprob")  # each has a weight field w_<signal>
 
@@ -29,7 +30,7 @@ class ConfConfig:
     route_share: float = 0.5  # routing baseline: share of queries sent to Thinking
     exclude_special: bool = True  # tokenizer.all_special_ids + added tokens flagged special
     exclude_added: bool = True  # tokenizer.get_added_vocab()
-    exclude_tokens: tuple[str, ...] = ("<think>", "</think>")
+    exclude_tokens: tuple[str, ...] = (THINK_START, THINK_END)
     exclude_ids: tuple[int, ...] = ()
     batch_size: int = 32
     calibration: str | None = None  # default calibration JSON for `conf` / `routing`
