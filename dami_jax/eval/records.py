@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from dami_jax.eval import grading
+from dami_jax.errors import InputError
 
 KEY_FIELDS = ("policy", "id", "sample")
 
@@ -99,7 +100,7 @@ class RecordStore:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{self.path} line {lineno}: invalid JSON ({e.msg})") from None
+                raise InputError(f"{self.path} line {lineno}: invalid JSON ({e.msg})") from None
             by_key[record_key(record)] = record
         return list(by_key.values())
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput
 from dami_jax.generate.sampling import Greedy
 from dami_jax.pair import generate_pair
@@ -25,7 +26,7 @@ class BudgetPolicy(Policy):
 
     def __init__(self, pair=None, tokens: int = 512):
         if int(tokens) < 1:
-            raise ValueError(f"budget must be >= 1 token, got {tokens}")
+            raise InputError(f"budget must be >= 1 token, got {tokens}")
         if pair is not None and pair.tokenizer is not None:
             think_end_ids(pair.tokenizer)  # a tokenizer without one `</think>` token fails here, not later
         self.thinking_budget = int(tokens)
@@ -40,7 +41,7 @@ def think_end_ids(tokenizer) -> tuple[int, list[int]]:
     """(id of `</think>`, ids forced at the cut: `</think>` and the blank line after it)."""
     ids = tokenizer.encode(THINK_END, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(f"the tokenizer splits {THINK_END!r} into {len(ids)} tokens; expected one")
+        raise InputError(f"the tokenizer splits {THINK_END!r} into {len(ids)} tokens; expected one")
     return ids[0], tokenizer.encode(THINK_END + "\n\n", add_special_tokens=False)
 
 
@@ -52,7 +53,7 @@ def generate_budget(pair, prompts: list[list[int]], budget: int, max_new_tokens:
     row that has not ended, each row cut at its own max_new_tokens (rows do not affect each other).
     """
     if pair.tokenizer is None:
-        raise ValueError("budget generation needs the pair's tokenizer (to find </think>)")
+        raise InputError("budget generation needs the pair's tokenizer (to find </think>)")
     end_id, forced = think_end_ids(pair.tokenizer)
     stops = list(pair.stop_tokens if stop_tokens is None else stop_tokens)
     kw = dict(sampling=sampling, mode=mode)

@@ -22,6 +22,7 @@ import dataclasses
 
 import numpy as np
 
+from dami_jax.errors import InputError
 from dami_jax.policies.base import pair_fingerprint
 from dami_jax.policies.calibration import Calibration
 from dami_jax.policies.conf import score_prompts
@@ -32,7 +33,7 @@ def quantile_calibration(scores, rho: float, tau_per_iqr: float, min_tau: float)
     """(μ, τ): μ = quantile of s at 1 − ρ, τ = max(tau_per_iqr · IQR(s), min_tau)."""
     s = np.asarray(scores, np.float64)
     if s.ndim != 1 or s.size < 2 or not np.isfinite(s).all():
-        raise ValueError(f"calibration needs >= 2 finite scores, got {s.size}")
+        raise InputError(f"calibration needs >= 2 finite scores, got {s.size}")
     q25, q75 = np.quantile(s, [0.25, 0.75])
     return float(np.quantile(s, 1.0 - rho)), float(max(tau_per_iqr * (q75 - q25), min_tau))
 
@@ -69,15 +70,15 @@ def fit_conf_supervised(pair, prompts, wrong, cfg: ConfConfig | None = None,
     cfg = cfg or load_conf_config()
     bad = sorted(set(signals) - set(SIGNALS))
     if bad or not signals:
-        raise ValueError(f"signals must be a non-empty subset of {SIGNALS}, got {signals}")
+        raise InputError(f"signals must be a non-empty subset of {SIGNALS}, got {signals}")
     y = np.asarray(wrong, np.float64)
     if y.shape != (len(prompts),) or not set(np.unique(y)) <= {0.0, 1.0} or len(np.unique(y)) < 2:
-        raise ValueError("wrong must hold one 0/1 label per prompt, with both classes present")
+        raise InputError("wrong must hold one 0/1 label per prompt, with both classes present")
     out = score_prompts(pair, prompts, cfg, with_js="js" in signals)
     w, b = logistic_fit(np.stack([out[k] for k in signals], 1), y, l2)
     scale = float(np.abs(w).sum())
     if scale == 0.0:
-        raise ValueError("the logistic fit gave all-zero weights: the signals do not separate the labels")
+        raise InputError("the logistic fit gave all-zero weights: the signals do not separate the labels")
     named = dict(zip(signals, w / scale))
     new = dataclasses.replace(cfg, **{f"w_{k}": float(named.get(k, 0.0)) for k in SIGNALS})
     s = sum(named[k] * out[k] for k in signals)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dami_jax.errors import InputError
 from dami_jax.generate.decode import bucket_length, left_pad
 from dami_jax.models.kv_cache import KVCache
 from dami_jax.models.qwen3 import apply
@@ -166,10 +167,10 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
     with_js: run the Thinking model for D (default: only when w_D ≠ 0)."""
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("conf scoring needs a non-empty list of non-empty prompts")
+        raise InputError("conf scoring needs a non-empty list of non-empty prompts")
     context, probe = pair.cfg.max_position_embeddings, cfg.probe_tokens
     if max(map(len, prompts)) + probe > context:
-        raise ValueError(f"prompt of {max(map(len, prompts))} tokens + a probe of {probe} exceeds the "
+        raise InputError(f"prompt of {max(map(len, prompts))} tokens + a probe of {probe} exceeds the "
                          f"context of {context} tokens")
     excl, stops = _padded_ids(format_token_ids(pair, cfg)), _padded_ids(pair.stop_tokens)
     coeffs = ScoreCoeffs.of(cfg, mu, tau)

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dami_jax.config import ConfigError
+from dami_jax.errors import InputError
 from dami_jax.generate.sampling import Sample
 from dami_jax.pair import sweep
 from dami_jax.policies.base import pair_fingerprint
@@ -53,12 +54,12 @@ def check_grid(lams) -> np.ndarray:
     """The λ grid as float32 (L,): non-empty, 1-D, finite, in [0, 1], no duplicates."""
     arr = np.asarray(lams, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"the λ grid must be a non-empty 1-D list of values in [0, 1], got {list(np.ravel(arr))}")
+        raise InputError(f"the λ grid must be a non-empty 1-D list of values in [0, 1], got {list(np.ravel(arr))}")
     bad = arr[~np.isfinite(arr) | (arr < 0) | (arr > 1)]
     if bad.size:
-        raise ValueError(f"λ grid value {bad[0]} is outside [0, 1] (grid {arr.tolist()})")
+        raise InputError(f"λ grid value {bad[0]} is outside [0, 1] (grid {arr.tolist()})")
     if len(np.unique(arr)) != arr.size:
-        raise ValueError(f"the λ grid has duplicate values: {arr.tolist()}")
+        raise InputError(f"the λ grid has duplicate values: {arr.tolist()}")
     return arr.astype(np.float32)
 
 
@@ -139,11 +140,11 @@ def collect_rollouts(pair, prompts: list[list[int]], grader: Callable[[int, list
     """
     lams = check_grid(DEFAULT_GRID if lams is None else lams)
     if n_samples < 1 or batch < 1:
-        raise ValueError(f"n_samples and batch must be >= 1, got {n_samples}, {batch}")
+        raise InputError(f"n_samples and batch must be >= 1, got {n_samples}, {batch}")
     if not isinstance(sampling, Sample):
-        raise ValueError(f"rollouts need a Sample sampler (n samples per (q, λ)), got {sampling!r}")
+        raise InputError(f"rollouts need a Sample sampler (n samples per (q, λ)), got {sampling!r}")
     if not prompts:
-        raise ValueError("collect_rollouts needs at least one prompt")
+        raise InputError("collect_rollouts needs at least one prompt")
     path = os.fspath(path)
     want = _header(pair, prompts, lams, n_samples, sampling, max_new_tokens, batch, seed)
     records: list[dict] = []

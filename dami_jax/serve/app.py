@@ -42,7 +42,7 @@ class Server:
             pair_cfg = pair_config(cfg)
             pair = open_pair(pair_cfg)
         if pair.tokenizer is None:
-            raise ValueError("the server needs a tokenizer with a chat template (load_pair(..., tokenizer=...))")
+            raise ConfigError("the server needs a tokenizer with a chat template (load_pair(..., tokenizer=...))")
         self.pair, self.tokenizer = pair, pair.tokenizer
         self.metrics = Metrics()
         size = min(pair.cfg.max_position_embeddings, cfg.max_seq_len or 4096)

@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     import uvicorn
 
     from dami_jax.config import ConfigError
+    from dami_jax.errors import InputError
     from dami_jax.serve.app import create_app
     from dami_jax.serve.config import load_serve_config
 
@@ -50,6 +51,6 @@ def main(argv=None) -> None:
         _fail(str(e))
     try:
         app = create_app(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:  # no pair, no servable policy, ...
+    except (InputError, FileNotFoundError) as e:  # no pair, no servable policy, a bad file, ...
         _fail(str(e))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=5)
