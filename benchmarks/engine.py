@@ -264,7 +264,8 @@ def time_case(case: Case, runners: dict, repeats: int) -> dict:
                 tokens = run(work)
                 lengths = [len(x) for x in tokens]
                 out[name][label] = dict(warmup_s=time.perf_counter() - t, all_s=[], lengths=lengths,
-                                        generated=int(sum(lengths)), processed=work.processed_tokens(lengths))
+                                        generated=int(sum(lengths)), processed=work.processed_tokens(lengths),
+                                        tokens=tokens)
         except Unsupported as e:
             out[name] = {"unsupported": str(e)}
     for _ in range(repeats):
@@ -279,10 +280,16 @@ def time_case(case: Case, runners: dict, repeats: int) -> dict:
         for label, r in per.items():
             if label == "unsupported":
                 continue
+            ref = out["lockstep"][label]["tokens"]
+            r["same_tokens_as_lockstep"] = float(np.mean([np.array_equal(a, b) for a, b in zip(r["tokens"], ref)]))
             r["s"] = min(r["all_s"]) if r["all_s"] else r["warmup_s"]
             r["tok_s"] = r["generated"] / r["s"]
             log(f"  {case.name} / {name} / {label}: {r['s']:.2f} s, {r['generated']} generated "
                 f"({r['processed']} processed), {r['tok_s']:.0f} tok/s (warm-up {r['warmup_s']:.1f} s)")
+    for per in out.values():
+        for r in per.values():
+            if isinstance(r, dict):
+                del r["tokens"]
     return out
 
 
@@ -294,7 +301,9 @@ def summarize(case: Case, timed: dict) -> dict:
         if "unsupported" in per:
             out[name] = None
             continue
-        s = {"tok_s": {lab: per[lab]["tok_s"] for lab in labels}}
+        s = {"tok_s": {lab: per[lab]["tok_s"] for lab in labels},
+             "vs_lockstep": per[labels[0]]["tok_s"] / timed["lockstep"][labels[0]]["tok_s"],
+             "same_tokens_as_lockstep": min(per[lab]["same_tokens_as_lockstep"] for lab in labels)}
         if len(labels) == 2:
             a, b = (per[lab] for lab in labels)
             s["time_ratio"] = a["s"] / b["s"]
@@ -429,16 +438,17 @@ def main(argv=None) -> int:
 
 
 def report(args, results: list[dict], memory: dict | None, load_start: float) -> None:
-    columns = ["case", "runner", "time ratio", "token ratio", "figure", "target", "tok/s (each workload)", "wall s"]
+    columns = ["case", "runner", "time ratio", "token ratio", "figure", "target", "tok/s (each workload)",
+               "x lockstep", "same tokens", "wall s"]
     rows = []
     for r in results:
         for name, s in r["summary"].items():
             if s is None:
-                rows.append([r["case"], name, None, None, None, r["target"], "unsupported", None])
+                rows.append([r["case"], name, None, None, None, r["target"], "unsupported", None, None, None])
                 continue
             rates = " / ".join(f"{v:.0f}" for v in s["tok_s"].values())
             rows.append([r["case"], name, s.get("time_ratio"), s.get("token_ratio"), s.get("figure"),
-                         r["target"], rates, r["wall_s"]])
+                         r["target"], rates, s["vs_lockstep"], s["same_tokens_as_lockstep"], r["wall_s"]])
     notes = [f"{r['case']}: {r['note']}; workloads {' / '.join(r['timed'][next(iter(r['timed']))])}"
              if "unsupported" not in r["timed"][next(iter(r["timed"]))] else r["note"] for r in results]
     notes.append("figure = time ratio / processed-token ratio (prompt + generated); lower is better; "
