@@ -40,18 +40,22 @@ processed = prompt + generated tokens (equal tokens: the time ratio itself):
 - time follows the work: random pair, 32 rows, 64-token prompts, half to 32 and half to
   512 new tokens, over all 32 rows to 512. Target ≤ 1.15.
 - capacity is not cost: random pair, 8 rows, 256-token prompts, rows stopping by their
-  41st token, max_new_tokens 8192 over 64. Target ≤ 1.2. (--big: Qwen3-0.6B shape,
-  float32, 8 rows, 512-token prompts, 128 new tokens at a 32K over a 1K capacity.)
+  41st token, max_new_tokens 8192 over 64. Target ≤ 1.2. Case capacity_0.6b (opt-in): Qwen3-0.6B
+  shape, float32, 8 rows, 512-token prompts, rows stopping by token 128, a --big-capacity
+  (default 32K: prompt + max_new_tokens) over a 1K capacity; end to end, prefill included.
 - more requests than rows: 256 mixed-length requests, 32 rows, over the same generated
   tokens in 256 requests of one length. Target ≤ 1.2.
 - peer: single random model, 32 requests x 64 tokens and the mixed requests, tokens/s of
-  each runner (hf_cb on the same weights via `dj.save_hf`).
+  each runner (hf_cb on the same weights via `dj.save_hf`). peer_0.6b (opt-in): 32 x 64 at
+  the Qwen3-0.6B shape, float32.
 - memory (host arithmetic, no timing): rows admitted at once for Qwen3-4B bf16 KV shapes
   in a 40 GB budget, lengths 90% ≤ 2K and 10% ≤ 32K, by `dami_jax.engine.pages.PageAllocator`
   (pages reserved for each request's full length) vs a dense cache of the longest length.
 
     nice python benchmarks/engine.py --json benchmarks/results/engine_cpu.json
-    python benchmarks/engine.py --cases memory,peer --repeats 1      # a subset
+    python benchmarks/engine.py --cases memory,peer                     # a subset
+    nice python benchmarks/engine.py --cases capacity_0.6b,peer_0.6b --big-capacity 4096 \
+        --json benchmarks/results/engine_0.6b_cpu.json
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ import _common  # noqa: E402
 SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
              num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
 CASES = ("time_follows_work", "capacity_not_cost", "more_requests_than_rows", "peer", "memory")
+BIG_CASES = ("capacity_0.6b", "peer_0.6b")  # Qwen3-0.6B shape, float32: minutes each on 2 cores, so opt-in
 
 
 def log(msg: str) -> None:
@@ -385,23 +390,23 @@ def make_runners(cfg, params, model: str, hf: bool) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of {','.join(CASES + BIG_CASES)} (default: all but the 0.6B ones)")
     ap.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up (min kept)")
-    ap.add_argument("--big", action="store_true",
-                    help="also the Qwen3-0.6B-shape cases (float32: capacity at --big-capacity vs 1K; peer)")
-    ap.add_argument("--big-capacity", type=int, default=32768)
+    ap.add_argument("--big-capacity", type=int, default=32768,
+                    help="capacity_0.6b: the large capacity (prompt + max_new_tokens), against 1024")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' continuous batching")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
     chosen = [c for c in args.cases.split(",") if c]
-    unknown = sorted(set(chosen) - set(CASES))
+    unknown = sorted(set(chosen) - set(CASES + BIG_CASES))
     if unknown:
-        ap.error(f"unknown case(s) {unknown}; expected a subset of {list(CASES)}")
+        ap.error(f"unknown case(s) {unknown}; expected a subset of {list(CASES + BIG_CASES)}")
 
     load_start = os.getloadavg()[0]
     need = {"pair"} if set(chosen) & {"time_follows_work", "capacity_not_cost", "more_requests_than_rows"} else set()
     need |= {"single"} if "peer" in chosen else set()
-    need |= {"big"} if args.big and set(chosen) & {"capacity_not_cost", "peer"} else set()
+    need |= {"big"} if set(chosen) & set(BIG_CASES) else set()
     models = make_models(need, "float32", args.big_capacity + 1)
     vocab = SMALL["vocab_size"]
 
@@ -410,19 +415,19 @@ def main(argv=None) -> int:
         cases.append(time_follows_work(vocab, np.random.default_rng(1)))
     if "capacity_not_cost" in chosen:
         cfg, params = models["pair"]
-        cases.append(capacity_not_cost(cfg, params, np.random.default_rng(2), "capacity is not cost", "pair", rows=8, prompt_len=256,
-                                       stop_by=41, budgets=(8192, 64), lam=0.5))
-        if args.big:
-            cfg, params = models["big"]
-            cases.append(capacity_not_cost(cfg, params, np.random.default_rng(3), "capacity is not cost (0.6B)", "big", rows=8,
-                                           prompt_len=512, stop_by=128,
-                                           budgets=(args.big_capacity - 512, 1024 - 512), lam=None))
+        cases.append(capacity_not_cost(cfg, params, np.random.default_rng(2), "capacity is not cost", "pair",
+                                       rows=8, prompt_len=256, stop_by=41, budgets=(8192, 64), lam=0.5))
+    if "capacity_0.6b" in chosen:
+        cfg, params = models["big"]
+        cases.append(capacity_not_cost(cfg, params, np.random.default_rng(3), "capacity is not cost (0.6B)", "big",
+                                       rows=8, prompt_len=512, stop_by=128,
+                                       budgets=(args.big_capacity - 512, 1024 - 512), lam=None))
     if "more_requests_than_rows" in chosen:
         cases.append(more_requests_than_rows(vocab, np.random.default_rng(4)))
     if "peer" in chosen:
         cases += peer_cases(vocab, np.random.default_rng(5))
-        if args.big:
-            cases += peer_cases(models["big"][0].vocab_size, np.random.default_rng(6), model="big")[:1]
+    if "peer_0.6b" in chosen:
+        cases += peer_cases(models["big"][0].vocab_size, np.random.default_rng(6), model="big")[:1]
 
     runners_by_model = {m: make_runners(*models[m], m, not args.no_hf) for m in {c.model for c in cases}}
     results = []
