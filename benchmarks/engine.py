@@ -116,11 +116,11 @@ Runner = Callable[[Workload], list]
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """Two workloads whose time ratio is compared with their processed-token ratio."""
+    """One workload (tokens/s per runner) or two, whose time ratio is set against their processed-token ratio."""
 
     name: str
     model: str  # key of the models dict: "pair", "single", "big"
-    workloads: dict  # label -> Workload; the first is the numerator, the second the reference
+    workloads: dict  # label -> Workload; of two, the first is the numerator, the second the reference
     target: float | None  # max of (time ratio / token ratio); None: report only
     note: str = ""
 
