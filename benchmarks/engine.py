@@ -271,6 +271,7 @@ def time_case(case: Case, runners: dict, repeats: int) -> dict:
                 out[name][label] = dict(warmup_s=time.perf_counter() - t, all_s=[], lengths=lengths,
                                         generated=int(sum(lengths)), processed=work.processed_tokens(lengths),
                                         tokens=tokens)
+                log(f"  {name} / {label}: warm-up {out[name][label]['warmup_s']:.1f} s")
         except Unsupported as e:
             out[name] = {"unsupported": str(e)}
     for _ in range(repeats):
@@ -281,6 +282,7 @@ def time_case(case: Case, runners: dict, repeats: int) -> dict:
                 t = time.perf_counter()
                 run(work)
                 out[name][label]["all_s"].append(time.perf_counter() - t)
+                log(f"  {name} / {label}: {out[name][label]['all_s'][-1]:.2f} s")
     for name, per in out.items():
         for label, r in per.items():
             if label == "unsupported":
