@@ -1,0 +1,502 @@
+"""Generation engine workloads (issue 16): does time follow the work, whatever the budget and the mix?
+
+Each workload is data: a list of `Request`s (prompt ids, max_new_tokens, stop ids, λ,
+the row id seeding its sampling) and the number of rows decoded at once. A runner is a
+callable `runner(workload) -> list of token arrays` (each request's generated tokens, a
+stop token included), built once per model; this script times every runner on every
+workload in one process, interleaved, and prints one table of ratios between workloads.
+
+Runners shipped:
+- `lockstep`: today's path, `dj.generate` over a dense cache (what `dj.generate_pair` runs in
+  delta mode; the pair's λ per row). Requests go in order in chunks of `rows`; each chunk
+  runs to its longest request (its max_new_tokens is the chunk's largest, each row cut
+  at its own), which is exactly what lock step costs.
+- `hf_cb`: transformers' continuous batching (the manager under `model.generate_batch`,
+  paged cache, `sdpa` attention, CPU), greedy only, single model (no λ): the peer.
+
+The engine plugs in as one more runner, e.g.
+
+    def engine_runner(cfg, params):
+        engine = dj.Engine(cfg, params, max_rows=..., ...)
+        def run(work: Workload) -> list[np.ndarray]:
+            ...submit work.requests (prompt, max_new_tokens, stop_tokens, lam, row_id as the
+            sampling row id; work.sampling, work.seed), at most work.rows at once; return
+            each request's tokens in request order
+        return run
+
+added to `make_runners` under the name "engine"; every case then reports it next to
+"lockstep" (a runner that cannot serve a workload raises `Unsupported`; it shows as "-").
+
+How a row "stops by its Nth token" on random weights: greedy random models repeat one
+token forever, so no stop id can mark step N. Most workloads give each request its own
+max_new_tokens = N and no stop id. "Capacity is not cost" needs a large max_new_tokens
+with rows that stop early, so it samples (temperature 1, per-(seed, row, step) keys,
+which the engine keeps) and picks, from a trace of today's path, each row's stop id:
+the last token among its first N that had not appeared before it, so the row ends there
+(at most N tokens; lengths are checked equal across budgets and runners).
+
+Cases (issue 16, "Benchmark"); the figure is time ratio / processed-token ratio, where
+processed = prompt + generated tokens (equal tokens: the time ratio itself):
+- time follows the work: random pair, 32 rows, 64-token prompts, half to 32 and half to
+  512 new tokens, over all 32 rows to 512. Target ≤ 1.15.
+- capacity is not cost: random pair, 8 rows, 256-token prompts, rows stopping by their
+  41st token, max_new_tokens 8192 over 64. Target ≤ 1.2. Case capacity_0.6b (opt-in): Qwen3-0.6B
+  shape, float32, 8 rows, 512-token prompts, rows stopping by token 128, a --big-capacity
+  (default 32K: prompt + max_new_tokens) over a 1K capacity; end to end, prefill included.
+- more requests than rows: 256 mixed-length requests, 32 rows, over the same generated
+  tokens in 256 requests of one length. Target ≤ 1.2.
+- peer: single random model, 32 requests x 64 tokens and the mixed requests, tokens/s of
+  each runner (hf_cb on the same weights via `dj.save_hf`). peer_0.6b (opt-in): 32 x 64 at
+  the Qwen3-0.6B shape, float32.
+- memory (host arithmetic, no timing): rows admitted at once for Qwen3-4B bf16 KV shapes
+  in a 40 GB budget, lengths 90% ≤ 2K and 10% ≤ 32K, by `dami_jax.engine.pages.PageAllocator`
+  (pages reserved for each request's full length) vs a dense cache of the longest length.
+
+    nice python benchmarks/engine.py --json benchmarks/results/engine_cpu.json
+    python benchmarks/engine.py --cases memory,peer                     # a subset
+    nice python benchmarks/engine.py --cases capacity_0.6b,peer_0.6b --big-capacity 4096 \
+        --json benchmarks/results/engine_0.6b_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import _common  # noqa: E402
+
+# A random Qwen3 pair small enough for 2 CPU cores: 4 layers, 256 wide (the issue's peer figure's
+# shape); vocabulary cut to 32K so the layers, not the lm_head, set the step time.
+SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+             num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
+CASES = ("time_follows_work", "capacity_not_cost", "more_requests_than_rows", "peer", "memory")
+BIG_CASES = ("capacity_0.6b", "peer_0.6b")  # Qwen3-0.6B shape, float32: minutes each on 2 cores, so opt-in
+
+
+def log(msg: str) -> None:
+    print(f"[engine] {msg}", file=sys.stderr, flush=True)
+
+
+class Unsupported(Exception):
+    """A runner that cannot serve a workload (e.g. λ or sampling on the single-model peer)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    stop_tokens: tuple[int, ...] = ()
+    lam: float | None = None  # None: a single model; else a λ of the pair (delta mode)
+    row_id: int = 0  # seeds this request's sampling: (seed, row_id, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    requests: tuple[Request, ...]
+    rows: int  # rows decoded at once: the lock-step batch, the engine's row cap
+    sampling: object = None  # dj.Greedy() when None
+    seed: int = 0
+
+    def processed_tokens(self, lengths) -> int:
+        return int(sum(len(r.prompt) for r in self.requests) + sum(lengths))
+
+
+Runner = Callable[[Workload], list]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One workload (tokens/s per runner) or two, whose time ratio is set against their processed-token ratio."""
+
+    name: str
+    model: str  # key of the models dict: "pair", "single", "big"
+    workloads: dict  # label -> Workload; of two, the first is the numerator, the second the reference
+    target: float | None  # max of (time ratio / token ratio); None: report only
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------
+# Workloads.
+
+def random_prompts(rng, vocab: int, lengths) -> list[tuple[int, ...]]:
+    return [tuple(int(t) for t in rng.integers(0, vocab, n)) for n in lengths]
+
+
+def time_follows_work(vocab: int, rng) -> Case:
+    prompts = random_prompts(rng, vocab, [64] * 32)
+    lams = [0.0, 1.0] * 16  # the short rows at λ 0 (Instruct), the long ones at λ 1 (Thinking)
+    mixed = [Request(p, 32 if lam == 0 else 512, lam=lam, row_id=i) for i, (p, lam) in enumerate(zip(prompts, lams))]
+    full = [dataclasses.replace(r, max_new_tokens=512) for r in mixed]
+    return Case("time follows the work", "pair",
+                {"half 32 / half 512": Workload(tuple(mixed), 32), "all 512": Workload(tuple(full), 32)},
+                target=1.15, note="32 rows, 64-token prompts, λ 0 rows stop by 32, λ 1 rows by 512")
+
+
+def more_requests_than_rows(vocab: int, rng, lam=True) -> Case:
+    n, rows = 256, 32
+    prompt_lens = rng.integers(16, 129, n)
+    new = rng.integers(16, 257, n)
+    prompts = random_prompts(rng, vocab, prompt_lens)
+    lams = [float(x) for x in rng.choice([0.0, 0.5, 1.0], n)] if lam else [None] * n
+    mixed = [Request(p, int(m), lam=lam_, row_id=i) for i, (p, m, lam_) in enumerate(zip(prompts, new, lams))]
+    # Uniform: the same generated tokens (and prompt tokens, to within rounding) in equal requests.
+    mean_new, mean_prompt = int(round(new.mean())), int(round(prompt_lens.mean()))
+    uniform = [Request(p[:mean_prompt] + p[:1] * (mean_prompt - len(p)), mean_new, lam=r.lam, row_id=i)
+               for i, (p, r) in enumerate(zip(prompts, mixed))]
+    return Case("more requests than rows", "pair" if lam else "single",
+                {"mixed": Workload(tuple(mixed), rows), "uniform": Workload(tuple(uniform), rows)},
+                target=1.2, note=f"{n} requests, {rows} rows, prompts 16-128, new tokens 16-256 "
+                                 f"(uniform: {mean_prompt} + {mean_new})")
+
+
+def capacity_not_cost(cfg, params, rng, name: str, model: str, rows: int, prompt_len: int, stop_by: int,
+                      budgets: tuple[int, int], lam: float | None) -> Case:
+    """Rows stop by `stop_by` tokens through stop ids picked from a sampled trace of today's path."""
+    import dami_jax as dj
+
+    prompts = random_prompts(rng, cfg.vocab_size, [prompt_len] * rows)
+    sampling = dj.Sample(temperature=1.0)
+    trace = dj.generate(cfg, params, [list(p) for p in prompts], stop_by, sampling=sampling, seed=0,
+                        lam=None if lam is None else [lam] * rows).tokens
+    requests = []
+    for i, (p, toks) in enumerate(zip(prompts, trace)):
+        last_new = max(j for j in range(stop_by) if toks[j] not in toks[:j])
+        requests.append(Request(p, 0, stop_tokens=(int(toks[last_new]),), lam=lam, row_id=i))
+    big, small = budgets
+    return Case(name, model, {f"max_new {big}": _budget(requests, big, rows, sampling),
+                              f"max_new {small}": _budget(requests, small, rows, sampling)},
+                target=1.2, note=f"{rows} rows, {prompt_len}-token prompts, sampled (T=1), each row stops by "
+                                 f"token {stop_by} on its own stop id")
+
+
+def _budget(requests, max_new: int, rows: int, sampling) -> Workload:
+    return Workload(tuple(dataclasses.replace(r, max_new_tokens=max_new) for r in requests), rows, sampling)
+
+
+def peer_cases(vocab: int, rng, model: str = "single") -> list[Case]:
+    uniform = Workload(tuple(Request(p, 64, row_id=i) for i, p in enumerate(random_prompts(rng, vocab, [64] * 32))),
+                       32)
+    mixed = more_requests_than_rows(vocab, rng, lam=False).workloads["mixed"]
+    mixed = Workload(mixed.requests[:64], 32)
+    return [Case(f"peer ({model}): 32 x 64", model, {"32 req x 64": uniform}, None, "64-token prompts, greedy"),
+            Case(f"peer ({model}): mixed", model, {"64 req mixed": mixed}, None,
+                 "64 requests, prompts 16-128, new 16-256, 32 rows")]
+
+
+# ---------------------------------------------------------------------------
+# Runners.
+
+def lockstep_runner(cfg, params) -> Runner:
+    """Today's path: dj.generate (dense cache), `rows` requests at a time, each chunk to its longest."""
+    import dami_jax as dj
+
+    def run(work: Workload) -> list:
+        out = []
+        reqs = work.requests
+        for start in range(0, len(reqs), work.rows):
+            chunk = reqs[start: start + work.rows]
+            lams = [r.lam for r in chunk]
+            if any(x is None for x in lams) and any(x is not None for x in lams):
+                raise ValueError("a chunk mixes pair (λ) and single-model requests")
+            stops = [list(r.stop_tokens) for r in chunk]
+            res = dj.generate(cfg, params, [list(r.prompt) for r in chunk], max(r.max_new_tokens for r in chunk),
+                              sampling=work.sampling or dj.Greedy(), seed=work.seed,
+                              stop_tokens=stops if any(stops) else None,
+                              lam=None if lams[0] is None else lams, row_ids=[r.row_id for r in chunk])
+            out += [toks[: min(n, r.max_new_tokens)] for toks, n, r in zip(res.tokens, res.lengths, chunk)]
+        return out
+
+    return run
+
+
+def engine_runner(cfg, params) -> Runner:
+    """dj.Engine: paged KV (16-token pages, a pool holding `rows` requests of the longest length),
+    continuous batching with at most `rows` rows and 256 tokens a step."""
+    import dami_jax as dj
+
+    def run(work: Workload) -> list:
+        reqs = work.requests
+        longest = max(len(r.prompt) + r.max_new_tokens for r in reqs)
+        page = 16
+        eng = dj.Engine(cfg, params, num_pages=work.rows * -(-longest // page) + 1, page_size=page,
+                        max_rows=work.rows, max_tokens_per_step=256, max_context=longest)
+        lams = [r.lam for r in reqs]
+        res = eng.generate([list(r.prompt) for r in reqs], [r.max_new_tokens for r in reqs],
+                           lam=None if lams[0] is None else lams, sampling=work.sampling or dj.Greedy(),
+                           seed=work.seed, stop_tokens=[list(r.stop_tokens) for r in reqs],
+                           row_ids=[r.row_id for r in reqs])
+        return [toks[:n] for toks, n in zip(res.tokens, res.lengths)]
+
+    return run
+
+
+def hf_cb_runner(model) -> Runner:
+    """transformers' continuous batching: the manager `generate_batch` wraps, with each request's own
+    max_new_tokens and stop ids (generate_batch takes one of each for all)."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    def run(work: Workload) -> list:
+        if work.sampling is not None or any(r.lam is not None for r in work.requests):
+            raise Unsupported("hf_cb runs greedy single-model requests only")
+        longest = max(len(r.prompt) + r.max_new_tokens for r in work.requests)
+        page = 16
+        cb = ContinuousBatchingConfig(page_size=page, num_blocks=work.rows * (-(-longest // page) + 1) + 1,
+                                      max_batch_tokens=512, max_requests_per_batch=work.rows)
+        gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0,
+                               max_new_tokens=max(r.max_new_tokens for r in work.requests))
+        results = {}
+        with torch.inference_mode(), model.continuous_batching_context_manager(
+                generation_config=gen, continuous_batching_config=cb, block=True, timeout=5) as manager:
+            for i, r in enumerate(work.requests):
+                manager.add_request(list(r.prompt), request_id=f"r{i}", max_new_tokens=r.max_new_tokens,
+                                    eos_token_id=list(r.stop_tokens) or -1)
+            while len(results) < len(work.requests):
+                res = manager.get_result(timeout=1)
+                if res is not None and res.is_finished():
+                    if res.error is not None:
+                        raise RuntimeError(f"hf_cb request {res.request_id} failed: {res.error}")
+                    results[res.request_id] = np.asarray(res.generated_tokens, np.int32)
+                elif res is None and not manager.is_running():
+                    raise RuntimeError("hf_cb generation loop stopped")
+        return [results[f"r{i}"] for i in range(len(work.requests))]
+
+    return run
+
+
+# ---------------------------------------------------------------------------
+# Timing.
+
+def time_case(case: Case, runners: dict, repeats: int) -> dict:
+    """Per runner and workload: min seconds over `repeats` rounds after a warm-up call, runners
+    and workloads taking turns within a round (so a change of load hits all alike)."""
+    out = {}
+    for name, run in runners.items():
+        try:
+            out[name] = {}
+            for label, work in case.workloads.items():
+                t = time.perf_counter()
+                tokens = run(work)
+                lengths = [len(x) for x in tokens]
+                out[name][label] = dict(warmup_s=time.perf_counter() - t, all_s=[], lengths=lengths,
+                                        generated=int(sum(lengths)), processed=work.processed_tokens(lengths),
+                                        tokens=tokens)
+                log(f"  {name} / {label}: warm-up {out[name][label]['warmup_s']:.1f} s")
+        except Unsupported as e:
+            out[name] = {"unsupported": str(e)}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            for label, work in case.workloads.items():
+                if "unsupported" in out[name]:
+                    continue
+                t = time.perf_counter()
+                run(work)
+                out[name][label]["all_s"].append(time.perf_counter() - t)
+                log(f"  {name} / {label}: {out[name][label]['all_s'][-1]:.2f} s")
+    for name, per in out.items():
+        for label, r in per.items():
+            if label == "unsupported":
+                continue
+            ref = out["lockstep"][label]["tokens"]
+            r["same_tokens_as_lockstep"] = float(np.mean([np.array_equal(a, b) for a, b in zip(r["tokens"], ref)]))
+            r["s"] = min(r["all_s"]) if r["all_s"] else r["warmup_s"]
+            r["tok_s"] = r["generated"] / r["s"]
+            log(f"  {case.name} / {name} / {label}: {r['s']:.2f} s, {r['generated']} generated "
+                f"({r['processed']} processed), {r['tok_s']:.0f} tok/s (warm-up {r['warmup_s']:.1f} s)")
+    for per in out.values():
+        for r in per.values():
+            if isinstance(r, dict):
+                del r["tokens"]
+    return out
+
+
+def summarize(case: Case, timed: dict) -> dict:
+    """Per runner: time ratio, processed-token ratio, their quotient (the figure) for two-workload cases."""
+    labels = list(case.workloads)
+    out = {}
+    for name, per in timed.items():
+        if "unsupported" in per:
+            out[name] = None
+            continue
+        s = {"tok_s": {lab: per[lab]["tok_s"] for lab in labels},
+             "vs_lockstep": per[labels[0]]["tok_s"] / timed["lockstep"][labels[0]]["tok_s"],
+             "same_tokens_as_lockstep": min(per[lab]["same_tokens_as_lockstep"] for lab in labels)}
+        if len(labels) == 2:
+            a, b = (per[lab] for lab in labels)
+            s["time_ratio"] = a["s"] / b["s"]
+            s["token_ratio"] = a["processed"] / b["processed"]
+            s["generated_ratio"] = a["generated"] / b["generated"]
+            s["figure"] = s["time_ratio"] / s["token_ratio"]
+            s["meets_target"] = s["figure"] <= case.target if case.target else None
+        out[name] = s
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Memory: rows admitted at once (host arithmetic).
+
+def memory_case(budget_bytes: float = 40e9, page_size: int = 16, draws: int = 20) -> dict:
+    """Requests drawn from the length mix are admitted in order, each reserving pages for its full
+    length, until the first refusal; `draws` seeded orders (the 10% long ones dominate)."""
+    from dami_jax.engine.pages import OutOfPages, PageAllocator
+
+    cfg = _common.PRESETS["qwen3-4b"]
+    bytes_per_token = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * 2  # k and v, bf16
+    longest = 32768
+    num_pages = int(budget_bytes // (page_size * bytes_per_token))
+    admitted = []
+    for seed in range(draws):
+        rng = np.random.default_rng(seed)
+        alloc = PageAllocator(num_pages + 1, page_size, longest // page_size)  # + the null page
+        while True:
+            n = int(rng.integers(1, 2049) if rng.random() < 0.9 else rng.integers(2049, longest + 1))
+            try:
+                alloc.admit(len(alloc.sequences()), reserve_tokens=n)
+            except OutOfPages:
+                break
+        admitted.append(len(alloc.sequences()))
+    mean_len = 0.9 * 2049 / 2 + 0.1 * (2049 + longest) / 2
+    return {
+        "bytes_per_token": bytes_per_token, "budget_bytes": budget_bytes, "page_size": page_size,
+        "pool_pages": num_pages, "dense_bytes_per_row": longest * bytes_per_token,
+        "dense_rows": int(budget_bytes // (longest * bytes_per_token)), "paged_rows_per_draw": admitted,
+        "paged_rows_mean": float(np.mean(admitted)), "paged_rows_min": min(admitted), "paged_rows_max": max(admitted),
+        "mean_length": mean_len, "expected_rows": budget_bytes / bytes_per_token / mean_len,
+    }
+
+
+# ---------------------------------------------------------------------------
+
+def make_models(names: set, dtype: str, big_capacity: int) -> dict:
+    """cfg and params per model key: the random pair (delta params), one random model, and the 0.6B shape."""
+    import jax
+
+    import dami_jax as dj
+
+    models = {}
+    if names & {"pair", "single"}:
+        cfg = dj.ModelConfig(**SMALL, max_position_embeddings=8192 + 512)
+        instruct, thinking = dj.init_params(cfg, 0, dtype=dtype), dj.init_params(cfg, 1, dtype=dtype)
+        models["pair"] = (cfg, dj.ModelPair(cfg, instruct, thinking).delta)
+        models["single"] = (cfg, instruct)
+    if "big" in names:
+        cfg = dj.ModelConfig(**_common.PRESETS["qwen3-0.6b"], max_position_embeddings=big_capacity)
+        models["big"] = (cfg, dj.init_params(cfg, 0, dtype="float32"))
+    for _, p in models.values():
+        jax.block_until_ready(jax.tree.leaves(p))
+    return models
+
+
+def make_runners(cfg, params, model: str, hf: bool) -> dict:
+    import dami_jax as dj
+    runners = {"lockstep": lockstep_runner(cfg, params), "engine": engine_runner(cfg, params)}
+    if hf and model != "pair":
+        from transformers import Qwen3ForCausalLM
+
+        with tempfile.TemporaryDirectory(prefix="dami-bench-engine-") as tmp:
+            dj.save_hf(cfg, params, tmp, progress=False)
+            hf_model = Qwen3ForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").eval()
+        runners["hf_cb"] = hf_cb_runner(hf_model)
+    return runners
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of {','.join(CASES + BIG_CASES)} (default: all but the 0.6B ones)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up (min kept)")
+    ap.add_argument("--big-capacity", type=int, default=32768,
+                    help="capacity_0.6b: the large capacity (prompt + max_new_tokens), against 1024")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' continuous batching")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args(argv)
+    chosen = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(chosen) - set(CASES + BIG_CASES))
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; expected a subset of {list(CASES + BIG_CASES)}")
+
+    load_start = os.getloadavg()[0]
+    need = {"pair"} if set(chosen) & {"time_follows_work", "capacity_not_cost", "more_requests_than_rows"} else set()
+    need |= {"single"} if "peer" in chosen else set()
+    need |= {"big"} if set(chosen) & set(BIG_CASES) else set()
+    models = make_models(need, "float32", args.big_capacity + 1)
+    vocab = SMALL["vocab_size"]
+
+    cases = []
+    if "time_follows_work" in chosen:
+        cases.append(time_follows_work(vocab, np.random.default_rng(1)))
+    if "capacity_not_cost" in chosen:
+        cfg, params = models["pair"]
+        cases.append(capacity_not_cost(cfg, params, np.random.default_rng(2), "capacity is not cost", "pair",
+                                       rows=8, prompt_len=256, stop_by=41, budgets=(8192, 64), lam=0.5))
+    if "capacity_0.6b" in chosen:
+        cfg, params = models["big"]
+        cases.append(capacity_not_cost(cfg, params, np.random.default_rng(3), "capacity is not cost (0.6B)", "big",
+                                       rows=8, prompt_len=512, stop_by=128,
+                                       budgets=(args.big_capacity - 512, 1024 - 512), lam=None))
+    if "more_requests_than_rows" in chosen:
+        cases.append(more_requests_than_rows(vocab, np.random.default_rng(4)))
+    if "peer" in chosen:
+        cases += peer_cases(vocab, np.random.default_rng(5))
+    if "peer_0.6b" in chosen:
+        cases += peer_cases(models["big"][0].vocab_size, np.random.default_rng(6), model="big")[:1]
+
+    runners_by_model = {m: make_runners(*models[m], m, not args.no_hf) for m in {c.model for c in cases}}
+    results = []
+    for case in cases:
+        log(f"{case.name}: {', '.join(runners_by_model[case.model])}")
+        t0 = time.perf_counter()
+        timed = time_case(case, runners_by_model[case.model], args.repeats)
+        results.append(dict(case=case.name, model=case.model, note=case.note, target=case.target,
+                            wall_s=time.perf_counter() - t0, summary=summarize(case, timed), timed=timed))
+    memory = memory_case() if "memory" in chosen else None
+    report(args, results, memory, load_start)
+    return 0
+
+
+def report(args, results: list[dict], memory: dict | None, load_start: float) -> None:
+    columns = ["case", "runner", "time ratio", "token ratio", "figure", "target", "tok/s (each workload)",
+               "x lockstep", "same tokens", "wall s"]
+    rows = []
+    for r in results:
+        for name, s in r["summary"].items():
+            if s is None:
+                rows.append([r["case"], name, None, None, None, r["target"], "unsupported", None, None, None])
+                continue
+            rates = " / ".join(f"{v:.0f}" for v in s["tok_s"].values())
+            rows.append([r["case"], name, s.get("time_ratio"), s.get("token_ratio"), s.get("figure"),
+                         r["target"], rates, s["vs_lockstep"], s["same_tokens_as_lockstep"], r["wall_s"]])
+    notes = [f"{r['case']}: {r['note']}; workloads {' / '.join(r['timed'][next(iter(r['timed']))])}"
+             if "unsupported" not in r["timed"][next(iter(r["timed"]))] else r["note"] for r in results]
+    notes.append("figure = time ratio / processed-token ratio (prompt + generated); lower is better; "
+                 "lock step ~ time ratio 1 whatever the work")
+    if memory:
+        m = memory
+        notes.append(
+            f"memory (Qwen3-4B bf16 KV, {m['bytes_per_token'] / 1024:.0f} KiB/token, 40 GB): dense lock step "
+            f"{m['dense_rows']} rows (32768 x {m['bytes_per_token']} B = {m['dense_bytes_per_row'] / 1e9:.2f} GB a row); "
+            f"paged ({m['page_size']}-token pages, {m['pool_pages']} pages, full length reserved) {m['paged_rows_mean']:.0f} "
+            f"rows admitted at once (min {m['paged_rows_min']}, max {m['paged_rows_max']} over "
+            f"{len(m['paged_rows_per_draw'])} draws; {m['expected_rows']:.0f} at the mean length {m['mean_length']:.0f})")
+    notes.append(f"load average (1 min) at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f} on "
+                 f"{os.cpu_count()} CPUs shared with other jobs: min of {args.repeats} timed round(s) after a warm-up")
+    env = _common.environment()
+    _common.print_table(f"Generation engine workloads ({env['device']}, {env['backend']})", columns, rows, notes)
+    _common.write_json(args.json, {"benchmark": "engine", "args": vars(args), "environment": env,
+                                   "loadavg_1m_start": load_start, "small_config": SMALL, "results": results,
+                                   "memory": memory})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
