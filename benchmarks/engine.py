@@ -1,4 +1,4 @@
-"""Generation engine workloads (issue 16): does time follow the work, whatever the budget and the mix?
+"""Generation engine workloads: does time follow the work, whatever the budget and the mix?
 
 Each workload is data: a list of `Request`s (prompt ids, max_new_tokens, stop ids, λ,
 the row id seeding its sampling) and the number of rows decoded at once. A runner is a
@@ -35,7 +35,7 @@ which the engine keeps) and picks, from a trace of today's path, each row's stop
 the last token among its first N that had not appeared before it, so the row ends there
 (at most N tokens; lengths are checked equal across budgets and runners).
 
-Cases (issue 16, "Benchmark"); the figure is time ratio / processed-token ratio, where
+Cases (the engine's targets); the figure is time ratio / processed-token ratio, where
 processed = prompt + generated tokens (equal tokens: the time ratio itself):
 - time follows the work: random pair, 32 rows, 64-token prompts, half to 32 and half to
   512 new tokens, over all 32 rows to 512. Target ≤ 1.15.
@@ -75,8 +75,8 @@ import numpy as np  # noqa: E402
 
 import _common  # noqa: E402
 
-# A random Qwen3 pair small enough for 2 CPU cores: 4 layers, 256 wide (the issue's peer figure's
-# shape); vocabulary cut to 32K so the layers, not the lm_head, set the step time.
+# A random Qwen3 pair small enough for 2 CPU cores: 4 layers, 256 wide (the shape of the peer figure
+# quoted for transformers); vocabulary cut to 32K so the layers, not the lm_head, set the step time.
 SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
              num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
 CASES = ("time_follows_work", "capacity_not_cost", "more_requests_than_rows", "peer", "memory")
