@@ -121,10 +121,6 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------
 
-    @property
-    def context(self) -> int:
-        return self.sched.context
-
     def request(self, prompt, max_new_tokens: int, *, lam=None, sampling=Greedy(), seed: int = 0,
                 stop_tokens=None, row_id: int | None = None) -> Request:
         """A checked Request (not queued): RequestRefused/InputError name what is wrong."""
@@ -187,6 +183,7 @@ class Engine:
         tokens_t = np.zeros(num_tokens, np.int32)
         for (req, q), start in zip(plan, batch.cu_q_lens):
             tokens_t[start: start + q] = req.tokens[req.computed: req.computed + q]
+
         def rows(field, dtype):
             out = np.zeros(num_rows, dtype)
             out[: len(plan)] = [field(req) for req, _ in plan]
