@@ -50,6 +50,13 @@ def test_greedy_tokens_equal_generate_pair(pair, prompts, want):
     # 8 requests in 3 rows: some wait; no step ran more than 8 tokens
     assert eng.stats["padded_tokens"] <= 16 * eng.stats["steps"]
     assert eng.stats["tokens"] == sum(LENGTHS) + len(LENGTHS) * (NEW - 1)  # every token once
+    assert eng.stats["calls"] < eng.stats["steps"]  # decode bursts ran several steps per call
+
+
+def test_single_steps_equal_bursts(pair, prompts, want):
+    eng = dj.Engine(pair, num_pages=64, decode_burst=1, **SMALL)
+    _assert_same(eng.generate(prompts, NEW, lam=LAMS), want)
+    assert eng.stats["calls"] == eng.stats["steps"]
 
 
 def test_preemption_by_recompute_keeps_the_tokens(pair, prompts, want):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dami_jax.engine.pages import PageAllocator
-from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler
+from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler, ThinkingBudget
+from dami_jax.errors import InputError
 
 STOP = 7  # the made-up model emits it now and then
 
@@ -76,3 +77,45 @@ def test_refusals_name_the_numbers():
                                              r"tokens, more than the pool's 4 usable pages"):
         sched.add(req)
     assert sched.idle
+
+
+def _decode(sched, req, tokens):
+    """Feed made-up sampled tokens one step at a time (prefill chunks take their step too)."""
+    for token in tokens:
+        plan = sched.plan()
+        assert [r for r, _ in plan] == [req]
+        sched.commit(plan, [token])
+        if req.finished:
+            break
+
+
+@pytest.mark.parametrize("sampled, want", [
+    # no </think> in the first 3 tokens: </think> (5) and the separator (6) are forced after them
+    ([20, 21, 22, 30, 31, 32], [20, 21, 22, 5, 6, 30, 31, 32]),
+    # </think> sampled within the budget: nothing is forced
+    ([20, 5, 22, 30, 31, 32, 33, 34], [20, 5, 22, 30, 31, 32, 33, 34]),
+])
+def test_thinking_budget_forces_the_end_of_thinking(sampled, want):
+    sched = Scheduler(PageAllocator(num_pages=20, page_size=4, max_pages_per_seq=8), max_rows=2, max_tokens=8,
+                      context=32)
+    rng = np.random.default_rng(0)
+    req = _request(0, rng, 32)
+    req.prompt, req.max_new_tokens, req.stop_ids = [9] * 4, 8, frozenset()
+    req.budget = ThinkingBudget(3, end_id=5, forced=(5, 6))
+    sched.add(req)
+    _decode(sched, req, sampled)
+    assert req.generated == want and req.finish_reason == "length" and req.thinking_closed
+
+
+def test_thinking_budget_forced_tokens_stop_at_max_new_tokens():
+    sched = Scheduler(PageAllocator(num_pages=20, page_size=4, max_pages_per_seq=8), max_rows=2, max_tokens=8,
+                      context=32)
+    req = _request(0, np.random.default_rng(0), 32)
+    req.prompt, req.max_new_tokens, req.stop_ids = [9] * 4, 4, frozenset()
+    req.budget = ThinkingBudget(3, end_id=5, forced=(5, 6))
+    sched.add(req)
+    _decode(sched, req, [20, 21, 22])
+    assert req.generated == [20, 21, 22, 5] and req.finish_reason == "length"
+    assert sched.decode_steps(req, 8) <= 0 and sched.idle
+    with pytest.raises(InputError, match="must start with the end id 5"):
+        ThinkingBudget(3, end_id=5, forced=(6,))

@@ -6,13 +6,23 @@ pools donated) and samples each row's next token on the device with the keys of
 `generate` (fold_in(fold_in(key(seed), row id), step)), so a row's tokens do not depend
 on which requests share its batch; the scheduler then records the tokens.
 
+When every planned row is decoding, the engine runs a *burst* instead: up to
+`decode_burst` decode steps in one device call (a loop over the same model step, positions
+and slots advanced on the device), each row stopping at a stop id or at the steps the host
+granted it (`Scheduler.decode_steps`: its max_new_tokens, the context, a thinking cut).
+The host then commits the steps one by one, exactly as single steps, so the tokens are the
+same; what a burst saves is a host round trip per token. Rows that stop inside a burst idle
+to its end, and waiting requests enter after it: `decode_burst=1` trades that back.
+
 The ladder: row counts and token counts each from a short list (a few sizes up to
-max_rows and max_tokens_per_step, x4 apart), so at most a dozen programs compile, each
-once (lazily, or all by `warmup`); params are an argument, never a closure.
+max_rows and max_tokens_per_step, x4 apart), so at most a dozen programs compile (and one
+burst program per row count), each once (lazily, or all by `warmup`); params are an
+argument, never a closure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -20,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dami_jax.config import ModelConfig
-from dami_jax.engine.pages import PageAllocator, PageRequestError
-from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler
+from dami_jax.engine.pages import PageAllocator, PageRequestError, RaggedBatch
+from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler, ThinkingBudget
 from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, stop_table
 from dami_jax.generate.sampling import Greedy, Sample, sample_rows, top_p_cut
@@ -43,16 +53,51 @@ def _bucket(n: int, sizes: tuple[int, ...]) -> int:
     return next(s for s in sizes if s >= n)
 
 
-def _step_impl(cfg, params, pools, tokens_t, batch, lam_r, temperature_r, top_k_r, top_p_cut_r, seed_r,
-               row_id_r, step_r):
+def _model_step(cfg, params, pools, tokens_t, batch, lam_r, rows, step_r):
+    """One model step and each row's next token; rows: (temperature, top_k, top_p_cut, seed, row_id)."""
     lam_t = None if lam_r is None else jnp.append(lam_r, 0.0)[batch.token_rows]  # padding: row R, λ 0
     logits_rv, pools = qwen3.paged_step(cfg, params, pools, tokens_t, batch, lam_t)
+    temperature_r, top_k_r, top_p_cut_r, seed_r, row_id_r = rows
     keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
         seed_r, row_id_r, step_r)
     return sample_rows(logits_rv, keys, temperature_r, top_k_r, top_p_cut_r), pools
 
 
-_step = jax.jit(_step_impl, static_argnums=0, donate_argnums=2)
+_step = jax.jit(_model_step, static_argnums=0, donate_argnums=2)
+
+
+def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_r, stops_rs, *, length):
+    """Up to `length` decode steps of R rows (one token each, row r's flat token r): row r runs
+    steps_r[r] steps unless it samples a stop id first; later steps leave it (and its pages)
+    alone. Returns the (length, R) tokens, valid up to each row's end, and the pools."""
+    page = pools[0][0].shape[2]
+    oob = pools[0][0].shape[1] * page  # past the pool's end: dropped writes
+
+    def cond(carry):
+        i, _, done_r, _, _ = carry
+        return (i < length) & ~jnp.all(done_r)
+
+    def body(carry):
+        i, last_r, done_r, out, pools = carry
+        live_r = ~done_r
+        pos_r = batch.positions + i
+        page_r = jnp.take_along_axis(batch.page_table, jnp.minimum(pos_r // page, batch.page_table.shape[1] - 1)[:, None],
+                                     axis=1)[:, 0]
+        step_batch = dataclasses.replace(
+            batch, kv_lens=jnp.where(live_r, batch.kv_lens + i, batch.kv_lens), positions=pos_r,
+            slot_ids=jnp.where(live_r, page_r * page + pos_r % page, oob))
+        token_r, pools = _model_step(cfg, params, pools, last_r, step_batch, lam_r, rows, step_r + i)
+        stop_r = jnp.any(token_r[:, None] == stops_rs, axis=1)
+        done_r = done_r | stop_r | (i + 1 >= steps_r)
+        return i + 1, token_r, done_r, out.at[i].set(token_r), pools
+
+    r = tokens_r.shape[0]
+    carry = (jnp.int32(0), tokens_r, steps_r <= 0, jnp.zeros((length, r), jnp.int32), pools)
+    _, _, _, out, pools = jax.lax.while_loop(cond, body, carry)
+    return out, pools
+
+
+_burst = jax.jit(_burst_impl, static_argnums=0, static_argnames="length", donate_argnums=2)
 
 
 def _sampling_row(sampling) -> tuple[float, int, float]:
@@ -73,11 +118,12 @@ class Engine:
     prefill budget); `max_context` tokens per sequence (default the model's context).
     `reserve`: hold pages for prompt + max_new_tokens from admission on and never preempt
     (otherwise the youngest row is preempted and recomputed when pages run out).
+    `decode_burst`: the most decode steps one device call runs (see the module doc).
     """
 
     def __init__(self, model, params=None, *, num_pages: int | None = None, kv_bytes: int | None = None,
                  page_size: int = 16, max_rows: int = 32, max_tokens_per_step: int = 256,
-                 max_context: int | None = None, reserve: bool = False):
+                 max_context: int | None = None, reserve: bool = False, decode_burst: int = 8):
         if isinstance(model, ModelConfig):
             if params is None:
                 raise InputError("Engine(cfg, params): params are missing")
@@ -93,8 +139,10 @@ class Engine:
         dtype = jax.tree.leaves(params)[0].dtype
         context = cfg.max_position_embeddings if max_context is None else min(max_context,
                                                                                cfg.max_position_embeddings)
-        if page_size < 1 or context < 1:
-            raise InputError(f"page_size and max_context must be >= 1, got {page_size} and {context}")
+        if page_size < 1 or context < 1 or decode_burst < 1:
+            raise InputError(f"page_size, max_context and decode_burst must be >= 1, got {page_size}, "
+                             f"{context} and {decode_burst}")
+        self.decode_burst = decode_burst
         page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
         if (num_pages is None) == (kv_bytes is None):
             raise InputError("give the pool's size as exactly one of num_pages and kv_bytes")
@@ -116,13 +164,13 @@ class Engine:
         self.pools = qwen3.init_pools(cfg, num_pages, page_size, dtype)
         self.pool_bytes = num_pages * page_bytes
         self.finished: dict[int, Request] = {}
-        self.stats = {"steps": 0, "tokens": 0, "padded_tokens": 0}
+        self.stats = {"steps": 0, "calls": 0, "tokens": 0, "padded_tokens": 0}
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------
 
     def request(self, prompt, max_new_tokens: int, *, lam=None, sampling=Greedy(), seed: int = 0,
-                stop_tokens=None, row_id: int | None = None) -> Request:
+                stop_tokens=None, row_id: int | None = None, budget: ThinkingBudget | None = None) -> Request:
         """A checked Request (not queued): RequestRefused/InputError name what is wrong."""
         rid = next(self._ids)
         prompt = [int(t) for t in prompt]
@@ -142,7 +190,7 @@ class Engine:
         req = Request(rid=rid, prompt=prompt, max_new_tokens=int(max_new_tokens),
                       lam=0.0 if lam is None else float(check_lam(lam)), temperature=temperature, top_k=top_k,
                       top_p_cut=cut, stop_ids=frozenset(int(s) for s in stops), seed=int(seed),
-                      row_id=rid if row_id is None else int(row_id))
+                      row_id=rid if row_id is None else int(row_id), budget=budget)
         self.sched.check(req)
         return req
 
@@ -170,36 +218,92 @@ class Engine:
     # -- steps ------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Run one step; returns the requests it finished (also kept for `poll`)."""
+        """Run one step, or a burst of decode steps; returns the requests it finished (also kept
+        for `poll`)."""
         plan = self.sched.plan()
         if not plan:
             if self.sched.waiting:  # nothing runs and the queue's head cannot enter: a bug
                 raise RuntimeError(f"no row can run: {len(self.sched.waiting)} waiting, "
                                    f"{self.sched.alloc.num_free} free pages")
             return []
-        num_rows = _bucket(len(plan), self.rows_ladder)
-        num_tokens = _bucket(sum(q for _, q in plan), self.tokens_ladder)
-        batch = self.sched.alloc.ragged_batch([(req.rid, q) for req, q in plan], num_rows, num_tokens)
-        tokens_t = np.zeros(num_tokens, np.int32)
-        for (req, q), start in zip(plan, batch.cu_q_lens):
-            tokens_t[start: start + q] = req.tokens[req.computed: req.computed + q]
+        steps = self._burst_steps(plan)
+        done = self._run_burst(plan, steps) if steps else self._run_step(plan)
+        self.stats["calls"] += 1
+        self.finished.update((req.rid, req) for req in done)
+        return done
 
+    def _row_arrays(self, plan, num_rows: int):
+        """(λ or None, sampling rows, step) of the planned rows as (num_rows,) device arrays."""
         def rows(field, dtype):
             out = np.zeros(num_rows, dtype)
             out[: len(plan)] = [field(req) for req, _ in plan]
             return jnp.asarray(out)
 
         lam_r = rows(lambda r: r.lam, np.float32) if self.delta else None
-        next_r, self.pools = _step(
-            self.cfg, self.params, self.pools, jnp.asarray(tokens_t), jax.tree.map(jnp.asarray, batch), lam_r,
-            rows(lambda r: r.temperature, np.float32), rows(lambda r: r.top_k, np.int32),
-            rows(lambda r: r.top_p_cut, np.float32), rows(lambda r: r.seed, np.uint32),
-            rows(lambda r: r.row_id, np.int32), rows(lambda r: len(r.generated), np.int32))
-        done = self.sched.commit(plan, np.asarray(next_r)[: len(plan)])
+        sampling = (rows(lambda r: r.temperature, np.float32), rows(lambda r: r.top_k, np.int32),
+                    rows(lambda r: r.top_p_cut, np.float32), rows(lambda r: r.seed, np.uint32),
+                    rows(lambda r: r.row_id, np.int32))
+        return lam_r, sampling, rows(lambda r: len(r.generated), np.int32)
+
+    def _run_step(self, plan) -> list[Request]:
+        num_rows = _bucket(len(plan), self.rows_ladder)
+        num_tokens = _bucket(sum(q for _, q in plan), self.tokens_ladder)
+        batch = self.sched.alloc.ragged_batch([(req.rid, q) for req, q in plan], num_rows, num_tokens)
+        tokens_t = np.zeros(num_tokens, np.int32)
+        for (req, q), start in zip(plan, batch.cu_q_lens):
+            tokens_t[start: start + q] = req.tokens[req.computed: req.computed + q]
+        next_r, self.pools = _step(self.cfg, self.params, self.pools, jnp.asarray(tokens_t),
+                                   jax.tree.map(jnp.asarray, batch), *self._row_arrays(plan, num_rows))
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(q for _, q in plan)
         self.stats["padded_tokens"] += num_tokens
-        self.finished.update((req.rid, req) for req in done)
+        return self.sched.commit(plan, np.asarray(next_r)[: len(plan)])
+
+    def _burst_steps(self, plan) -> list[int] | None:
+        """Each row's steps for a burst, its pages extended to hold them; None for a single step
+        (a prefill chunk in the plan, no row with more than one step, or too few free pages)."""
+        if self.decode_burst == 1 or any(q != 1 or req.pending != 1 for req, q in plan):
+            return None
+        steps = [self.sched.decode_steps(req, self.decode_burst) for req, _ in plan]
+        alloc = self.sched.alloc
+        if max(steps) == 1 or sum(alloc.extra_pages(req.rid, n - 1) for (req, _), n in zip(plan, steps)) \
+                > alloc.num_free:
+            return None
+        return steps
+
+    def _run_burst(self, plan, steps: list[int]) -> list[Request]:
+        num_rows = _bucket(len(plan), self.rows_ladder)
+        alloc = self.sched.alloc
+        batch = alloc.ragged_batch([(req.rid, 1) for req, _ in plan], num_rows, num_rows)
+        for (req, _), n in zip(plan, steps):  # pages for the whole burst; the first token's are held
+            alloc.extend(req.rid, n - 1)
+        page_table = batch.page_table.copy()
+        for r, (req, _) in enumerate(plan):
+            pages = alloc.pages(req.rid)
+            page_table[r, : len(pages)] = pages
+        batch = dataclasses.replace(batch, page_table=page_table)
+        tokens_r = np.zeros(num_rows, np.int32)
+        tokens_r[: len(plan)] = [req.tokens[-1] for req, _ in plan]
+        steps_r = np.zeros(num_rows, np.int32)
+        steps_r[: len(plan)] = steps
+        width = -(-max(len(req.stop_ids) for req, _ in plan) // 4) * 4 or 4  # few distinct shapes
+        stops_rs = np.full((num_rows, width), -1, np.int32)
+        for r, (req, _) in enumerate(plan):
+            stops_rs[r, : len(req.stop_ids)] = sorted(req.stop_ids)
+        lam_r, sampling, step_r = self._row_arrays(plan, num_rows)
+        out, self.pools = _burst(self.cfg, self.params, self.pools, jnp.asarray(tokens_r),
+                                 jax.tree.map(jnp.asarray, batch), lam_r, sampling, step_r, jnp.asarray(steps_r),
+                                 jnp.asarray(stops_rs), length=self.decode_burst)
+        out = np.asarray(out)
+        done = []
+        for i in range(max(steps)):  # commit step by step, exactly as single steps would
+            live = [(r, req) for r, ((req, _), n) in enumerate(zip(plan, steps)) if i < n and not req.finished]
+            if not live:
+                break
+            done += self.sched.commit([(req, 1) for _, req in live], [out[i, r] for r, _ in live])
+            self.stats["steps"] += 1
+            self.stats["tokens"] += len(live)
+            self.stats["padded_tokens"] += num_rows
         return done
 
     def run(self) -> None:
@@ -208,15 +312,19 @@ class Engine:
             self.step()
 
     def warmup(self) -> None:
-        """Compile every shape of the ladder now (a step of padding only: it writes nothing)."""
+        """Compile every shape of the ladder now (steps of padding only: they write nothing)."""
         alloc = self.sched.alloc
-        for r, t in itertools.product(self.rows_ladder, self.tokens_ladder):
-            batch = alloc.ragged_batch([], r, t)
-            zeros = jnp.zeros(r, jnp.float32)
-            _, self.pools = _step(self.cfg, self.params, self.pools, jnp.zeros(t, jnp.int32),
-                                  jax.tree.map(jnp.asarray, batch), zeros if self.delta else None, zeros,
-                                  jnp.zeros(r, jnp.int32), zeros, jnp.zeros(r, jnp.uint32),
-                                  jnp.zeros(r, jnp.int32), jnp.zeros(r, jnp.int32))
+        for r in self.rows_ladder:
+            zeros_f, zeros_i = jnp.zeros(r, jnp.float32), jnp.zeros(r, jnp.int32)
+            rows = (zeros_f if self.delta else None,
+                    (zeros_f, zeros_i, zeros_f, jnp.zeros(r, jnp.uint32), zeros_i), zeros_i)
+            for t in self.tokens_ladder:
+                batch = jax.tree.map(jnp.asarray, alloc.ragged_batch([], r, t))
+                _, self.pools = _step(self.cfg, self.params, self.pools, jnp.zeros(t, jnp.int32), batch, *rows)
+            if self.decode_burst > 1:
+                batch = jax.tree.map(jnp.asarray, alloc.ragged_batch([], r, r))
+                _, self.pools = _burst(self.cfg, self.params, self.pools, zeros_i, batch, *rows, zeros_i,
+                                       jnp.full((r, 4), -1, jnp.int32), length=self.decode_burst)
 
     # -- batch API ----------------------------------------------------------------------
 
