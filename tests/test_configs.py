@@ -48,4 +48,4 @@ def test_no_file_means_the_dataclass_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing around to find
     assert load_serve_config() == ServeConfig()
     assert load_conf_config() == ConfConfig()
-    assert load_serve_config(None, ["slots=3"]).slots == 3
+    assert load_serve_config(None, ["max_rows=3"]).max_rows == 3

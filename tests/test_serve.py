@@ -1,8 +1,9 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback.
 
 A tiny random Instruct/Thinking pair (two independent inits, the toy world's
-tokenizer and chat template) is served by uvicorn in a thread. Greedy and
-seeded outputs are compared token for token with `generate_pair`.
+tokenizer and chat template) is served by uvicorn in a thread, on the paged engine
+(`dj.Engine`). Greedy and seeded outputs are compared token for token with
+`generate_pair` (and `generate_budget`), also when a small KV pool forces preemptions.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ pytest.importorskip("prometheus_client")
 
 CONTEXT = 512
 BUDGET = 5
+POOL_PAGES = 40  # usable KV pages of 16 tokens: one CONTEXT-long sequence (32) fits; four 220-token rows do not
 QUESTIONS = ["3+4*7", "9-2", "1+1+1+1", "8*8-3", "2*3", "5-5+5"]
 
 
@@ -58,6 +60,19 @@ def calibration(pair, tmp_path_factory):
     return str(path)
 
 
+def _kv_gb(cfg, usable_pages: int) -> float:
+    """kv_gb of a pool of `usable_pages` pages of 16 tokens (float32), plus the null page."""
+    page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * 16 * cfg.head_dim * 4
+    return (usable_pages + 1.5) * page_bytes / 1e9
+
+
+def _engine_knobs(pair) -> dict:
+    """The engine settings of every server here: the same shapes, so one compile serves them all.
+    Four rows and 64 tokens a step: more requests than rows, and prompts prefilled in chunks."""
+    return dict(max_rows=4, max_tokens_per_step=64, page_size=16, kv_gb=_kv_gb(pair.cfg, POOL_PAGES),
+                max_seq_len=CONTEXT)
+
+
 def _start(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,8 +94,8 @@ def served(pair, calibration):
     policies = {"dami-instruct": "static:0", "dami-static-0.8": "static:0.8", "dami-thinking": "static:1",
                 "dami-conf": f"conf:{calibration}", "dami-routing": f"routing:0.5:{calibration}", "dami-pref": "pref",
                 "dami-budget": f"budget:{BUDGET}"}
-    cfg = ServeConfig(slots=8, max_seq_len=CONTEXT, max_queue=64, policies=policies, max_body_bytes=64 << 10,
-                      warmup_buckets=1, optional=("dami-pref",))
+    cfg = ServeConfig(**_engine_knobs(pair), max_queue=64, policies=policies, max_body_bytes=64 << 10,
+                      optional=("dami-pref",))
     app = create_app(cfg, pair=pair)
     server, thread, url = _start(app)
     yield app.server, url
@@ -182,26 +197,6 @@ def test_budget_model_cuts_thinking_as_generate_budget_does(client, pair, max_to
             assert len(ids) == max_tokens and ids[BUDGET:BUDGET + len(forced)] == forced[:max_tokens - BUDGET]
 
 
-def test_apply_budget_rule():
-    """The in-step rule on hand-made rows: no budget; thinking closed by the row itself before
-    its budget; still thinking at the budget (forced tokens replace its samples, then it samples on)."""
-    import jax.numpy as jnp
-
-    from dami_jax.serve.slots import apply_budget
-
-    end, sep, forced = 7, 8, jnp.asarray([7, 8, 8], jnp.int32)
-    sampled = [[1, 2, 3, 4, 5, 6], [1, end, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]
-    think = jnp.asarray([-1, 0, 0], jnp.int32)
-    budget = jnp.asarray([0, 3, 3], jnp.int32)
-    out = []
-    for step in range(1, 7):  # step 0 (the first token) is sampled at insert
-        tok, think = apply_budget(jnp.asarray([r[step - 1] for r in sampled], jnp.int32),
-                                  jnp.full((3,), step, jnp.int32), think, budget, forced)
-        out.append(tok.tolist())
-    assert [list(r) for r in zip(*out)] == [[1, 2, 3, 4, 5, 6], [1, end, 3, 4, 5, 6], [1, 2, end, sep, sep, 6]]
-    assert think.tolist() == [-1, -1, 3]
-
-
 def test_default_server_serves_every_model_of_the_toy_pair():
     """ServeConfig's defaults open the shipped toy pair; conf and routing use its shipped
     calibration (as `dami eval --pair toy` does), so every listed model is served and answers."""
@@ -209,7 +204,7 @@ def test_default_server_serves_every_model_of_the_toy_pair():
     from dami_jax.policies import build_policy
     from dami_jax.serve import ServeConfig, create_app
 
-    cfg = ServeConfig(slots=2, warmup=False)
+    cfg = ServeConfig(max_rows=2, warmup=False)
     app = create_app(cfg)
     server, thread, url = _start(app)
     try:
@@ -234,7 +229,7 @@ def test_a_model_that_cannot_load_stops_startup_unless_optional(pair, caplog):
     from dami_jax.serve import ServeConfig, Server
 
     policies = {"m": "static:0.5", "broken": "conf:/no/such/calibration.json"}
-    cfg = dict(slots=2, max_seq_len=CONTEXT, warmup=False, policies=policies)
+    cfg = dict(max_rows=2, max_seq_len=CONTEXT, warmup=False, policies=policies)
     with pytest.raises(ConfigError, match=r"model 'broken' .*no Conf calibration at /no/such.*optional"):
         Server(ServeConfig(**cfg), pair)
     with caplog.at_level(logging.WARNING, logger="dami_jax.serve"):
@@ -284,7 +279,41 @@ def test_sixteen_concurrent_requests_match_alone(client):
     assert len({tuple(t) for t in together}) > 4  # the λ mix really gives different outputs
 
 
-def test_disconnect_mid_stream_frees_the_slot(served):
+def test_rows_out_of_pages_are_preempted_and_keep_their_tokens(client, served):
+    """Four rows of ~220 tokens need more than the pool's 40 pages: the youngest rows are preempted
+    and recomputed (the server's mode), and every choice still gets the tokens it gets alone."""
+    server, _ = served
+    jobs = [(QUESTIONS[i], round(i / 5, 3), 3 + i) for i in range(6)]
+
+    def ask(job):
+        q, lam, seed = job
+        return _chat(client, q, lam, max_tokens=200, temperature=0.7 if seed % 2 else 0, seed=seed,
+                     extra_body={"ignore_eos": True}).choices[0].token_ids
+
+    def preemptions():
+        return server.metrics.registry.get_sample_value("dami_preemptions_total")
+
+    before = preemptions()
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(ask, jobs))
+    after = preemptions()
+    assert after > before
+    alone = [ask(j) for j in jobs]
+    assert preemptions() == after  # one row alone fits the pool
+    assert together == alone and all(len(t) == 200 for t in together)
+
+
+def test_a_pool_without_room_for_one_sequence_is_refused(pair):
+    from dami_jax.config import ConfigError
+    from dami_jax.serve import ServeConfig, Server
+
+    cfg = ServeConfig(max_seq_len=64, kv_gb=_kv_gb(pair.cfg, 3), policies={"m": "static:0.5"}, warmup=False)
+    with pytest.raises(ConfigError, match=r"3 usable pages of 16 tokens .* cannot hold one sequence of "
+                                          r"max_seq_len = 64 tokens \(4 pages\): raise kv_gb or lower max_seq_len"):
+        Server(cfg, pair)
+
+
+def test_disconnect_mid_stream_frees_the_rows(served):
     server, url = served
     before = server.metrics.registry.get_sample_value("dami_completion_tokens_total")
     body = {"model": "dami-thinking", "messages": [{"role": "user", "content": "1+1"}], "max_tokens": 480,
@@ -294,16 +323,17 @@ def test_disconnect_mid_stream_frees_the_slot(served):
         assert [next(lines) for _ in range(6)]  # a few tokens arrived; then the client goes away
     _wait_idle(url)
     assert server.metrics.registry.get_sample_value("dami_completion_tokens_total") - before < 480
+    assert httpx.get(url + "/health").json()["pages_free"] == server.engine.engine.sched.alloc.num_usable
 
 
 def _wait_idle(url, seconds=20):
     deadline = time.time() + seconds
     while httpx.get(url + "/health").json()["active"]:
-        assert time.time() < deadline, "the slot was not freed"
+        assert time.time() < deadline, "the rows were not freed"
         time.sleep(0.05)
 
 
-def test_client_gone_before_a_whole_response_frees_the_slot(served):
+def test_client_gone_before_a_whole_response_frees_the_rows(served):
     server, url = served
     before = server.metrics.registry.get_sample_value("dami_completion_tokens_total")
     body = {"model": "dami-thinking", "messages": [{"role": "user", "content": "1+1"}], "max_tokens": 480,
@@ -318,8 +348,7 @@ def test_client_gone_before_a_whole_response_frees_the_slot(served):
 def test_request_timeout(pair):
     from dami_jax.serve import ServeConfig, create_app
 
-    cfg = ServeConfig(slots=8, max_seq_len=CONTEXT, request_timeout_s=0.1, policies={"m": "static:0.5"},
-                      warmup_buckets=1)
+    cfg = ServeConfig(**_engine_knobs(pair), request_timeout_s=0.1, policies={"m": "static:0.5"})
     server, thread, url = _start(create_app(cfg, pair=pair))
     try:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "ignore_eos": True}
@@ -374,8 +403,7 @@ def test_openai_client_raises_typed_errors(client):
 def test_api_key_and_full_queue(pair):
     from dami_jax.serve import ServeConfig, create_app
 
-    cfg = ServeConfig(slots=8, max_seq_len=CONTEXT, max_queue=0, api_key="s3cret", policies={"m": "static:0.5"},
-                      warmup_buckets=1)
+    cfg = ServeConfig(**_engine_knobs(pair), max_queue=0, api_key="s3cret", policies={"m": "static:0.5"})
     server, thread, url = _start(create_app(cfg, pair=pair))
     try:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -410,7 +438,8 @@ def test_metrics_expose_the_serving_figures(client, served):
     _chat(client, "1+1", 0.25, max_tokens=3, temperature=0)
     text = httpx.get(served[1] + "/metrics").text
     for name in ("dami_requests_total", "dami_completion_tokens_total", "dami_lambda_bucket", "dami_queue_depth",
-                 "dami_time_to_first_token_seconds_bucket", "dami_batch_occupancy_bucket"):
+                 "dami_time_to_first_token_seconds_bucket", "dami_batch_occupancy_bucket", "dami_kv_pages_free",
+                 "dami_preemptions_total"):
         assert name in text, name
     assert 'dami_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
 

@@ -87,7 +87,7 @@ def test_server_starts_and_lists_conf(venv):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(bin_dir / "dami"), "serve", "--port", str(port), "warmup=false", "slots=2"],
+    proc = subprocess.Popen([str(bin_dir / "dami"), "serve", "--port", str(port), "warmup=false", "max_rows=2"],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline, models = time.time() + 300, None

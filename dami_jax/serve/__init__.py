@@ -1,7 +1,7 @@
 """OpenAI-compatible DAMI server: per-request λ (a policy or explicit) in one continuous batch.
 
     from dami_jax.serve import create_app, load_serve_config
-    app = create_app(load_serve_config(None, ["slots=16"]))   # an ASGI app for uvicorn
+    app = create_app(load_serve_config(None, ["max_rows=16"]))   # an ASGI app for uvicorn
 
 `serve.py` (repo root) is the command-line entry; see `main`.
 """

@@ -32,7 +32,7 @@ class Flow:
                            "model", code="model_not_found")
         self.policy = server.policies[self.name]
         limit = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
-        _check_room(prompts, limit, server.engine.size, "messages" if chat else "prompt")
+        _check_room(prompts, limit, server.engine.context, "messages" if chat else "prompt")
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seed = random.getrandbits(31) if body.seed is None else body.seed  # one for all prompts
         self.reqs = [self._request(i, p, limit) for i, p in enumerate(prompts)]
@@ -45,14 +45,13 @@ class Flow:
         self.created = int(time.time())
 
     def _request(self, i: int, prompt: list[int], limit: int | None) -> GenRequest:
-        cfg, body, size = self.server.cfg, self.body, self.server.engine.size
-        room = 1 if limit is None else limit  # padding must leave room only for an asked-for max_tokens
+        cfg, body, size = self.server.cfg, self.body, self.server.engine.context
         if limit is None:  # OpenAI's default for completions; chat fills the context
             limit = min(16 if not self.chat else cfg.default_max_tokens or size, size - len(prompt))
         temp = cfg.temperature if body.temperature is None else body.temperature
         greedy = temp <= 0
         return GenRequest(
-            prompt=prompt, max_tokens=limit, room=room,
+            prompt=prompt, max_tokens=limit,
             n=body.n, temperature=temp, seed=self.seed, row_base=i * body.n,
             top_k=0 if greedy else (cfg.top_k if body.top_k is None else max(body.top_k, 0)),
             top_p=1.0 if greedy else (cfg.top_p if body.top_p is None else body.top_p),
@@ -74,7 +73,7 @@ class Flow:
             r.cancel()
 
     def client_gone(self) -> None:
-        """Free the slots and end the wait for tokens that will not come."""
+        """Free the rows and end the wait for tokens that will not come."""
         self.cancel()
         self.queue.put_nowait([("gone",)])
 
@@ -224,7 +223,7 @@ def completion_prompt_ids(server, body: CompletionRequest) -> list[list[int]]:
 
 
 def _check_room(prompts: list[list[int]], limit: int | None, size: int, param: str) -> None:
-    """400 when a prompt is empty, leaves no room in a slot, or leaves less than max_tokens."""
+    """400 when a prompt is empty, leaves no room in the context, or leaves less than max_tokens."""
     for p in prompts:
         if not p:
             raise ApiError(400, "the prompt is empty", param)

@@ -45,9 +45,7 @@ class Server:
             raise ConfigError("the server needs a tokenizer with a chat template (load_pair(..., tokenizer=...))")
         self.pair, self.tokenizer = pair, pair.tokenizer
         self.metrics = Metrics()
-        size = min(pair.cfg.max_position_embeddings, cfg.max_seq_len or 4096)
-        self.engine = Engine(pair, cfg.slots, size, cfg.max_queue, self.metrics, cfg.steps_per_call,
-                             cfg.prefill_rows)
+        self.engine = Engine(pair, cfg.max_queue, self.metrics, **cfg.engine_kwargs(pair.cfg))
         self.policies = self._load_policies(pair_cfg)
         self.default_model = cfg.default_model
         if self.default_model not in self.policies:
@@ -80,7 +78,7 @@ class Server:
 
     def start(self) -> None:
         if self.cfg.warmup:
-            self.engine.warmup(self.cfg.warmup_buckets)
+            self.engine.warmup()
         self.engine.start()
 
     def stop(self) -> None:
@@ -156,7 +154,7 @@ async def _json(send, status: int, payload: dict, headers=()) -> None:
 
 
 async def _watch_disconnect(request: Request, flow) -> None:
-    """A non-streamed request's client went away: free its slots."""
+    """A non-streamed request's client went away: free its rows."""
     while True:
         if (await request.receive())["type"] == "http.disconnect":
             flow.client_gone()
@@ -191,7 +189,7 @@ def create_app(cfg: ServeConfig, pair=None, server: Server | None = None) -> "Gu
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
     async def generate(request: Request, schema, chat: bool):
-        body = parse_body(schema, await request.body(), server.cfg.max_n, server.engine.slots)
+        body = parse_body(schema, await request.body(), server.cfg.max_n, server.engine.max_rows)
         prompts = [api.chat_prompt_ids(server, body)] if chat else api.completion_prompt_ids(server, body)
         flow = api.Flow(server, body, prompts, chat)
         flow.submit()
@@ -227,7 +225,8 @@ def create_app(cfg: ServeConfig, pair=None, server: Server | None = None) -> "Gu
     @app.get("/health")
     async def health():
         e = server.engine
-        return {"status": "ok", "slots": e.slots, "active": e.active(), "queue": e.queue_depth()}
+        return {"status": "ok", "max_rows": e.max_rows, "active": e.active(), "queue": e.queue_depth(),
+                "pages_free": e.pages_free()}
 
     @app.get("/metrics")
     async def metrics():

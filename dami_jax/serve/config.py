@@ -42,16 +42,17 @@ class ServeConfig:
     api_key: str | None = None  # Bearer key; required when host is not a loopback address
     max_body_bytes: int = 1 << 20
     request_timeout_s: float = 300.0
-    # Engine.
-    slots: int = 8  # decode batch: requests (choices) generating at once
-    max_seq_len: int = 0  # slot cache positions (prompt + output); 0: the model's context, at most 4096
-    prefill_rows: int = 4  # prompts prefilled per call (a fixed batch; fewer are padded)
-    steps_per_call: int = 4  # decode steps per jitted call (one host round trip); more: less overhead, later joins
-    max_queue: int = 64  # requests waiting for a slot; more get 429
+    # Engine: one dj.Engine (paged KV cache, continuous batching); names and defaults are dj.Engine's.
+    max_rows: int = 32  # rows (choices) generating at once
+    max_tokens_per_step: int = 256  # tokens one step feeds: decode rows, then prefill chunks of prompts
+    page_size: int = 16  # tokens per KV page
+    kv_gb: float = 0.0  # KV pool (keys and values, all layers) in GB (1e9 bytes); 0: max_rows full-length rows
+    decode_burst: int = 8  # decode steps per device call while no prompt is prefilling; 1: rows join every step
+    max_seq_len: int = 0  # tokens per sequence (prompt + output); 0: the model's context, at most 4096
+    max_queue: int = 64  # requests waiting for a row; more get 429
     retry_after_s: int = 1  # Retry-After header of a 429
     max_n: int = 4  # choices per request
-    warmup: bool = True  # compile step, prefill and insert before serving
-    warmup_buckets: int = 3  # prompt buckets compiled at start: 16, 32, 64 tokens
+    warmup: bool = True  # compile the engine's shapes and the policies' scoring before serving
     # Request defaults (OpenAI semantics: temperature 1, no top-k / top-p).
     default_max_tokens: int = 0  # 0: fill the context
     temperature: float = 1.0
@@ -68,12 +69,13 @@ class ServeConfig:
         if self.optional is None and isinstance(self.policies, dict):
             object.__setattr__(self, "optional", tuple(n for n in DEFAULT_OPTIONAL if n in self.policies))
         checks = [
-            (self.slots >= 1, "slots must be >= 1"),
-            (self.max_seq_len >= 0, "max_seq_len must be >= 0 (0: the model's context)"),
+            (self.max_rows >= 1, "max_rows must be >= 1"),
+            (self.max_tokens_per_step >= 1, "max_tokens_per_step must be >= 1"),
+            (self.page_size >= 1, "page_size must be >= 1"),
+            (self.kv_gb >= 0 and math.isfinite(self.kv_gb), "kv_gb must be >= 0 (0: max_rows full-length sequences)"),
+            (self.decode_burst >= 1, "decode_burst must be >= 1"),
+            (self.max_seq_len >= 0, "max_seq_len must be >= 0 (0: the model's context, at most 4096)"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
-            (1 <= self.steps_per_call <= 64, "steps_per_call must be in 1..64"),
-            (self.prefill_rows >= 1, "prefill_rows must be >= 1"),
-            (self.warmup_buckets >= 1, "warmup_buckets must be >= 1"),
             (self.max_n >= 1, "max_n must be >= 1"),
             (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
@@ -94,6 +96,19 @@ class ServeConfig:
             if not ok:
                 raise ConfigError(f"ServeConfig: {msg}")
 
+    def context(self, model_cfg) -> int:
+        """Tokens per sequence: max_seq_len, or the model's context (at most 4096), never past the model's."""
+        return min(model_cfg.max_position_embeddings, self.max_seq_len or 4096)
+
+    def engine_kwargs(self, model_cfg) -> dict:
+        """The keywords of dj.Engine these settings give for a model: the pool as kv_bytes, or
+        (kv_gb 0) as the pages of max_rows sequences of the context, plus the null page."""
+        context = self.context(model_cfg)
+        pool = ({"kv_bytes": int(self.kv_gb * 1e9)} if self.kv_gb else
+                {"num_pages": self.max_rows * -(-context // self.page_size) + 1})
+        return dict(pool, page_size=self.page_size, max_rows=self.max_rows,
+                    max_tokens_per_step=self.max_tokens_per_step, max_context=context, decode_burst=self.decode_burst)
+
     def check_bind(self) -> None:
         """Refuse to listen beyond loopback without an API key."""
         if self.api_key:
@@ -108,5 +123,5 @@ class ServeConfig:
 
 
 def load_serve_config(path: str | os.PathLike | None = None, overrides=()) -> ServeConfig:
-    """A ServeConfig YAML (none: the dataclass defaults) + dotted overrides such as `slots=16`."""
+    """A ServeConfig YAML (none: the dataclass defaults) + dotted overrides such as `max_rows=16`."""
     return load_yaml(ServeConfig, path, overrides)

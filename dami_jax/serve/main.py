@@ -18,7 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="Bearer key clients must send (default $DAMI_API_KEY)")
     p.add_argument("--log-level", default="info")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. slots=16 instruct=DIR thinking=DIR")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_rows=16 instruct=DIR thinking=DIR")
     return p.parse_args(argv)
 
 

@@ -25,28 +25,38 @@ class Metrics:
         self.prompt_tokens = Counter("dami_prompt_tokens", "prompt tokens admitted", registry=r)
         self.completion_tokens = Counter("dami_completion_tokens", "tokens generated", registry=r)
         self.lam = Histogram("dami_lambda", "λ used per request", ["policy"], buckets=_LAM_BUCKETS, registry=r)
-        self.queue_depth = Gauge("dami_queue_depth", "requests waiting for a decode slot", registry=r)
-        self.active_slots = Gauge("dami_active_slots", "decode slots holding a request", registry=r)
+        self.queue_depth = Gauge("dami_queue_depth", "requests waiting for a row", registry=r)
+        self.active_rows = Gauge("dami_active_rows", "rows (choices) in the last engine step", registry=r)
+        self.pages_free = Gauge("dami_kv_pages_free", "KV pages free in the pool", registry=r)
+        self.pages_used = Gauge("dami_kv_pages_used", "KV pages held by requests", registry=r)
+        self.preemptions = Counter("dami_preemptions", "rows preempted for pages (recomputed later)", registry=r)
         self.ttft = Histogram("dami_time_to_first_token_seconds", "submit to first token",
                               buckets=_TIME_BUCKETS, registry=r)
         self.latency = Histogram("dami_request_latency_seconds", "whole request, by endpoint", ["endpoint"],
                                  buckets=_TIME_BUCKETS, registry=r)
-        self.occupancy = Histogram("dami_batch_occupancy", "share of slots busy per decode step",
+        self.occupancy = Histogram("dami_batch_occupancy", "share of max_rows running per engine call",
                                    buckets=_OCC_BUCKETS, registry=r)
-        self.steps = Counter("dami_decode_steps", "decode steps", registry=r)
+        self.steps = Counter("dami_engine_steps", "engine steps (a decode burst counts each of its steps)",
+                             registry=r)
         self.rejected = Counter("dami_rejected", "requests refused by reason", ["reason"], registry=r)
 
     # Engine thread.
     def admitted(self, req, lam: float) -> None:
         self.prompt_tokens.inc(len(req.prompt))
         self.lam.labels(getattr(req.policy, "spec", None) or "explicit").observe(lam)
-        if req.t_first is not None:
-            self.ttft.observe(req.t_first - req.t_submit)
 
-    def step(self, busy: int, slots: int, steps: int = 1) -> None:
+    def first_token(self, req) -> None:
+        self.ttft.observe(req.t_first - req.t_submit)
+
+    def step(self, rows: int, max_rows: int, steps: int) -> None:
         self.steps.inc(steps)
-        self.active_slots.set(busy)
-        self.occupancy.observe(busy / slots)
+        self.active_rows.set(rows)
+        self.occupancy.observe(rows / max_rows)
+
+    def pages(self, free: int, used: int, preempted: int) -> None:
+        self.pages_free.set(free)
+        self.pages_used.set(used)
+        self.preemptions.inc(preempted)
 
     def tokens(self, n: int) -> None:
         self.completion_tokens.inc(n)

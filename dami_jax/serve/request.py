@@ -19,7 +19,6 @@ class GenRequest:
 
     prompt: list[int]
     max_tokens: int
-    room: int = 1  # positions the prompt's padding must leave free (max_tokens when the client set it)
     n: int = 1
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0

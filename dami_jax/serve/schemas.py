@@ -94,7 +94,7 @@ class CompletionRequest(_Common):
     echo: bool = False
 
 
-def check_common(req: _Common, max_n: int, slots: int) -> None:
+def check_common(req: _Common, max_n: int, max_rows: int) -> None:
     """Field values, against the server's limits."""
     if req.lam is not None and (math.isnan(req.lam) or not 0.0 <= req.lam <= 1.0):
         raise ApiError(400, f"lambda must be a number in [0, 1], got {req.lam}", "lambda")
@@ -107,7 +107,7 @@ def check_common(req: _Common, max_n: int, slots: int) -> None:
         raise ApiError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
     if req.top_k is not None and req.top_k < -1:
         raise ApiError(400, f"top_k must be >= 0 (or -1 for off), got {req.top_k}", "top_k")
-    limit = min(max_n, slots)
+    limit = min(max_n, max_rows)  # a request's choices run side by side
     if not 1 <= req.n <= limit:
         raise ApiError(400, f"n must be in [1, {limit}] on this server, got {req.n}", "n")
     if len(req.stop_list()) > 4:
@@ -116,7 +116,7 @@ def check_common(req: _Common, max_n: int, slots: int) -> None:
         raise ApiError(400, f"seed must be in [0, 2**32), got {req.seed}", "seed")
 
 
-def parse_body(model, raw: bytes, max_n: int, slots: int):
+def parse_body(model, raw: bytes, max_n: int, max_rows: int):
     """Body bytes -> validated request (400 bad JSON, 422 bad fields, 400 bad values)."""
     try:
         data = json.loads(raw)
@@ -128,5 +128,5 @@ def parse_body(model, raw: bytes, max_n: int, slots: int):
         body = model.model_validate(data)
     except ValidationError as e:
         raise from_validation(e) from None
-    check_common(body, max_n, slots)
+    check_common(body, max_n, max_rows)
     return body
