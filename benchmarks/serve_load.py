@@ -1,15 +1,17 @@
-"""Load test of the DAMI server: N chat requests at a concurrency C with a mix of λ, against
-offline `generate_pair` of the same batch.
+"""Load test of the DAMI server: N chat requests at a concurrency C with a mix of λ and of
+max_tokens, against the offline engine (`dj.Engine.generate`) on the same requests.
 
-    nice python benchmarks/serve_load.py --n 200 --json out/serve_load.json     # starts serve.py itself
-    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --n 1000           # a running server
+    nice python benchmarks/serve_load.py --random --n 200 --json out/serve_load.json   # starts serve.py
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --n 1000                 # a running server
 
-Every request is greedy, streamed (time to first token = first SSE chunk), with
-an explicit λ cycling through `--lams`, on toy-world questions. Reported:
-tokens/s of the server (generated tokens / wall time of the whole load) and of
-offline `generate_pair` on the same prompts and λ in batches of C (compile
-excluded: one warm-up batch first); p50/p99 time to first token and latency;
-errors; the share of requests whose tokens equal the offline ones; server RSS
+Every request is greedy, streamed (time to first token = first SSE chunk), with an
+explicit λ cycling through `--lams` and max_tokens through `--max-tokens`, on toy-world
+questions. The started server runs ServeConfig's engine knobs with max_rows = C,
+max_seq_len and the overrides given; the offline reference is one dj.Engine built from the
+same knobs (`ServeConfig.engine_kwargs`), all requests submitted at once, compile excluded
+(`warmup` first). Reported: tokens/s of the server (generated tokens / wall time of the
+whole load) and of the offline engine; p50/p99 time to first token and latency; errors;
+the share of requests whose tokens equal the offline ones; server RSS
 (`process_resident_memory_bytes` of /metrics) before and after the load.
 
 The pair: `--instruct/--thinking` directories, else the shipped toy pair, else
@@ -66,12 +68,12 @@ def random_pair(root: str, preset: str) -> tuple[str, str]:
     return dirs[0], dirs[1]
 
 
-def start_server(instruct: str, thinking: str, slots: int, queue: int, extra=()) -> tuple[subprocess.Popen, str]:
+def start_server(instruct: str, thinking: str, overrides) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, os.path.join(ROOT, "serve.py"), "--port", str(port), "--log-level", "warning",
-           f"instruct={instruct}", f"thinking={thinking}", f"slots={slots}", f"max_queue={queue}", *extra]
+           f"instruct={instruct}", f"thinking={thinking}", *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -123,7 +125,8 @@ async def one(client, url: str, question: str, lam: float, max_tokens: int) -> d
     return {"ttft": ttft, "latency": time.perf_counter() - t0, "ids": ids, "error": err}
 
 
-async def load(url: str, jobs, concurrency: int, max_tokens: int) -> tuple[list[dict], float]:
+async def load(url: str, jobs, concurrency: int) -> tuple[list[dict], float]:
+    """jobs: (question, λ, max_tokens) each; results in the jobs' order and the wall time."""
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -131,24 +134,25 @@ async def load(url: str, jobs, concurrency: int, max_tokens: int) -> tuple[list[
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def run(job):
             async with sem:
-                return await one(client, url, job[0], job[1], max_tokens)
+                return await one(client, url, *job)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(run(j) for j in jobs))
         return results, time.perf_counter() - t0
 
 
-def offline(instruct: str, thinking: str, prompts, lams, batch: int, max_tokens: int, dtype: str):
-    from dami_jax.pair import generate_pair, load_pair
+def offline(instruct: str, thinking: str, prompts, lams, max_tokens, serve_cfg):
+    """The offline engine on the same requests: its tokens, seconds (compile excluded) and knobs."""
+    import dami_jax as dj
+    from dami_jax.pair import load_pair
 
-    pair = load_pair(instruct, thinking, dtype=dtype)
-    pad = -len(prompts) % batch  # a short last batch would compile another program: fill it, drop the rows
-    prompts, lams = list(prompts) + list(prompts[:pad]), np.concatenate([lams, lams[:pad]])
-    generate_pair(pair, prompts[:batch], lams[:batch], max_tokens)  # compile
-    t0, out = time.perf_counter(), []
-    for i in range(0, len(prompts), batch):
-        out += generate_pair(pair, prompts[i: i + batch], lams[i: i + batch], max_tokens).token_lists()
-    return out[: len(out) - pad], time.perf_counter() - t0
+    pair = load_pair(instruct, thinking, dtype=serve_cfg.dtype)
+    knobs = serve_cfg.engine_kwargs(pair.cfg)
+    engine = dj.Engine(pair, **knobs)
+    engine.warmup()
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, max_tokens, lam=lams)
+    return out.token_lists(), time.perf_counter() - t0, knobs
 
 
 def main(argv=None) -> int:
@@ -156,20 +160,22 @@ def main(argv=None) -> int:
     ap.add_argument("--url", help="a running server (default: start serve.py on a free loopback port)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", default="16,64,256", help="max_tokens of the requests, cycled")
     ap.add_argument("--lams", default="0,0.2,0.4,0.5,0.6,0.8,1")
     ap.add_argument("--instruct")
     ap.add_argument("--thinking")
     ap.add_argument("--random", nargs="?", const="toy", metavar="PRESET",
                     help="a random pair: toy (tiny, the default) or a preset shape such as qwen3-0.6b")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--max-seq-len", type=int, default=128,
-                    help="slot size of the started server: what the workload needs (prompt + max tokens)")
+    ap.add_argument("--max-seq-len", type=int, default=4096, help="max_seq_len of the started server (and offline)")
     ap.add_argument("--json")
-    ap.add_argument("overrides", nargs="*", help="ServeConfig overrides for the started server, e.g. steps_per_call=1")
+    ap.add_argument("overrides", nargs="*",
+                    help="ServeConfig overrides of the started server and the offline engine, e.g. decode_burst=1")
     args = ap.parse_args(argv)
 
+    from dami_jax import compilation_cache
     from dami_jax.generate.chat import chat_prompt, load_tokenizer
+    from dami_jax.serve import load_serve_config
     from dami_jax.toyworld import language as L
 
     if args.instruct:
@@ -183,15 +189,21 @@ def main(argv=None) -> int:
     lam_grid = [float(x) for x in args.lams.split(",")]
     questions = [p.text for p in L.sample_problems(args.n, seed=1)]
     lams = np.asarray([lam_grid[i % len(lam_grid)] for i in range(args.n)], np.float32)
+    limit_grid = [int(x) for x in args.max_tokens.split(",")]
+    limits = [limit_grid[i % len(limit_grid)] for i in range(args.n)]
+    jobs = list(zip(questions, lams.tolist(), limits))
+    overrides = [f"max_rows={args.concurrency}", f"max_queue={2 * args.concurrency}",
+                 f"max_seq_len={args.max_seq_len}", f"dtype={args.dtype}", *args.overrides]
+    serve_cfg = load_serve_config(None, overrides)
+    compilation_cache.enable()  # the offline engine's programs: as the server compiled them
     proc = None
     url = args.url
     if url is None:
-        extra = [f"max_seq_len={args.max_seq_len}", f"dtype={args.dtype}", *args.overrides]
-        proc, url = start_server(instruct, thinking, slots=args.concurrency, queue=2 * args.concurrency, extra=extra)
+        proc, url = start_server(instruct, thinking, overrides)
     try:
         rss_before = server_rss(url)
-        asyncio.run(load(url, list(zip(questions[:8], lams[:8].tolist())), 8, args.max_tokens))  # warm buckets
-        results, wall = asyncio.run(load(url, list(zip(questions, lams.tolist())), args.concurrency, args.max_tokens))
+        asyncio.run(load(url, jobs[:8], 8))  # the first requests' host paths
+        results, wall = asyncio.run(load(url, jobs, args.concurrency))
         rss_after = server_rss(url)
     finally:
         if proc is not None:
@@ -199,23 +211,23 @@ def main(argv=None) -> int:
             proc.wait(timeout=60)
     tok = load_tokenizer(thinking)
     prompts = [chat_prompt(tok, q) for q in questions]
-    ref, off_s = offline(instruct, thinking, prompts, lams, args.concurrency, args.max_tokens, args.dtype)
+    ref, off_s, knobs = offline(instruct, thinking, prompts, lams, limits, serve_cfg)
 
     ok = [r for r in results if not r["error"]]
     tokens = sum(len(r["ids"]) for r in ok)
     ttft = np.asarray([r["ttft"] for r in ok]) * 1e3
     lat = np.asarray([r["latency"] for r in ok]) * 1e3
     same = np.mean([r["ids"] == ref[i] for i, r in enumerate(results) if not r["error"]]) if ok else float("nan")
-    off_tokens = sum(map(len, ref))  # (padding rows excluded; their time is not)
+    off_tokens = sum(map(len, ref))
     rows = [["server (streamed, C=%d)" % args.concurrency, len(results), len(results) - len(ok), tokens, wall,
              tokens / wall, np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(lat, 50),
              np.percentile(lat, 99)],
-            ["offline generate_pair (B=%d)" % args.concurrency, len(prompts), 0, off_tokens, off_s,
+            ["offline dj.Engine (%d rows)" % args.concurrency, len(prompts), 0, off_tokens, off_s,
              off_tokens / off_s, None, None, None, None]]
     notes = [f"server / offline tokens/s: {(tokens / wall) / (off_tokens / off_s):.2f}",
              f"requests with the offline tokens: {same:.3f}",
              f"server RSS: {rss_before:.0f} MiB before, {rss_after:.0f} MiB after the load",
-             f"λ mix {lam_grid}, {args.max_tokens} max tokens, greedy"]
+             f"λ mix {lam_grid}, max_tokens mix {limit_grid}, greedy; engine: {knobs}"]
     _common.print_table("serve_load", ["run", "requests", "errors", "tokens", "wall_s", "tok/s", "ttft_p50_ms",
                                        "ttft_p99_ms", "lat_p50_ms", "lat_p99_ms"], rows, notes)
     errors = sorted({r["error"] for r in results if r["error"]})[:5]
@@ -227,7 +239,7 @@ def main(argv=None) -> int:
                    "ttft_ms": {"p50": float(np.percentile(ttft, 50)), "p99": float(np.percentile(ttft, 99))},
                    "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
                    "rss_mib_before": rss_before, "rss_mib_after": rss_after},
-        "offline": {"tokens": off_tokens, "wall_s": off_s, "tokens_per_s": off_tokens / off_s},
+        "offline": {"tokens": off_tokens, "wall_s": off_s, "tokens_per_s": off_tokens / off_s, "engine": knobs},
         "speed_ratio": (tokens / wall) / (off_tokens / off_s), "same_tokens_share": float(same),
     })
     return 0 if ok else 1
