@@ -9,10 +9,11 @@ explicit λ cycling through `--lams` and max_tokens through `--max-tokens`, on t
 questions. The started server runs ServeConfig's engine knobs with max_rows = C,
 max_seq_len and the overrides given; the offline reference is one dj.Engine built from the
 same knobs (`ServeConfig.engine_kwargs`), all requests submitted at once, compile excluded
-(`warmup` first). Reported: tokens/s of the server (generated tokens / wall time of the
-whole load) and of the offline engine; p50/p99 time to first token and latency; errors;
-the share of requests whose tokens equal the offline ones; server RSS
-(`process_resident_memory_bytes` of /metrics) before and after the load.
+(`warmup` first). Both run `--repeats` times, the fastest kept. Reported: tokens/s of the
+server (generated tokens / wall time of the whole load) and of the offline engine; p50/p99
+time to first token and latency; errors; the share of requests whose tokens equal the
+offline ones; server RSS (`process_resident_memory_bytes` of /metrics) before the first
+load and after the last.
 
 The pair: `--instruct/--thinking` directories, else the shipped toy pair, else
 (`--random [PRESET]`) a random pair with the toy tokenizer, built in a temp dir:
@@ -141,7 +142,7 @@ async def load(url: str, jobs, concurrency: int) -> tuple[list[dict], float]:
         return results, time.perf_counter() - t0
 
 
-def offline(instruct: str, thinking: str, prompts, lams, max_tokens, serve_cfg):
+def offline(instruct: str, thinking: str, prompts, lams, max_tokens, serve_cfg, repeats: int):
     """The offline engine on the same requests: its tokens, seconds (compile excluded) and knobs."""
     import dami_jax as dj
     from dami_jax.pair import load_pair
@@ -150,9 +151,12 @@ def offline(instruct: str, thinking: str, prompts, lams, max_tokens, serve_cfg):
     knobs = serve_cfg.engine_kwargs(pair.cfg)
     engine = dj.Engine(pair, **knobs)
     engine.warmup()
-    t0 = time.perf_counter()
-    out = engine.generate(prompts, max_tokens, lam=lams)
-    return out.token_lists(), time.perf_counter() - t0, knobs
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, max_tokens, lam=lams)
+        best = min(best, time.perf_counter() - t0)
+    return out.token_lists(), best, knobs
 
 
 def main(argv=None) -> int:
@@ -160,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--url", help="a running server (default: start serve.py on a free loopback port)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2, help="loads (and offline runs); the fastest is kept")
     ap.add_argument("--max-tokens", default="16,64,256", help="max_tokens of the requests, cycled")
     ap.add_argument("--lams", default="0,0.2,0.4,0.5,0.6,0.8,1")
     ap.add_argument("--instruct")
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
     try:
         rss_before = server_rss(url)
         asyncio.run(load(url, jobs[:8], 8))  # the first requests' host paths
-        results, wall = asyncio.run(load(url, jobs, args.concurrency))
+        loads = [asyncio.run(load(url, jobs, args.concurrency)) for _ in range(args.repeats)]
         rss_after = server_rss(url)
     finally:
         if proc is not None:
@@ -211,38 +216,44 @@ def main(argv=None) -> int:
             proc.wait(timeout=60)
     tok = load_tokenizer(thinking)
     prompts = [chat_prompt(tok, q) for q in questions]
-    ref, off_s, knobs = offline(instruct, thinking, prompts, lams, limits, serve_cfg)
+    ref, off_s, knobs = offline(instruct, thinking, prompts, lams, limits, serve_cfg, args.repeats)
 
+    results, wall = min(loads, key=lambda x: x[1])  # the fastest load; errors and tokens checked over all
+    every = [r for results_, _ in loads for r in results_]
+    failed = [r for r in every if r["error"]]
     ok = [r for r in results if not r["error"]]
     tokens = sum(len(r["ids"]) for r in ok)
     ttft = np.asarray([r["ttft"] for r in ok]) * 1e3
     lat = np.asarray([r["latency"] for r in ok]) * 1e3
-    same = np.mean([r["ids"] == ref[i] for i, r in enumerate(results) if not r["error"]]) if ok else float("nan")
+    checked = [r["ids"] == ref[i % len(ref)] for i, r in enumerate(every) if not r["error"]]
+    same = float(np.mean(checked)) if checked else float("nan")
     off_tokens = sum(map(len, ref))
     rows = [["server (streamed, C=%d)" % args.concurrency, len(results), len(results) - len(ok), tokens, wall,
              tokens / wall, np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(lat, 50),
              np.percentile(lat, 99)],
             ["offline dj.Engine (%d rows)" % args.concurrency, len(prompts), 0, off_tokens, off_s,
              off_tokens / off_s, None, None, None, None]]
-    notes = [f"server / offline tokens/s: {(tokens / wall) / (off_tokens / off_s):.2f}",
-             f"requests with the offline tokens: {same:.3f}",
-             f"server RSS: {rss_before:.0f} MiB before, {rss_after:.0f} MiB after the load",
+    ratio = (tokens / wall) / (off_tokens / off_s)
+    notes = [f"server / offline tokens/s: {ratio:.2f} (the fastest of {args.repeats} runs each)",
+             f"errors over all {len(every)} requests: {len(failed)}; with the offline tokens: {same:.3f}",
+             f"server RSS: {rss_before:.0f} MiB before, {rss_after:.0f} MiB after {args.repeats} loads",
              f"λ mix {lam_grid}, max_tokens mix {limit_grid}, greedy; engine: {knobs}"]
     _common.print_table("serve_load", ["run", "requests", "errors", "tokens", "wall_s", "tok/s", "ttft_p50_ms",
                                        "ttft_p99_ms", "lat_p50_ms", "lat_p99_ms"], rows, notes)
-    errors = sorted({r["error"] for r in results if r["error"]})[:5]
+    errors = sorted({r["error"] for r in failed})[:5]
     _common.write_json(args.json, {
         "env": _common.environment(), "xla_flags": os.environ.get("XLA_FLAGS"), "args": vars(args),
         "pair": [instruct, thinking],
-        "server": {"requests": len(results), "errors": len(results) - len(ok), "error_samples": errors,
+        "server": {"requests": len(every), "errors": len(failed), "error_samples": errors,
                    "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
                    "ttft_ms": {"p50": float(np.percentile(ttft, 50)), "p99": float(np.percentile(ttft, 99))},
                    "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
                    "rss_mib_before": rss_before, "rss_mib_after": rss_after},
         "offline": {"tokens": off_tokens, "wall_s": off_s, "tokens_per_s": off_tokens / off_s, "engine": knobs},
-        "speed_ratio": (tokens / wall) / (off_tokens / off_s), "same_tokens_share": float(same),
+        "all_walls_s": [w for _, w in loads], "speed_ratio": ratio,
+        "same_tokens_share": same,
     })
-    return 0 if ok else 1
+    return 0 if ok and not failed else 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ closes its thinking (`</think>`) within them simply goes on; a row still
 thinking after n tokens gets `</think>` (plus the separator the template puts
 after it) forced, then generates its answer. The output never passes
 max_new_tokens (forced tokens count). The Thinking model is the pair at λ = 1,
-as the server decodes it (serve/slots.py applies the same rule inside its step),
+as the server decodes it (the engine's `ThinkingBudget` applies the same rule),
 so served greedy tokens equal `generate_budget`'s.
 """
 
