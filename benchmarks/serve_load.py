@@ -103,43 +103,64 @@ def server_rss(url: str) -> float | None:
     return None
 
 
-async def one(client, url: str, question: str, lam: float, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": question}], "lambda": lam,  # explicit λ: any model
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True,
-            "stream_options": {"include_usage": True}}
+async def one(reader, writer, host: str, question: str, lam: float, max_tokens: int) -> dict:
+    """One streamed chat request on a kept-alive HTTP/1.1 connection, read as chunks of SSE lines.
+    A load generator on the server's own cores must be lean: httpx took about as much CPU per
+    request as the server."""
+    body = json.dumps({"messages": [{"role": "user", "content": question}], "lambda": lam,  # explicit λ: any model
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True,
+                       "stream_options": {"include_usage": True}}).encode()
     t0, ttft, ids, err = time.perf_counter(), None, [], None
-    try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                return {"error": f"{r.status_code} {(await r.aread())[:200]!r}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                ttft = ttft or time.perf_counter() - t0
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    err = chunk["error"]["message"]
-                for c in chunk.get("choices", []):
-                    ids += c.get("token_ids", [])
-    except Exception as e:  # noqa: BLE001 - every failure is counted
-        err = f"{type(e).__name__}: {e}"
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+    status = (await reader.readline()).split(b" ", 2)
+    headers = {}
+    while (line := (await reader.readline()).strip()):
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if b"content-length" in headers:  # an error body
+        data = await reader.readexactly(int(headers[b"content-length"]))
+        return {"error": f"{b' '.join(status[1:]).decode().strip()} {data[:200]!r}"}
+    buf = b""
+    while size := int((await reader.readline()).split(b";")[0], 16):  # chunked: size line, data, CRLF
+        buf += (await reader.readexactly(size + 2))[:-2]
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            ttft = ttft or time.perf_counter() - t0
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                err = chunk["error"]["message"]
+            for c in chunk.get("choices", []):
+                ids += c.get("token_ids", [])
+    await reader.readline()  # the last chunk's CRLF
     return {"ttft": ttft, "latency": time.perf_counter() - t0, "ids": ids, "error": err}
 
 
 async def load(url: str, jobs, concurrency: int) -> tuple[list[dict], float]:
-    """jobs: (question, λ, max_tokens) each; results in the jobs' order and the wall time."""
-    import httpx
+    """jobs: (question, λ, max_tokens) each, sent by `concurrency` clients with a connection each;
+    results in the jobs' order and the wall time."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    results, todo = [None] * len(jobs), iter(range(len(jobs)))
 
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def run(job):
-            async with sem:
-                return await one(client, url, *job)
+    async def client():
+        conn = None
+        for i in todo:
+            try:
+                conn = conn or await asyncio.open_connection(host, int(port))
+                results[i] = await one(*conn, host, *jobs[i])
+            except Exception as e:  # noqa: BLE001 - every failure is counted; the connection is dropped
+                results[i] = {"error": f"{type(e).__name__}: {e}"}
+                if conn:
+                    conn[1].close()
+                conn = None
+        if conn:
+            conn[1].close()
 
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(run(j) for j in jobs))
-        return results, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results, time.perf_counter() - t0
 
 
 def offline(instruct: str, thinking: str, prompts, lams, max_tokens, serve_cfg, repeats: int):
