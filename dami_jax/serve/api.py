@@ -174,30 +174,34 @@ class Flow:
         return out
 
     async def stream(self, timeout_s: float):
-        """SSE lines; the request is cancelled when the client goes away (the generator closes)."""
-        started = set()
+        """SSE events, written once per batch of engine events (each write costs the server a
+        send); the request is cancelled when the client goes away (the generator closes)."""
+        started, end = set(), ""
         try:
             async for moved in self.events(timeout_s):
+                parts = []
                 for idx in moved:
                     reason = self.finish.get(idx)
                     if self.chat and idx not in started:
                         started.add(idx)
                         role = {"index": idx, "delta": {"role": "assistant", "content": ""},
                                 "finish_reason": None, "logprobs": None}
-                        yield self._chunk([role])
+                        parts.append(self._chunk([role]))
                     choice = self._delta(idx, final=reason is not None, reason=reason)
                     if choice is not None:
-                        yield self._chunk([choice])
+                        parts.append(self._chunk([choice]))
+                if parts:
+                    yield "".join(parts)
             if self.body.stream_options and self.body.stream_options.include_usage:
-                yield self._chunk([], self.usage())
+                end = self._chunk([], self.usage())
         except asyncio.TimeoutError:
             msg = error_body(f"request timed out after {timeout_s:g} s", "timeout", code="timeout")
-            yield f"data: {json.dumps(msg)}\n\n"
+            end = f"data: {json.dumps(msg)}\n\n"
         except ApiError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+            end = f"data: {json.dumps(e.body())}\n\n"
         finally:
             self.cancel()
-        yield "data: [DONE]\n\n"
+        yield end + "data: [DONE]\n\n"
 
 
 def chat_prompt_ids(server, body: ChatRequest) -> list[int]:
