@@ -9,6 +9,7 @@ from dami_jax.eval import run as eval_run
 from dami_jax.eval.pairs import expand_policy, load_pair_config, open_pair
 from dami_jax.policies import execute
 from dami_jax.policies.base import build_policy
+from dami_jax.pair import generate_pair
 from dami_jax.policies.budget import generate_budget, think_end_ids
 from dami_jax.toyworld import language as L
 
@@ -62,6 +63,38 @@ def test_budget_cuts_thinking_and_forces_the_answer(toy):
     # (The toy Thinking model never saw a cut trace: after the forced `</think>` it
     # sometimes resumes working before answering, so output length is not asserted.)
     assert cut.finish_reasons == ["stop", "stop"]
+
+
+def _two_pass_budget(pair, prompts, budget, max_new_tokens):
+    """The simple reference: lock-step λ = 1 up to the budget (stopping at EOS or </think>),
+    the cut forced on the host, then a second lock-step call for the rest."""
+    end_id, forced = think_end_ids(pair.tokenizer)
+    stops = pair.stop_tokens
+    first = generate_pair(pair, prompts, 1.0, min(budget, max_new_tokens), mode="merged",
+                          stop_tokens=stops + [end_id]).token_lists()
+    rows, pending = [], []
+    for i, head in enumerate(first):
+        if not (head and head[-1] in stops):
+            if not (head and head[-1] == end_id):
+                head = (head + forced)[:max_new_tokens]
+            if len(head) < max_new_tokens:
+                pending.append(i)
+        rows.append(head)
+    if pending:  # greedy: a row's tokens do not depend on how far past its own limit the batch runs
+        room = max_new_tokens - min(len(rows[i]) for i in pending)
+        tails = generate_pair(pair, [prompts[i] + rows[i] for i in pending], 1.0, room, mode="merged")
+        for i, tail in zip(pending, tails.token_lists()):
+            rows[i] = rows[i] + tail[: max_new_tokens - len(rows[i])]
+    return rows
+
+
+def test_budget_equals_the_two_pass_reference(toy):
+    _, pair = toy
+    problems = L.sample_problems(10, seed=5)
+    prompts = [L.to_ids(L.prompt_tokens(p)) for p in problems]
+    for budget in (4, 12):
+        got = generate_budget(pair, prompts, budget, 40, max_rows=5)
+        assert got.token_lists() == _two_pass_budget(pair, prompts, budget, 40), budget
 
 
 def test_policy_specs_expand_to_the_pairs_artifacts(toy):

@@ -335,6 +335,12 @@ class Engine:
         (tokens then has the largest as its width); lam: a scalar or one per prompt (delta mode);
         stop_tokens: one list, or one per prompt (default: the pair's EOS ids, or none).
         Every request is checked before any runs."""
+        return outputs(self.run_batch(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed,
+                                      stop_tokens=stop_tokens, row_ids=row_ids))
+
+    def run_batch(self, prompts, max_new_tokens, lam=None, sampling=Greedy(), seed: int = 0,
+                  stop_tokens=None, row_ids=None, budget: ThinkingBudget | None = None) -> list[Request]:
+        """`generate`'s work, returning the finished requests in prompt order."""
         b = len(prompts)
         if b == 0:
             raise InputError("prompts is empty")
@@ -343,15 +349,21 @@ class Engine:
         stops = stop_table(self.default_stops if stop_tokens is None else stop_tokens, b)
         row_ids = range(b) if row_ids is None else [int(r) for r in row_ids]
         reqs = [self.request(p, limits[i], lam=lams[i], sampling=sampling, seed=seed,
-                             stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i])
+                             stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i], budget=budget)
                 for i, p in enumerate(prompts)]
         for req in reqs:
             self.sched.add(req)
         self.run()
-        out = np.zeros((b, max(limits)), np.int32)
-        for i, req in enumerate(reqs):
+        for req in reqs:
             self.finished.pop(req.rid, None)
-            out[i, : len(req.generated)] = req.generated
-        return GenerateOutput(tokens=out, lengths=np.array([len(r.generated) for r in reqs], np.int32),
-                              finish_reasons=[r.finish_reason for r in reqs],
-                              cache_full=any(r.context_full for r in reqs))
+        return reqs
+
+
+def outputs(reqs: list[Request]) -> GenerateOutput:
+    """Finished requests as one GenerateOutput (width: the largest max_new_tokens)."""
+    out = np.zeros((len(reqs), max(r.max_new_tokens for r in reqs)), np.int32)
+    for i, req in enumerate(reqs):
+        out[i, : len(req.generated)] = req.generated
+    return GenerateOutput(tokens=out, lengths=np.array([len(r.generated) for r in reqs], np.int32),
+                          finish_reasons=[r.finish_reason for r in reqs],
+                          cache_full=any(r.context_full for r in reqs))

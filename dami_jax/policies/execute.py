@@ -9,14 +9,17 @@ from dami_jax.policies.base import Policy, PolicyResult
 
 
 def answer(pair, policy: Policy, prompts: list[list[int]], max_new_tokens: int, *,
-           sampling=Greedy(), seed: int = 0, mode: str = "delta") -> tuple[GenerateOutput, PolicyResult]:
-    """Run `policy` on the prompts and generate each at its λ (or with its thinking budget)."""
+           sampling=Greedy(), seed: int = 0, mode: str = "delta",
+           max_rows: int | None = None, kv_bytes: int | None = None) -> tuple[GenerateOutput, PolicyResult]:
+    """Run `policy` on the prompts and generate each at its λ (or with its thinking budget) on
+    the engine (max_rows, kv_bytes: its size, `engine.offline.sized_engine`)."""
     chosen = policy(prompts, pair)
     budget = getattr(policy, "thinking_budget", None)
+    kw = dict(mode=mode, sampling=sampling, seed=seed, max_rows=max_rows, kv_bytes=kv_bytes)
     if budget is not None:
         from dami_jax.policies.budget import generate_budget
 
-        out = generate_budget(pair, prompts, budget, max_new_tokens, sampling=sampling, seed=seed, mode=mode)
+        out = generate_budget(pair, prompts, budget, max_new_tokens, **kw)
     else:
-        out = generate_pair(pair, prompts, chosen.lam, max_new_tokens, mode=mode, sampling=sampling, seed=seed)
+        out = generate_pair(pair, prompts, chosen.lam, max_new_tokens, **kw)
     return out, chosen
