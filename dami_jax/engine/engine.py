@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dami_jax.config import ModelConfig
-from dami_jax.engine.pages import PageAllocator, PageRequestError, RaggedBatch
+from dami_jax.engine.pages import PageAllocator, PageRequestError
 from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler, ThinkingBudget
 from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, stop_table
