@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dami_jax.eval import run as eval_run
+from dami_jax.generate.sampling import Greedy, Sample
 from dami_jax.eval.pairs import expand_policy, load_pair_config, open_pair
 from dami_jax.policies import execute
 from dami_jax.policies.base import build_policy
@@ -112,3 +113,28 @@ def test_budget_policy_spec():
     assert np.all(policy([[1], [2]], None).lam == 1.0)
     with pytest.raises(ValueError, match="budget must be >= 1"):
         build_policy("budget:0")
+
+
+def test_greedy_instruct_rows_reuse_the_conf_probe(toy, monkeypatch):
+    cfg, pair = toy
+    policy = build_policy(expand_policy("routing", cfg), pair)
+    prompts = [L.to_ids(L.prompt_tokens(p)) for p in L.sample_problems(24, seed=9)]
+    calls = []
+
+    def counted(pair, prompts, lam, n, **kw):
+        calls.append(len(prompts))
+        return generate_pair(pair, prompts, lam, n, **kw)
+
+    monkeypatch.setattr(execute, "generate_pair", counted)
+    out, chosen = execute.answer(pair, policy, prompts, cfg.max_new_tokens, max_rows=8)
+    reused = [i for i, ids in enumerate(execute.reusable_answers(chosen, Greedy(), cfg.max_new_tokens))
+              if ids is not None]
+    assert reused and len(reused) < len(prompts)  # both kinds of rows are in the batch
+    assert all(chosen.lam[i] == 0.0 for i in reused) and calls == [len(prompts) - len(reused)]
+    want = generate_pair(pair, prompts, chosen.lam, cfg.max_new_tokens, max_rows=8)
+    assert out.token_lists() == want.token_lists() and out.finish_reasons == want.finish_reasons
+    np.testing.assert_array_equal(out.lengths, want.lengths)
+    # Sampled rows are generated: a probe is greedy.
+    calls.clear()
+    execute.answer(pair, policy, prompts, cfg.max_new_tokens, sampling=Sample(0.7), max_rows=8)
+    assert calls == [len(prompts)]

@@ -281,7 +281,7 @@ class Engine:
         for r, (req, _) in enumerate(plan):
             pages = alloc.pages(req.rid)
             page_table[r, : len(pages)] = pages
-        batch = dataclasses.replace(batch, page_table=page_table)
+        batch = dataclasses.replace(batch, page_table=page_table, decode_only=True)
         tokens_r = np.zeros(num_rows, np.int32)
         tokens_r[: len(plan)] = [req.tokens[-1] for req, _ in plan]
         steps_r = np.zeros(num_rows, np.int32)
@@ -322,7 +322,7 @@ class Engine:
                 batch = jax.tree.map(jnp.asarray, alloc.ragged_batch([], r, t))
                 _, self.pools = _step(self.cfg, self.params, self.pools, jnp.zeros(t, jnp.int32), batch, *rows)
             if self.decode_burst > 1:
-                batch = jax.tree.map(jnp.asarray, alloc.ragged_batch([], r, r))
+                batch = jax.tree.map(jnp.asarray, dataclasses.replace(alloc.ragged_batch([], r, r), decode_only=True))
                 _, self.pools = _burst(self.cfg, self.params, self.pools, zeros_i, batch, *rows, zeros_i,
                                        jnp.full((r, 4), -1, jnp.int32), length=self.decode_burst)
 

@@ -45,6 +45,12 @@ def load_problems(name: str, limit: int | None) -> list[Problem]:
     return load_benchmark(name, limit=limit)
 
 
+def eval_prompts(pair, pair_cfg: PairConfig, problems: list[Problem]) -> list[list[int]]:
+    """The token ids each problem is asked with (chat template, and the math instruction if set)."""
+    return [chat_prompt(pair.tokenizer, math_prompt(p.question) if pair_cfg.math_instruction else p.question)
+            for p in problems]
+
+
 def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str], *, samples: int = 1,
              out_dir: str, limit: int | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
     """Run and summarize; returns the result rows (one per benchmark × policy).
@@ -61,8 +67,7 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
     rows = []
     for bench in benches:
         problems = load_problems(bench, limit)
-        prompts = [chat_prompt(pair.tokenizer, math_prompt(p.question) if pair_cfg.math_instruction
-                               else p.question) for p in problems]
+        prompts = eval_prompts(pair, pair_cfg, problems)
         store = RecordStore(os.path.join(out_dir, f"records_{bench}.jsonl"))
         done = store.done_keys()
         for spec, policy in built.items():
