@@ -34,7 +34,7 @@ from dami_jax.engine.pages import PageAllocator, PageRequestError
 from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler, ThinkingBudget
 from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, stop_table
-from dami_jax.generate.sampling import Greedy, Sample, sample_rows, top_p_cut
+from dami_jax.generate.sampling import Greedy, Sample, sample_rows
 from dami_jax.interpolate import check_lam
 from dami_jax.models import qwen3
 
@@ -98,14 +98,6 @@ def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_
 
 
 _burst = jax.jit(_burst_impl, static_argnums=0, static_argnames="length", donate_argnums=2)
-
-
-def _sampling_row(sampling) -> tuple[float, int, float]:
-    if isinstance(sampling, Greedy):
-        return 0.0, 0, 0.0
-    if isinstance(sampling, Sample):
-        return sampling.temperature, sampling.top_k, float(top_p_cut(sampling.top_p))
-    raise InputError(f"sampling must be dj.Greedy() or dj.Sample(...), got {sampling!r}")
 
 
 class Engine:
@@ -185,7 +177,9 @@ class Engine:
             raise RequestRefused(f"request {rid}: delta-mode params need a λ per request")
         if not self.delta and lam is not None:
             raise RequestRefused(f"request {rid}: lam was given but params are not in delta mode")
-        temperature, top_k, cut = _sampling_row(sampling)
+        if not isinstance(sampling, (Greedy, Sample)):
+            raise InputError(f"sampling must be dj.Greedy() or dj.Sample(...), got {sampling!r}")
+        temperature, top_k, cut = sampling.settings()
         stops = self.default_stops if stop_tokens is None else stop_tokens
         req = Request(rid=rid, prompt=prompt, max_new_tokens=int(max_new_tokens),
                       lam=0.0 if lam is None else float(check_lam(lam)), temperature=temperature, top_k=top_k,
