@@ -1,9 +1,12 @@
-"""Decode throughput of `dj.generate` vs HF transformers `generate`, against the bandwidth roofline.
+"""Decode throughput of `dj.generate`, the engine and HF transformers `generate`, against the roofline.
 
 Both implementations run the same random weights (`dj.init_params` in the target
 dtype; HF loads them from a `dj.save_hf` copy), the same prompts (one random
 prompt of `--prompt-len` tokens per row, no padding), greedy decoding and no stop
-token, so every row generates exactly `--new-tokens` tokens.
+token, so every row generates exactly `--new-tokens` tokens. Runners: `dami_jax`
+(`dj.generate`: lock step over a dense cache), `engine` (one `dj.Engine` sized for the
+batch, `engine.offline.sized_engine`, reused across calls as a long-running user would:
+paged KV, decode bursts of `decode_burst` steps per device call) and `hf`.
 
 Method (decode separated from prefill and compilation):
   * warm-up: one call with N = --new-tokens and one with N = 1 (compiles both
@@ -86,11 +89,18 @@ def time_decode(runners: dict, new_tokens: int, repeats: int, batch: int) -> dic
     return out
 
 
-def jax_runner(cfg, params, prompts):
+def jax_runner(cfg, params, prompts, engine_for: int | None = None):
+    """dj.generate, or (engine_for = the longest new-token count) one engine reused by every call."""
     import dami_jax as dj
+    from dami_jax.engine.offline import sized_engine
+
+    if engine_for is None:
+        generate = lambda n: dj.generate(cfg, params, prompts, n, stop_tokens=[])  # noqa: E731
+    else:
+        generate = sized_engine(cfg, params, prompts, engine_for).generate
 
     def run(n):
-        out = dj.generate(cfg, params, prompts, n, stop_tokens=[])
+        out = generate(prompts, n, stop_tokens=[]) if engine_for else generate(n)
         if not (out.lengths == n).all():
             raise RuntimeError(f"expected {n} tokens per row, got lengths {out.lengths.tolist()}")
         return out.tokens
@@ -212,13 +222,16 @@ def run_all(args, cfg, batches: list[int], hf_device: str | None) -> tuple[list[
     results = []
     for b in batches:
         prompts = rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist()
-        runners = {"dami_jax": jax_runner(cfg, params, prompts)}
+        runners = {"dami_jax": jax_runner(cfg, params, prompts),
+                   "engine": jax_runner(cfg, params, prompts, engine_for=args.new_tokens)}
         if hf_model is not None:
             runners["hf"] = hf_runner(hf_model, prompts, hf_device)
         log(f"batch {b}: {', '.join(runners)}")
         timed = time_decode(runners, args.new_tokens, args.repeats, b)
         ours = timed["dami_jax"]
         results.append(dict(impl="dami_jax", batch=b, kv_bytes_per_step=b * kv_bytes_per_row, **ours))
+        results.append(dict(impl="engine", batch=b, agreement=agreement(ours["tokens"], timed["engine"]["tokens"]),
+                            **timed["engine"]))
         if "hf" in timed:
             results.append(dict(impl="hf", batch=b, agreement=agreement(ours["tokens"], timed["hf"]["tokens"]),
                                 **timed["hf"]))
@@ -233,17 +246,20 @@ def report(args, backend: str, results: list[dict], weights: dict, bw: dict, loa
     roofline_step = weights["bytes"] / bw[bw_method]
     nominal = _common.H100_SXM_NOMINAL_BYTES_S if backend == "gpu" else None
     hf_rate = {r["batch"]: r["batch"] / r["step_s"] for r in results if r["impl"] == "hf"}
-    columns = ["impl", "batch", "prefill+1 tok s", "decode ms/step", "decode tok/s", "x HF", "of roofline"]
+    lockstep_step = {r["batch"]: r["step_s"] for r in results if r["impl"] == "dami_jax"}
+    columns = ["impl", "batch", "prefill+1 tok s", "decode ms/step", "decode tok/s", "x HF", "x dj.generate",
+               "of roofline"]
     columns += ["of nominal"] if nominal else []
     rows = []
     for r in results:
         r["tok_s"] = r["batch"] / r["step_s"]
         r["per_row_tok_s"] = 1.0 / r["step_s"]
         r["vs_hf"] = r["tok_s"] / hf_rate[r["batch"]] if r["batch"] in hf_rate else None
+        r["vs_lockstep"] = lockstep_step[r["batch"]] / r["step_s"]
         r["roofline_fraction"] = roofline_step / r["step_s"]
         r["nominal_roofline_fraction"] = weights["bytes"] / nominal / r["step_s"] if nominal else None
         rows.append([r["impl"], r["batch"], r["prefill_s"], 1e3 * r["step_s"], r["tok_s"], r["vs_hf"],
-                     r["roofline_fraction"]] + ([r["nominal_roofline_fraction"]] if nominal else []))
+                     r["vs_lockstep"], r["roofline_fraction"]] + ([r["nominal_roofline_fraction"]] if nominal else []))
     notes = [
         f"weights read per step: {weights['bytes'] / 1e9:.3f} GB ({weights['params'] / 1e6:.0f}M params, "
         f"{args.dtype}; all layers + final norm + tied embedding once as lm_head)",
@@ -259,7 +275,8 @@ def report(args, backend: str, results: list[dict], weights: dict, bw: dict, loa
     for r in results:
         if "agreement" in r:
             a = r["agreement"]
-            notes.append(f"batch {r['batch']} tokens vs HF: {a['token_match']:.0%} equal, "
+            notes.append(f"batch {r['batch']} {r['impl']} tokens vs {'HF' if r['impl'] == 'hf' else 'dj.generate'}: "
+                         f"{a['token_match']:.0%} equal, "
                          f"{a['rows_identical']:.0%} rows identical (random weights: near-ties may diverge)")
     env = _common.environment()
     _common.print_table(f"Decode throughput: {args.preset} {args.dtype}, {args.new_tokens} new tokens, "

@@ -7,25 +7,15 @@ stop token included), built once per model; this script times every runner on ev
 workload in one process, interleaved, and prints one table of ratios between workloads.
 
 Runners shipped:
-- `lockstep`: today's path, `dj.generate` over a dense cache (what `dj.generate_pair` runs in
-  delta mode; the pair's λ per row). Requests go in order in chunks of `rows`; each chunk
-  runs to its longest request (its max_new_tokens is the chunk's largest, each row cut
-  at its own), which is exactly what lock step costs.
+- `lockstep`: `dj.generate` over a dense cache (what `dj.generate_pair` ran in delta mode
+  before the engine; the pair's λ per row). Requests go in order in chunks of `rows`;
+  each chunk runs to its longest request (its max_new_tokens is the chunk's largest, each
+  row cut at its own), which is exactly what lock step costs.
+- `engine`: `dj.Engine` (paged KV, continuous batching, decode bursts), at most `rows`
+  rows at once.
 - `hf_cb`: transformers' continuous batching (the manager under `model.generate_batch`,
   paged cache, `sdpa` attention, CPU), greedy only, single model (no λ): the peer.
-
-The engine plugs in as one more runner, e.g.
-
-    def engine_runner(cfg, params):
-        engine = dj.Engine(cfg, params, max_rows=..., ...)
-        def run(work: Workload) -> list[np.ndarray]:
-            ...submit work.requests (prompt, max_new_tokens, stop_tokens, lam, row_id as the
-            sampling row id; work.sampling, work.seed), at most work.rows at once; return
-            each request's tokens in request order
-        return run
-
-added to `make_runners` under the name "engine"; every case then reports it next to
-"lockstep" (a runner that cannot serve a workload raises `Unsupported`; it shows as "-").
+A runner that cannot serve a workload raises `Unsupported`; it shows as "-".
 
 How a row "stops by its Nth token" on random weights: greedy random models repeat one
 token forever, so no stop id can mark step N. Most workloads give each request its own

@@ -54,13 +54,20 @@ class ModelConfig:
     # Execution, not architecture (static under jit, not exported to HF):
     # layout "cpu" (XLA:CPU-tuned cache and dots), "readable" (einsums, (B, S, K, H)
     # cache) or "auto" (cpu on the CPU backend, else readable; models/kv_cache.resolve_layout);
-    # scan_layers: the layer loop as one lax.scan over stacked params (qwen3.stack_layers).
+    # scan_layers: the layer loop as one lax.scan over stacked params (qwen3.stack_layers);
+    # paged_attention: the engine's attention in decode bursts, "xla" or a decode-only Pallas
+    # kernel, "pallas_tpu" / "pallas_gpu" (engine/paged_attention.py; steps with prefill
+    # chunks always take the XLA path, the kernels being decode-only).
     layout: str = "auto"
     scan_layers: bool = False
+    paged_attention: str = "xla"
 
     def __post_init__(self):
         if self.layout not in ("auto", "cpu", "readable"):
             raise ConfigError(f"layout={self.layout!r}: expected 'auto', 'cpu' or 'readable'")
+        if self.paged_attention not in ("xla", "pallas_tpu", "pallas_gpu"):
+            raise ConfigError(f"paged_attention={self.paged_attention!r}: expected 'xla', 'pallas_tpu' or "
+                              "'pallas_gpu'")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} must be a multiple of "
@@ -95,7 +102,7 @@ class ModelConfig:
 
     def architecture_fields(self) -> dict[str, Any]:
         """Fields that fix shapes and semantics (not the context length or execution fields)."""
-        skip = {"max_position_embeddings", "layout", "scan_layers"}
+        skip = {"max_position_embeddings", "layout", "scan_layers", "paged_attention"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     @classmethod

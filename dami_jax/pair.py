@@ -2,9 +2,11 @@
 
 `generate_pair` runs a batch mixing any λ values in one of two modes that give
 the same tokens: `delta` (params (Θ_I, Δ), every row its own λ, 2× weight
-bytes per step) or `merged` (Θ(λ) materialized; K distinct λ become a vmapped
-stack of K models, rows grouped by λ). `sweep` runs a λ grid on one batch of
-prompts as one compiled program.
+bytes per step), on the paged engine (continuous batching: a row costs the
+tokens it generates, not the batch's longest); or `merged` (Θ(λ) materialized; K
+distinct λ become a vmapped stack of K models, rows grouped by λ, in lock step
+over a dense cache: the simple reference). `sweep` runs a λ grid on one batch of
+prompts as rows of one engine, each with its λ.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import numpy as np
 
 from dami_jax.checkpoint.hf import load_hf, resolve_model_dir
+from dami_jax.engine.engine import outputs
+from dami_jax.engine.offline import sized_engine
 from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, generate, generate_stacked
@@ -92,16 +96,27 @@ def load_pair(instruct: str | os.PathLike, thinking: str | os.PathLike, dtype="f
 
 def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens: int, *,
                   mode: str = "delta", sampling=Greedy(), seed: int = 0, stop_tokens=None,
-                  max_cache: int | None = None) -> GenerateOutput:
-    """Generate each prompt at its own λ (lam: a scalar or one value per prompt)."""
+                  max_cache: int | None = None, max_rows: int | None = None,
+                  kv_bytes: int | None = None) -> GenerateOutput:
+    """Generate each prompt at its own λ (lam: a scalar or one value per prompt).
+
+    max_cache: tokens one sequence may hold, prompt included (default: the model's context);
+    a row that reaches it ends with "length" and sets `cache_full`. In delta mode it is a
+    capacity, not a cost. max_rows, kv_bytes: the engine's rows at once and KV pool (delta
+    mode; `engine.offline.sized_engine`).
+    """
     b = len(prompts)
     lam = np.broadcast_to(check_lam(lam), (b,)) if np.ndim(lam) == 0 else check_lam(lam)
     if lam.shape != (b,):
         raise ValueError(f"lam has {lam.shape[0]} values for {b} prompts")
     stops = pair.stop_tokens if stop_tokens is None else stop_tokens
-    kw = dict(sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
     if mode == "delta":
-        return generate(pair.cfg, pair.delta, prompts, max_new_tokens, lam=lam, **kw)
+        if not prompts:
+            raise InputError("prompts is empty")
+        engine = sized_engine(pair, None, prompts, max_new_tokens, max_cache=max_cache, max_rows=max_rows,
+                              kv_bytes=kv_bytes)
+        return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed, stop_tokens=stops)
+    kw = dict(sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
     if mode != "merged":
         raise ValueError(f"mode must be 'delta' or 'merged', got {mode!r}")
     values = sorted(set(lam.tolist()))
@@ -116,26 +131,23 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
 
 def sweep(pair: ModelPair, prompts: list[list[int]], lams, max_new_tokens: int, *,
           sampling=Greedy(), seed: int = 0, stop_tokens=None, max_cache: int | None = None,
-          models_per_call: int | None = None) -> list[GenerateOutput]:
-    """Every prompt at every λ of the grid, as one vmapped program over K merged models.
-
-    models_per_call caps how many merged models are stacked at once (K copies of
-    the weights must fit in memory); the grid then runs in chunks of that size.
-    The output is the same either way: a row's draws depend on (seed, row, step) only.
-    """
+          max_rows: int | None = None, kv_bytes: int | None = None) -> list[GenerateOutput]:
+    """Every prompt at every λ of the grid: one output per λ, row i of each sampled with row id i
+    (as separate `generate_pair` calls would). All (λ, prompt) rows share one engine in delta
+    mode: 2x the weight bytes whatever the grid's size, not one model per λ."""
     lams = check_lam(lams, what="lam grid")
     if lams.ndim != 1 or lams.size == 0:
         raise ValueError("the λ grid must be a non-empty 1-D list")
-    if models_per_call is not None and models_per_call < 1:
-        raise ValueError(f"models_per_call must be >= 1 or None (all at once), got {models_per_call}")
+    if not prompts:
+        raise InputError("prompts is empty")
     stops = pair.stop_tokens if stop_tokens is None else stop_tokens
-    step = lams.size if models_per_call is None else models_per_call
-    outs = []
-    for i in range(0, lams.size, step):
-        chunk = lams[i: i + step]
-        outs += generate_stacked(pair.cfg, pair.merged(chunk), [list(prompts)] * chunk.size, max_new_tokens,
-                                 sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
-    return outs
+    b = len(prompts)
+    rows = [list(p) for p in prompts] * lams.size
+    engine = sized_engine(pair, None, rows, max_new_tokens, max_cache=max_cache, max_rows=max_rows,
+                          kv_bytes=kv_bytes)
+    reqs = engine.run_batch(rows, max_new_tokens, lam=np.repeat(lams, b), sampling=sampling, seed=seed,
+                            stop_tokens=stops, row_ids=list(range(b)) * lams.size)
+    return [outputs(reqs[k * b: (k + 1) * b]) for k in range(lams.size)]
 
 
 def _scatter(outs: list[GenerateOutput], rows: list[list[int]], b: int, n: int) -> GenerateOutput:

@@ -1,4 +1,5 @@
-"""dj.Engine against today's lock-step generator (generate_pair / generate, HF-exact).
+"""dj.Engine against the lock-step generator (`generate.decode.generate` over a dense cache,
+HF-exact; `lockstep` below runs it on the pair's delta params as generate_pair once did).
 
 Pairs of tiny random checkpoints (dense and MoE) in delta mode, a different λ per row,
 prompts of different lengths, more requests than rows, prompts longer than a step's token
@@ -7,12 +8,15 @@ budget (chunked prefill), a pool small enough to force preemption, and reserve m
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import dami_jax as dj
 from helpers import random_prompts
 from dami_jax.engine.scheduler import RequestRefused
+from dami_jax.generate.decode import generate as lockstep_generate
 
 LAMS = np.array([0.0, 0.3, 0.55, 0.8, 1.0, 0.3, 0.1, 0.9], np.float32)
 LENGTHS = [5, 9, 3, 12, 7, 4, 20, 2]
@@ -33,7 +37,12 @@ def prompts(pair):
 
 @pytest.fixture(scope="module")
 def want(pair, prompts):
-    return dj.generate_pair(pair, prompts, LAMS, NEW)
+    return lockstep(pair, prompts, LAMS, NEW)
+
+
+def lockstep(pair, prompts, lam, n, **kw):
+    kw.setdefault("stop_tokens", pair.stop_tokens)
+    return lockstep_generate(pair.cfg, pair.delta, prompts, n, lam=np.broadcast_to(lam, (len(prompts),)), **kw)
 
 
 def _assert_same(got, want):
@@ -79,7 +88,7 @@ def test_stop_tokens_per_row(pair, prompts, want):
     # Stop each row at its own 4th token (and row 1 never: an id it does not produce).
     stops = [[int(want.tokens[i, 3])] for i in range(len(prompts))]
     stops[1] = [pair.cfg.vocab_size - 1] if pair.cfg.vocab_size - 1 not in want.tokens[1] else []
-    ref = dj.generate_pair(pair, prompts, LAMS, NEW, stop_tokens=stops)
+    ref = lockstep(pair, prompts, LAMS, NEW, stop_tokens=stops)
     got = dj.Engine(pair, num_pages=64, **SMALL).generate(prompts, NEW, lam=LAMS, stop_tokens=stops)
     _assert_same(got, ref)
     assert got.finish_reasons[1] == "length" and got.finish_reasons.count("stop") == len(prompts) - 1
@@ -87,7 +96,7 @@ def test_stop_tokens_per_row(pair, prompts, want):
 
 def test_sampled_tokens_reproducible_and_independent_of_the_batch(pair, prompts):
     sampling = dj.Sample(temperature=0.9, top_k=20, top_p=0.95)
-    ref = dj.generate_pair(pair, prompts, LAMS, NEW, sampling=sampling, seed=7)
+    ref = lockstep(pair, prompts, LAMS, NEW, sampling=sampling, seed=7)
     eng = dj.Engine(pair, num_pages=64, **SMALL)
     got = eng.generate(prompts, NEW, lam=LAMS, sampling=sampling, seed=7)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
@@ -153,5 +162,15 @@ def test_context_end_is_reported_as_length(pair, prompts):
     eng = dj.Engine(pair, num_pages=64, page_size=4, max_context=16)
     got = eng.generate([prompts[3]], NEW, lam=0.5)  # 12 tokens: 4 fit before the context ends
     assert got.lengths.tolist() == [4] and got.finish_reasons == ["length"] and got.cache_full
-    ref = dj.generate_pair(pair, [prompts[3]], 0.5, 4)
+    ref = lockstep(pair, [prompts[3]], 0.5, 4)
     np.testing.assert_array_equal(got.tokens[:, :4], ref.tokens)
+
+
+def test_decode_bursts_with_the_pallas_gpu_kernel_equal_generate_pair(pair, prompts, want):
+    """The kernel (Pallas's interpreter on the CPU) in decode bursts, XLA in prefill steps."""
+    if pair.cfg.num_experts:
+        pytest.skip("one architecture is enough: the kernel sees only attention")
+    kernel_pair = dataclasses.replace(pair, cfg=dataclasses.replace(pair.cfg, paged_attention="pallas_gpu"))
+    eng = dj.Engine(kernel_pair, num_pages=64, **SMALL)
+    _assert_same(eng.generate(prompts, NEW, lam=LAMS), want)
+    assert eng.stats["calls"] < eng.stats["steps"]

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from dami_jax.eval import run as eval_run
+from dami_jax.generate.sampling import Greedy, Sample
 from dami_jax.eval.pairs import expand_policy, load_pair_config, open_pair
 from dami_jax.policies import execute
 from dami_jax.policies.base import build_policy
+from dami_jax.pair import generate_pair
 from dami_jax.policies.budget import generate_budget, think_end_ids
 from dami_jax.toyworld import language as L
 
@@ -64,6 +66,38 @@ def test_budget_cuts_thinking_and_forces_the_answer(toy):
     assert cut.finish_reasons == ["stop", "stop"]
 
 
+def _two_pass_budget(pair, prompts, budget, max_new_tokens):
+    """The simple reference: lock-step λ = 1 up to the budget (stopping at EOS or </think>),
+    the cut forced on the host, then a second lock-step call for the rest."""
+    end_id, forced = think_end_ids(pair.tokenizer)
+    stops = pair.stop_tokens
+    first = generate_pair(pair, prompts, 1.0, min(budget, max_new_tokens), mode="merged",
+                          stop_tokens=stops + [end_id]).token_lists()
+    rows, pending = [], []
+    for i, head in enumerate(first):
+        if not (head and head[-1] in stops):
+            if not (head and head[-1] == end_id):
+                head = (head + forced)[:max_new_tokens]
+            if len(head) < max_new_tokens:
+                pending.append(i)
+        rows.append(head)
+    if pending:  # greedy: a row's tokens do not depend on how far past its own limit the batch runs
+        room = max_new_tokens - min(len(rows[i]) for i in pending)
+        tails = generate_pair(pair, [prompts[i] + rows[i] for i in pending], 1.0, room, mode="merged")
+        for i, tail in zip(pending, tails.token_lists()):
+            rows[i] = rows[i] + tail[: max_new_tokens - len(rows[i])]
+    return rows
+
+
+def test_budget_equals_the_two_pass_reference(toy):
+    _, pair = toy
+    problems = L.sample_problems(10, seed=5)
+    prompts = [L.to_ids(L.prompt_tokens(p)) for p in problems]
+    for budget in (4, 12):
+        got = generate_budget(pair, prompts, budget, 40, max_rows=5)
+        assert got.token_lists() == _two_pass_budget(pair, prompts, budget, 40), budget
+
+
 def test_policy_specs_expand_to_the_pairs_artifacts(toy):
     cfg, _ = toy
     cfg = type(cfg)(**{**cfg.__dict__, "conf_calibration": "cal.json", "pref_model": "rm"})
@@ -79,3 +113,28 @@ def test_budget_policy_spec():
     assert np.all(policy([[1], [2]], None).lam == 1.0)
     with pytest.raises(ValueError, match="budget must be >= 1"):
         build_policy("budget:0")
+
+
+def test_greedy_instruct_rows_reuse_the_conf_probe(toy, monkeypatch):
+    cfg, pair = toy
+    policy = build_policy(expand_policy("routing", cfg), pair)
+    prompts = [L.to_ids(L.prompt_tokens(p)) for p in L.sample_problems(24, seed=9)]
+    calls = []
+
+    def counted(pair, prompts, lam, n, **kw):
+        calls.append(len(prompts))
+        return generate_pair(pair, prompts, lam, n, **kw)
+
+    monkeypatch.setattr(execute, "generate_pair", counted)
+    out, chosen = execute.answer(pair, policy, prompts, cfg.max_new_tokens, max_rows=8)
+    reused = [i for i, ids in enumerate(execute.reusable_answers(chosen, Greedy(), cfg.max_new_tokens))
+              if ids is not None]
+    assert reused and len(reused) < len(prompts)  # both kinds of rows are in the batch
+    assert all(chosen.lam[i] == 0.0 for i in reused) and calls == [len(prompts) - len(reused)]
+    want = generate_pair(pair, prompts, chosen.lam, cfg.max_new_tokens, max_rows=8)
+    assert out.token_lists() == want.token_lists() and out.finish_reasons == want.finish_reasons
+    np.testing.assert_array_equal(out.lengths, want.lengths)
+    # Sampled rows are generated: a probe is greedy.
+    calls.clear()
+    execute.answer(pair, policy, prompts, cfg.max_new_tokens, sampling=Sample(0.7), max_rows=8)
+    assert calls == [len(prompts)]

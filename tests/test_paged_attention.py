@@ -159,6 +159,8 @@ def test_pallas_decode_kernels_in_interpret_mode_equal_xla(impl):
     xla, want, args = scene.step([("a", 1), ("b", 1), ("c", 1), ("none", 0)], num_rows=4, num_tokens=4,
                                  pages_per_block=2)
     np.testing.assert_allclose(xla[:3], want[:3], atol=1e-5, rtol=0)
+    # The decode-only XLA program (no prefill pass) gives the same numbers.
+    np.testing.assert_array_equal(np.asarray(paged_attention(*args, pages_per_block=2, decode_only=True)), xla)
     got = np.asarray(paged_attention(*args, impl=impl, pages_per_block=2, interpret=True))
     assert np.isfinite(got).all() and np.all(got[3] == 0)
     if impl == "pallas_tpu":

@@ -94,16 +94,16 @@ def test_sweep_equals_separate_merged_runs(tp):
         np.testing.assert_array_equal(out.lengths, one.lengths)
 
 
-def test_sweep_in_chunks_of_models_equals_one_call(tp):
+def test_sweep_in_waves_of_rows_equals_one_wave(tp):
     lams = [0.0, 0.3, 0.6, 1.0, 0.45]
     sampling = dj.Sample(0.8, top_k=5)
     whole = sweep(tp.pair, tp.prompts[:3], lams, NEW, sampling=sampling, seed=3)
-    chunked = sweep(tp.pair, tp.prompts[:3], lams, NEW, sampling=sampling, seed=3, models_per_call=2)
+    chunked = sweep(tp.pair, tp.prompts[:3], lams, NEW, sampling=sampling, seed=3, max_rows=2)
     assert len(chunked) == len(lams)
     for lam, a, b in zip(lams, whole, chunked):
         np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=f"λ={lam}")
-    with pytest.raises(ValueError, match="models_per_call"):
-        sweep(tp.pair, tp.prompts[:3], lams, NEW, models_per_call=0)
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        sweep(tp.pair, tp.prompts[:3], lams, NEW, max_rows=0)
 
 
 def test_bad_lam_is_refused(tp):

@@ -7,7 +7,10 @@
 - scheduler.py: continuous batching on the host: requests, the rows and tokens of each
   step (decode first, chunked prefill, admission by pages), preemption or reservation.
 - engine.py: `Engine` (dj.Engine): the pools, the jitted step (models/qwen3.paged_step and
-  per-row sampling) over a small ladder of shapes, and submit / step / poll / generate.
+  per-row sampling) over a small ladder of shapes, decode bursts, and submit / step / poll /
+  generate.
+- offline.py: an engine sized for one batch (what generate_pair, sweep and the thinking
+  budget run).
 
 One step, as a scheduler drives it:
     alloc.extend(seq, q_len) for each row        # pages as needed; OutOfPages -> preempt, retry

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dami_jax.config import ModelConfig
-from dami_jax.engine.pages import PageAllocator, PageRequestError, RaggedBatch
+from dami_jax.engine.pages import PageAllocator, PageRequestError
 from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler, ThinkingBudget
 from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, stop_table
-from dami_jax.generate.sampling import Greedy, Sample, sample_rows, top_p_cut
+from dami_jax.generate.sampling import Greedy, Sample, sample_rows
 from dami_jax.interpolate import check_lam
 from dami_jax.models import qwen3
 
@@ -98,14 +98,6 @@ def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_
 
 
 _burst = jax.jit(_burst_impl, static_argnums=0, static_argnames="length", donate_argnums=2)
-
-
-def _sampling_row(sampling) -> tuple[float, int, float]:
-    if isinstance(sampling, Greedy):
-        return 0.0, 0, 0.0
-    if isinstance(sampling, Sample):
-        return sampling.temperature, sampling.top_k, float(top_p_cut(sampling.top_p))
-    raise InputError(f"sampling must be dj.Greedy() or dj.Sample(...), got {sampling!r}")
 
 
 class Engine:
@@ -185,7 +177,9 @@ class Engine:
             raise RequestRefused(f"request {rid}: delta-mode params need a λ per request")
         if not self.delta and lam is not None:
             raise RequestRefused(f"request {rid}: lam was given but params are not in delta mode")
-        temperature, top_k, cut = _sampling_row(sampling)
+        if not isinstance(sampling, (Greedy, Sample)):
+            raise InputError(f"sampling must be dj.Greedy() or dj.Sample(...), got {sampling!r}")
+        temperature, top_k, cut = sampling.settings()
         stops = self.default_stops if stop_tokens is None else stop_tokens
         req = Request(rid=rid, prompt=prompt, max_new_tokens=int(max_new_tokens),
                       lam=0.0 if lam is None else float(check_lam(lam)), temperature=temperature, top_k=top_k,
@@ -281,7 +275,7 @@ class Engine:
         for r, (req, _) in enumerate(plan):
             pages = alloc.pages(req.rid)
             page_table[r, : len(pages)] = pages
-        batch = dataclasses.replace(batch, page_table=page_table)
+        batch = dataclasses.replace(batch, page_table=page_table, decode_only=True)
         tokens_r = np.zeros(num_rows, np.int32)
         tokens_r[: len(plan)] = [req.tokens[-1] for req, _ in plan]
         steps_r = np.zeros(num_rows, np.int32)
@@ -322,7 +316,7 @@ class Engine:
                 batch = jax.tree.map(jnp.asarray, alloc.ragged_batch([], r, t))
                 _, self.pools = _step(self.cfg, self.params, self.pools, jnp.zeros(t, jnp.int32), batch, *rows)
             if self.decode_burst > 1:
-                batch = jax.tree.map(jnp.asarray, alloc.ragged_batch([], r, r))
+                batch = jax.tree.map(jnp.asarray, dataclasses.replace(alloc.ragged_batch([], r, r), decode_only=True))
                 _, self.pools = _burst(self.cfg, self.params, self.pools, zeros_i, batch, *rows, zeros_i,
                                        jnp.full((r, 4), -1, jnp.int32), length=self.decode_burst)
 
@@ -335,6 +329,12 @@ class Engine:
         (tokens then has the largest as its width); lam: a scalar or one per prompt (delta mode);
         stop_tokens: one list, or one per prompt (default: the pair's EOS ids, or none).
         Every request is checked before any runs."""
+        return outputs(self.run_batch(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed,
+                                      stop_tokens=stop_tokens, row_ids=row_ids))
+
+    def run_batch(self, prompts, max_new_tokens, lam=None, sampling=Greedy(), seed: int = 0,
+                  stop_tokens=None, row_ids=None, budget: ThinkingBudget | None = None) -> list[Request]:
+        """`generate`'s work, returning the finished requests in prompt order."""
         b = len(prompts)
         if b == 0:
             raise InputError("prompts is empty")
@@ -343,15 +343,21 @@ class Engine:
         stops = stop_table(self.default_stops if stop_tokens is None else stop_tokens, b)
         row_ids = range(b) if row_ids is None else [int(r) for r in row_ids]
         reqs = [self.request(p, limits[i], lam=lams[i], sampling=sampling, seed=seed,
-                             stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i])
+                             stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i], budget=budget)
                 for i, p in enumerate(prompts)]
         for req in reqs:
             self.sched.add(req)
         self.run()
-        out = np.zeros((b, max(limits)), np.int32)
-        for i, req in enumerate(reqs):
+        for req in reqs:
             self.finished.pop(req.rid, None)
-            out[i, : len(req.generated)] = req.generated
-        return GenerateOutput(tokens=out, lengths=np.array([len(r.generated) for r in reqs], np.int32),
-                              finish_reasons=[r.finish_reason for r in reqs],
-                              cache_full=any(r.context_full for r in reqs))
+        return reqs
+
+
+def outputs(reqs: list[Request]) -> GenerateOutput:
+    """Finished requests as one GenerateOutput (width: the largest max_new_tokens)."""
+    out = np.zeros((len(reqs), max(r.max_new_tokens for r in reqs)), np.int32)
+    for i, req in enumerate(reqs):
+        out[i, : len(req.generated)] = req.generated
+    return GenerateOutput(tokens=out, lengths=np.array([len(r.generated) for r in reqs], np.int32),
+                          finish_reasons=[r.finish_reason for r in reqs],
+                          cache_full=any(r.context_full for r in reqs))

@@ -50,7 +50,8 @@ def write_kv(k_pool: jax.Array, v_pool: jax.Array, k_tkh: jax.Array, v_tkh: jax.
 
 
 def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q_lens: jax.Array,
-                    kv_lens: jax.Array, page_table: jax.Array, *, impl: str = "xla", q_block: int = 32,
+                    kv_lens: jax.Array, page_table: jax.Array, *, impl: str = "xla", decode_only: bool = False,
+                    q_block: int = 32,
                     pages_per_block: int = 8, items_per_chunk: int = 8, interpret: bool = False) -> jax.Array:
     """(T, Hq, H) attention output of the flat queries q_thd (T, Hq, H), Hq = G·K, scaled by H^-1/2.
 
@@ -61,6 +62,8 @@ def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q
     a prefill row (decode rows always take items of one query), pages per item, items per loop
     step. The defaults were among the fastest tried on CPU (decode: benchmarks/paged_attention.py;
     a 512-token prefill chunk beside 7 decode rows: q_block 16-32 took 0.07-0.15 s, 1 took 1.0 s).
+    decode_only: the caller promises every row has at most one query: the XLA path then
+    compiles only its decode pass.
     interpret: run a Pallas kernel in Pallas's interpreter (CPU tests); the XLA path ignores it.
     jax's TPU kernel reads pages as bfloat16 (it casts them after loading), so it matches the
     XLA path over bf16-rounded pools, not float32 ones.
@@ -76,7 +79,7 @@ def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q
                          f"R + 1 and R rows for kv_lens {kv_lens.shape}")
     q_thd = q_thd * jnp.asarray(h ** -0.5, q_thd.dtype)  # the kernels take no scale: pre-scale q
     if impl == "xla":
-        return _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table,
+        return _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, decode_only=decode_only,
                     q_block=q_block, pages_per_block=pages_per_block, items_per_chunk=items_per_chunk)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -93,7 +96,7 @@ def paged_attention(q_thd: jax.Array, k_pool: jax.Array, v_pool: jax.Array, cu_q
 # XLA path
 
 
-def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, pages_per_block,
+def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, decode_only, q_block, pages_per_block,
          items_per_chunk):
     kh, _, _, h = k_pool.shape
     t, hq, _ = q_thd.shape
@@ -106,6 +109,7 @@ def _xla(q_thd, k_pool, v_pool, cu_q_lens, kv_lens, page_table, *, q_block, page
     # wide block would pay for q_block queries (3x slower at 32, decode on CPU). The passes
     # touch disjoint tokens; a pass with no rows runs no loop step.
     passes = ((q_lens == 1, 1, min(t, r)), (q_lens > 1, q_block, min(t, t // q_block + r)))
+    passes = passes[:1] if decode_only else passes
     for rows, bq, num_qb in passes:  # num_qb: a static bound, as every block holds >= 1 token
         acc = _fold_items(acc, q_thd.reshape(t, kh, g, h).swapaxes(0, 1), k_pool, v_pool, cu_q_lens,
                           jnp.where(rows, q_lens, 0), q_lens, kv_lens, page_table, bq=bq, num_qb=num_qb,

@@ -56,10 +56,14 @@ class RaggedBatch:
     slot_ids: np.ndarray  # (T,) flat slot page·page_size + offset of each new token
     positions: np.ndarray  # (T,) each token's position in its sequence (RoPE); 0 for padding
     token_rows: np.ndarray  # (T,) each token's row (per-row λ, sampling); R for padding
+    decode_only: bool = False  # static: every row has one query (lets attention skip the prefill pass)
 
 
-# A pytree, so a step's metadata enters the jitted model step as one argument (as device arrays).
-jax.tree_util.register_dataclass(RaggedBatch)
+# A pytree, so a step's metadata enters the jitted model step as one argument (as device arrays);
+# decode_only is part of the structure, so it selects a program rather than being traced.
+jax.tree_util.register_dataclass(
+    RaggedBatch, data_fields=["cu_q_lens", "kv_lens", "page_table", "slot_ids", "positions", "token_rows"],
+    meta_fields=["decode_only"])
 
 
 class PageAllocator:

@@ -23,11 +23,16 @@ class PairConfig:
     dtype: str = "bfloat16"
     tokenizer: str = "thinking"
     max_new_tokens: int = 32768
-    batch_size: int = 64
+    batch_size: int = 64  # engine rows at once
+    kv_gb: float | None = None  # the engine's KV pool (GB); None: batch_size rows at full length, reserved
     conf_calibration: str | None = None
     pref_model: str | None = None
     mesh: tuple[int, ...] = (1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     math_instruction: bool = True  # append the boxed-answer instruction to questions
+
+    def engine_size(self) -> dict:
+        """The engine's size as `generate_pair` takes it (max_rows, kv_bytes)."""
+        return dict(max_rows=self.batch_size, kv_bytes=None if self.kv_gb is None else int(self.kv_gb * 2**30))
 
 
 def toy_pair_config() -> PairConfig:

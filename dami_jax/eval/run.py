@@ -2,7 +2,10 @@
 
 Per-sample records go to `OUT/records_<bench>.jsonl` as they are produced, so an
 interrupted run resumes where it stopped and a finished one can be re-scored
-without generating again. Outputs: one table per benchmark, `results.json`,
+without generating again. Each policy runs on the engine, `batch_size` rows at a
+time, on chunks of SAVE_EVERY × batch_size prompts (a chunk's records are saved
+together); a policy's `seconds` is its wall time over the chunks, its λ choice
+(Conf's scoring pass, Pref's features) included. Outputs: one table per benchmark, `results.json`,
 `results.csv` and `pareto_<bench>.png`.
 """
 
@@ -22,6 +25,7 @@ from dami_jax.eval.records import RecordStore, make_record
 from dami_jax.generate.chat import chat_prompt
 from dami_jax.generate.sampling import THINKING_DEFAULT, Greedy
 
+SAVE_EVERY = 4  # engine-fulls of prompts per saved chunk: a straggler tail per save buys resumability
 REFERENCE = "static:1"  # speed-up and token ratios are against the Thinking model
 COLUMNS = ("policy", "accuracy", "mean_tokens", "median_tokens", "think_share", "token_ratio",
            "seconds", "tokens_per_s", "speedup", "lam_mean")
@@ -41,12 +45,18 @@ def load_problems(name: str, limit: int | None) -> list[Problem]:
     return load_benchmark(name, limit=limit)
 
 
+def eval_prompts(pair, pair_cfg: PairConfig, problems: list[Problem]) -> list[list[int]]:
+    """The token ids each problem is asked with (chat template, and the math instruction if set)."""
+    return [chat_prompt(pair.tokenizer, math_prompt(p.question) if pair_cfg.math_instruction else p.question)
+            for p in problems]
+
+
 def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str], *, samples: int = 1,
              out_dir: str, limit: int | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
     """Run and summarize; returns the result rows (one per benchmark × policy).
 
-    Each policy first runs once untimed on its first batch, so `seconds` (and the
-    speed-up against λ = 1) measure generation, not compilation.
+    Each policy first runs once untimed on its first batch_size prompts, so `seconds` (and
+    the speed-up against λ = 1) measure the work, not compilation.
     """
     from dami_jax.policies.base import build_policy
     from dami_jax.policies.execute import answer
@@ -57,24 +67,24 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
     rows = []
     for bench in benches:
         problems = load_problems(bench, limit)
-        prompts = [chat_prompt(pair.tokenizer, math_prompt(p.question) if pair_cfg.math_instruction
-                               else p.question) for p in problems]
+        prompts = eval_prompts(pair, pair_cfg, problems)
         store = RecordStore(os.path.join(out_dir, f"records_{bench}.jsonl"))
         done = store.done_keys()
         for spec, policy in built.items():
             warmup = True
             for sample in range(samples):
                 todo = [i for i, p in enumerate(problems) if (spec, p.id, sample) not in done]
-                chunks = [todo[i: i + pair_cfg.batch_size] for i in range(0, len(todo), pair_cfg.batch_size)]
-                if chunks and warmup:  # compile outside the timed runs (same shapes as the first chunk)
-                    answer(pair, policy, [prompts[i] for i in chunks[0]], pair_cfg.max_new_tokens,
-                           sampling=sampling, seed=seed + sample)
+                size = SAVE_EVERY * pair_cfg.batch_size
+                chunks = [todo[i: i + size] for i in range(0, len(todo), size)]
+                kw = dict(sampling=sampling, seed=seed + sample, **pair_cfg.engine_size())
+                if chunks and warmup:  # compile outside the timed runs (an engine-full of prompts)
+                    answer(pair, policy, [prompts[i] for i in todo[: pair_cfg.batch_size]],
+                           pair_cfg.max_new_tokens, **kw)
                     warmup = False
                 for chunk in tqdm(chunks, desc=f"{bench} {spec} #{sample}", disable=not progress, leave=False):
                     t0 = time.perf_counter()
-                    out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens,
-                                         sampling=sampling, seed=seed + sample)
-                    share = (time.perf_counter() - t0) / len(chunk)  # batch time split evenly
+                    out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens, **kw)
+                    share = (time.perf_counter() - t0) / len(chunk)  # the chunk's time, summed back per policy
                     store.extend(_records(pair, spec, sample, [problems[i] for i in chunk], out, chosen, share))
         rows += _summarize(bench, store.load(), policies, out_dir)
     _write_results(out_dir, rows)

@@ -60,6 +60,10 @@ def sample_rows(logits_bv: jax.Array, keys_b: jax.Array, temperature_b: jax.Arra
 class Greedy:
     """Temperature 0: the argmax (what `sample_rows` does for such a row, without the draw)."""
 
+    def settings(self) -> tuple[float, int, float]:
+        """This setting as one row of `sample_rows`'s arrays: temperature, top-k, top-p cut."""
+        return 0.0, 0, 0.0
+
     def next_tokens(self, logits_bv: jax.Array, keys_b: jax.Array) -> jax.Array:
         del keys_b
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
@@ -79,10 +83,14 @@ class Sample:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def settings(self) -> tuple[float, int, float]:
+        """This setting as one row of `sample_rows`'s arrays: temperature, top-k, top-p cut."""
+        return self.temperature, self.top_k, float(top_p_cut(self.top_p))
+
     def rows(self, b: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         """This setting as `sample_rows`'s (B,) arrays: temperature, top-k, top-p cut."""
-        return (jnp.full((b,), self.temperature, jnp.float32), jnp.full((b,), self.top_k, jnp.int32),
-                jnp.full((b,), top_p_cut(self.top_p)))
+        return tuple(jnp.full((b,), v, dtype) for v, dtype in zip(self.settings(), (jnp.float32, jnp.int32,
+                                                                                     jnp.float32)))
 
     def filtered_logits(self, logits_bv: jax.Array) -> jax.Array:
         """Logits after temperature, top-k and top-p; removed entries are -inf."""

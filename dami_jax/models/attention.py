@@ -80,11 +80,15 @@ def _cpu(q_btnh, k_btkh, v_btkh, allowed_bts, kv, index):
     return out.transpose(0, 4, 1, 3, 2).reshape(b, t, n, h), (k, v)
 
 
-def _paged(q_btnh, k_btkh, v_btkh, kv, batch: RaggedBatch):
+def _paged(q_btnh, k_btkh, v_btkh, kv, batch: RaggedBatch, kernel: str):
     """The flat batch (T, 1): write this step's keys/values into the pools kv (k_pool, v_pool),
-    then attend over each row's pages."""
+    then attend over each row's pages (with `kernel` when every row decodes; on the CPU a
+    Pallas kernel runs in Pallas's interpreter, as in the tests)."""
     k_pool, v_pool = write_kv(*kv, k_btkh[:, 0], v_btkh[:, 0], batch.slot_ids)
-    out_thd = paged_attention(q_btnh[:, 0], k_pool, v_pool, batch.cu_q_lens, batch.kv_lens, batch.page_table)
+    impl = kernel if batch.decode_only else "xla"
+    out_thd = paged_attention(q_btnh[:, 0], k_pool, v_pool, batch.cu_q_lens, batch.kv_lens, batch.page_table,
+                              impl=impl, decode_only=batch.decode_only,
+                              interpret=impl != "xla" and jax.default_backend() == "cpu")
     return out_thd[:, None], (k_pool, v_pool)
 
 
@@ -100,6 +104,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
         self.rope_theta = cfg.rope_theta
         self.layout = layout
+        self.paged_kernel = cfg.paged_attention
 
     def __call__(self, x_btd, pos_bt, allowed_bts, kv, index, lam):
         """Attention output (B, T, D) and this layer's keys/values: the updated cache
@@ -111,7 +116,7 @@ class Attention(nnx.Module):
         v_btkh = self.v_proj(x_btd, lam)
         q_btnh, k_btkh, v_btkh = (constrain(a, ACTIVATIONS.heads) for a in (q_btnh, k_btkh, v_btkh))
         if isinstance(index, RaggedBatch):
-            out_btnh, kv = _paged(q_btnh, k_btkh, v_btkh, kv, index)
+            out_btnh, kv = _paged(q_btnh, k_btkh, v_btkh, kv, index, self.paged_kernel)
         else:
             run = _readable if self.layout == "readable" else _cpu
             out_btnh, kv = run(q_btnh, k_btkh, v_btkh, allowed_bts, kv, index)

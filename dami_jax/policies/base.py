@@ -41,6 +41,9 @@ MODULES = {
 class PolicyResult:
     lam: np.ndarray  # (B,) float32 in [0, 1]
     info: dict  # name -> (B,) per-row diagnostics
+    # Per row, the Instruct model's whole greedy answer (ending in a stop id) when choosing λ
+    # already generated it (Conf's probe), else None: a greedy λ = 0 row answers with it.
+    instruct_answers: tuple | None = None
 
     def __post_init__(self):
         lam = check_lam(self.lam, what="policy lam")
@@ -50,6 +53,9 @@ class PolicyResult:
         for k, v in self.info.items():
             if np.shape(v)[:1] != lam.shape:
                 raise ValueError(f"policy info {k!r} has shape {np.shape(v)}; expected a leading {lam.shape}")
+        if self.instruct_answers is not None and len(self.instruct_answers) != lam.shape[0]:
+            raise ValueError(f"policy instruct_answers has {len(self.instruct_answers)} rows for "
+                             f"{lam.shape[0]} λ values")
 
 
 class Policy(abc.ABC):

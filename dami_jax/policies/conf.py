@@ -187,6 +187,14 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
+def finished_probes(out: dict, stop_ids) -> tuple:
+    """Per row of `score_prompts`' output: the probe's tokens if they end in a stop id (the
+    Instruct model's whole greedy answer), else None."""
+    stops = set(int(s) for s in stop_ids)
+    rows = (out["probe"][i, : out["probe_len"][i]].tolist() for i in range(len(out["probe_len"])))
+    return tuple(r if r and r[-1] in stops else None for r in rows)
+
+
 # ---------------------------------------------------------------------------
 # The policy.
 
@@ -201,7 +209,7 @@ class ConfPolicy(Policy):
         cal = self.calibration
         cal.check(pair)
         out = score_prompts(pair, prompts, cal.conf, cal.mu, cal.tau)
-        return PolicyResult(out["lam"], {k: out[k] for k in INFO})
+        return PolicyResult(out["lam"], {k: out[k] for k in INFO}, finished_probes(out, pair.stop_tokens))
 
 
 def make_conf(pair=None, calibration: str | None = None, config: str | None = None) -> ConfPolicy:

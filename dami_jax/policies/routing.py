@@ -18,7 +18,7 @@ import numpy as np
 from dami_jax.config import ConfigError
 from dami_jax.policies.base import Policy, PolicyResult, register_policy
 from dami_jax.policies.calibration import resolve_calibration
-from dami_jax.policies.conf import score_prompts
+from dami_jax.policies.conf import finished_probes, score_prompts
 
 INFO = ("score", "entropy", "js", "maxprob", "n_content", "probe_len")
 
@@ -51,7 +51,7 @@ class RoutingPolicy(Policy):
         lam = (out["score"] > self.threshold).astype(np.float32)
         info = {k: out[k] for k in INFO}
         info["threshold"] = np.full(lam.shape, self.threshold, np.float32)
-        return PolicyResult(lam, info)
+        return PolicyResult(lam, info, finished_probes(out, pair.stop_tokens))
 
 
 def _parse(args: list[str]) -> dict:

@@ -36,8 +36,7 @@ class PrefConfig:
     top_k: int = 20
     top_p: float = 0.95
     max_new_tokens: int = 96
-    rollout_batch: int = 128  # prompts per `sweep` call (each runs every λ of the grid)
-    rollout_models_per_call: int | None = None  # merged models stacked at once (None: the whole grid)
+    rollout_batch: int = 128  # prompts per `sweep` call (each runs every λ of the grid as engine rows)
     rollout_seed: int = 0
     # 2. Preferences.
     eps_acc: float = 0.0

@@ -54,7 +54,7 @@ def build_data(pair, prompts, grader, cfg: PrefConfig, work: str, mesh=None, pro
     ro = collect_rollouts(pair, prompts, grader, os.path.join(work, "rollouts.jsonl"), lams=cfg.lam_grid,
                           n_samples=cfg.n_samples, sampling=Sample(cfg.temperature, cfg.top_k, cfg.top_p),
                           max_new_tokens=cfg.max_new_tokens, batch=cfg.rollout_batch, seed=cfg.rollout_seed,
-                          progress=progress, models_per_call=cfg.rollout_models_per_call)
+                          progress=progress)
     prefs = preference_pairs(ro.acc(), ro.cost(), ro.lams, cfg.eps_acc, cfg.eps_cost)
     train, held, held_q = split_by_query(prefs, len(prompts), cfg.heldout_share, cfg.seed)
     feats = cached_features(pair, prompts, cfg, os.path.join(work, "features.npz"), mesh)

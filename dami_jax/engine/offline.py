@@ -1,0 +1,53 @@
+"""One batch of prompts through a fresh engine: what `generate_pair`, `sweep` and the
+thinking-budget baseline run.
+
+The engine is sized for the batch: `max_rows` rows at a time, and a pool holding that
+many rows at their longest (prompt + max_new_tokens, within the context), rounded up to a
+power of two of pages so that batches of other sizes reuse the compiled programs; pages
+are reserved at admission (`reserve=True`): no preemption, so a row's numbers never
+depend on what else was running.
+
+`kv_bytes` sizes the pool instead, for real lengths (a 32K budget reserved per row would
+hold a handful of rows): rows are admitted by the pages they hold, and the youngest is
+preempted and recomputed when the pool runs out. Greedy tokens stay those of an
+unpreempted run up to the rounding of a recomputed prefill against decode (exact in
+float32 on CPU, tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dami_jax.engine.engine import Engine
+from dami_jax.errors import InputError
+
+MAX_ROWS = 64
+PAGE_SIZE = 16
+
+
+def context_of(cfg, max_cache: int | None) -> int:
+    """Tokens one sequence may hold (prompt + generated): max_cache, at most the model's context."""
+    if max_cache is not None and max_cache < 2:
+        raise InputError(f"max_cache must be >= 2 tokens (a prompt token and a new one), got {max_cache}")
+    return cfg.max_position_embeddings if max_cache is None else min(max_cache, cfg.max_position_embeddings)
+
+
+def sized_engine(model, params, prompts, max_new_tokens, *, max_cache: int | None = None,
+                 max_rows: int | None = None, kv_bytes: int | None = None, page_size: int = PAGE_SIZE,
+                 max_tokens_per_step: int = 256) -> Engine:
+    """An Engine (pair in delta mode, or cfg + params) sized for these prompts (see the module doc)."""
+    cfg = model if params is not None else model.cfg
+    context = context_of(cfg, max_cache)
+    max_rows = MAX_ROWS if max_rows is None else max_rows
+    if max_rows < 1:
+        raise InputError(f"max_rows must be >= 1, got {max_rows}")
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
+    longest = max(min(len(p) + int(n), context) for p, n in zip(prompts, limits))
+    rows = min(len(prompts), max_rows)
+    pages = 1 + rows * -(-longest // page_size)
+    if kv_bytes is None:
+        kw = dict(num_pages=1 << (pages - 1).bit_length())
+    else:
+        kw = dict(kv_bytes=kv_bytes)
+    return Engine(model, params, page_size=page_size, max_rows=max_rows, max_tokens_per_step=max_tokens_per_step,
+                  max_context=context, reserve=kv_bytes is None, **kw)
