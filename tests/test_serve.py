@@ -67,10 +67,18 @@ def _kv_gb(cfg, usable_pages: int) -> float:
 
 
 def _engine_knobs(pair) -> dict:
-    """The engine settings of every server here: the same shapes, so one compile serves them all.
-    Four rows and 64 tokens a step: more requests than rows, and prompts prefilled in chunks."""
-    return dict(max_rows=4, max_tokens_per_step=64, page_size=16, kv_gb=_kv_gb(pair.cfg, POOL_PAGES),
-                max_seq_len=CONTEXT)
+    """The engine settings of every server here (four rows: more requests than rows), so one
+    compile serves them all."""
+    return dict(max_rows=4, page_size=16, kv_gb=_kv_gb(pair.cfg, POOL_PAGES), max_seq_len=CONTEXT)
+
+
+def _sized_as_served(pair) -> dict:
+    """generate_pair's / generate_budget's engine keywords for the servers' rows and pool: the
+    reference then runs the programs the servers compiled (same tokens whatever the sizes)."""
+    from dami_jax.serve import ServeConfig
+
+    kw = ServeConfig(**_engine_knobs(pair)).engine_kwargs(pair.cfg)
+    return dict(max_rows=kw["max_rows"], kv_bytes=kw["kv_bytes"])
 
 
 def _start(app):
@@ -115,7 +123,7 @@ def _ids(pair, question):
 
 
 def _reference(pair, prompt, lam, n, **kw):
-    return generate_pair(pair, [prompt], lam, n, **kw).token_lists()[0]
+    return generate_pair(pair, [prompt], lam, n, **_sized_as_served(pair), **kw).token_lists()[0]
 
 
 def _chat(client, question, lam=None, model="dami-static-0.8", extra_body=None, **kw):
@@ -152,7 +160,8 @@ def test_completions_sampled_n2_match_generate_pair(client, pair):
     r = client.completions.create(model="dami-thinking", prompt=prompt, max_tokens=20, n=2, temperature=0.8,
                                   top_p=0.9, seed=11, extra_body={"top_k": 12, "return_token_ids": True})
     sampling = dj.Sample(temperature=0.8, top_k=12, top_p=0.9)
-    ref = generate_pair(pair, [prompt, prompt], 1.0, 20, sampling=sampling, seed=11).token_lists()
+    ref = generate_pair(pair, [prompt, prompt], 1.0, 20, sampling=sampling, seed=11,
+                        **_sized_as_served(pair)).token_lists()
     assert [c.token_ids for c in sorted(r.choices, key=lambda c: c.index)] == ref
     assert r.model_extra["policy"] == "static:1"
     greedy = client.completions.create(model="dami-instruct", prompt="1+2=", max_tokens=6, temperature=0,
@@ -188,7 +197,8 @@ def test_budget_model_cuts_thinking_as_generate_budget_does(client, pair, max_to
     for q, ignore_eos in (("3+4*7", False), ("8*8-3", False), ("9-2", True), ("2*3", True)):
         r = _chat(client, q, model="dami-budget", max_tokens=max_tokens, temperature=0,
                   extra_body={"return_token_ids": True, "ignore_eos": ignore_eos})
-        ref = generate_budget(pair, [_ids(pair, q)], BUDGET, max_tokens, stop_tokens=[] if ignore_eos else None)
+        ref = generate_budget(pair, [_ids(pair, q)], BUDGET, max_tokens, stop_tokens=[] if ignore_eos else None,
+                              **_sized_as_served(pair))
         ids = r.choices[0].token_ids
         assert ids == ref.token_lists()[0], q
         assert r.choices[0].finish_reason == ref.finish_reasons[0]
