@@ -12,8 +12,8 @@ same knobs (`ServeConfig.engine_kwargs`), all requests submitted at once, compil
 (`warmup` first). Both run `--repeats` times, the fastest kept. Reported: tokens/s of the
 server (generated tokens / wall time of the whole load) and of the offline engine; p50/p99
 time to first token and latency; errors; the share of requests whose tokens equal the
-offline ones; server RSS (`process_resident_memory_bytes` of /metrics) before the first
-load and after the last.
+offline ones; server RSS (`process_resident_memory_bytes` of /metrics) before the loads
+and after each.
 
 The pair: `--instruct/--thinking` directories, else the shipped toy pair, else
 (`--random [PRESET]`) a random pair with the toy tokenizer, built in a temp dir:
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--url", help="a running server (default: start serve.py on a free loopback port)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="loads (and offline runs); the fastest is kept")
+    ap.add_argument("--repeats", type=int, default=3, help="loads (and offline runs); the fastest is kept")
     ap.add_argument("--max-tokens", default="16,64,256", help="max_tokens of the requests, cycled")
     ap.add_argument("--lams", default="0,0.2,0.4,0.5,0.6,0.8,1")
     ap.add_argument("--instruct")
@@ -227,10 +227,12 @@ def main(argv=None) -> int:
     if url is None:
         proc, url = start_server(instruct, thinking, overrides)
     try:
-        rss_before = server_rss(url)
+        rss = [server_rss(url)]  # before the first load, then after each
         asyncio.run(load(url, jobs[:8], 8))  # the first requests' host paths
-        loads = [asyncio.run(load(url, jobs, args.concurrency)) for _ in range(args.repeats)]
-        rss_after = server_rss(url)
+        loads = []
+        for _ in range(args.repeats):
+            loads.append(asyncio.run(load(url, jobs, args.concurrency)))
+            rss.append(server_rss(url))
     finally:
         if proc is not None:
             proc.terminate()
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
     ratio = (tokens / wall) / (off_tokens / off_s)
     notes = [f"server / offline tokens/s: {ratio:.2f} (the fastest of {args.repeats} runs each)",
              f"errors over all {len(every)} requests: {len(failed)}; with the offline tokens: {same:.3f}",
-             f"server RSS: {rss_before:.0f} MiB before, {rss_after:.0f} MiB after {args.repeats} loads",
+             "server RSS (MiB) before the loads, then after each: " + ", ".join(f"{x:.0f}" for x in rss),
              f"λ mix {lam_grid}, max_tokens mix {limit_grid}, greedy; engine: {knobs}"]
     _common.print_table("serve_load", ["run", "requests", "errors", "tokens", "wall_s", "tok/s", "ttft_p50_ms",
                                        "ttft_p99_ms", "lat_p50_ms", "lat_p99_ms"], rows, notes)
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
                    "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
                    "ttft_ms": {"p50": float(np.percentile(ttft, 50)), "p99": float(np.percentile(ttft, 99))},
                    "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
-                   "rss_mib_before": rss_before, "rss_mib_after": rss_after},
+                   "rss_mib_before_and_after_each_load": rss},
         "offline": {"tokens": off_tokens, "wall_s": off_s, "tokens_per_s": off_tokens / off_s, "engine": knobs},
         "all_walls_s": [w for _, w in loads], "speed_ratio": ratio,
         "same_tokens_share": same,
