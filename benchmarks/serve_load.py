@@ -9,8 +9,10 @@ explicit λ cycling through `--lams` and max_tokens through `--max-tokens`, on t
 questions. The started server runs ServeConfig's engine knobs with max_rows = C,
 max_seq_len and the overrides given; the offline reference is one dj.Engine built from the
 same knobs (`ServeConfig.engine_kwargs`), all requests submitted at once, compile excluded
-(`warmup` first). Both run `--repeats` times, the fastest kept. Reported: tokens/s of the
-server (generated tokens / wall time of the whole load) and of the offline engine; p50/p99
+(`warmup` first). Between them, the server's engine loop alone (serve.Engine, every
+request submitted at once, no HTTP) tells the loop's cost from the HTTP path's. Each runs
+`--repeats` times, the fastest kept. Reported: tokens/s of the server (generated tokens /
+wall time of the whole load), of the loop alone and of the offline engine; p50/p99
 time to first token and latency; errors; the share of requests whose tokens equal the
 offline ones; server RSS (`process_resident_memory_bytes` of /metrics) before the loads
 and after each.
@@ -163,21 +165,54 @@ async def load(url: str, jobs, concurrency: int) -> tuple[list[dict], float]:
     return results, time.perf_counter() - t0
 
 
-def offline(instruct: str, thinking: str, prompts, lams, max_tokens, serve_cfg, repeats: int):
-    """The offline engine on the same requests: its tokens, seconds (compile excluded) and knobs."""
+def offline(pair, prompts, lams, max_tokens, serve_cfg, repeats: int):
+    """The offline engine on the same requests: its tokens and best seconds (compile excluded)."""
     import dami_jax as dj
-    from dami_jax.pair import load_pair
 
-    pair = load_pair(instruct, thinking, dtype=serve_cfg.dtype)
-    knobs = serve_cfg.engine_kwargs(pair.cfg)
-    engine = dj.Engine(pair, **knobs)
+    engine = dj.Engine(pair, **serve_cfg.engine_kwargs(pair.cfg))
     engine.warmup()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = engine.generate(prompts, max_tokens, lam=lams)
         best = min(best, time.perf_counter() - t0)
-    return out.token_lists(), best, knobs
+    return out.token_lists(), best
+
+
+def serving_loop(pair, prompts, lams, max_tokens, serve_cfg, repeats: int):
+    """The server's engine loop alone, without HTTP: every request submitted at once to
+    serve.Engine, its events read on an asyncio loop. Its tokens and best seconds."""
+    from dami_jax.serve.engine import Engine
+    from dami_jax.serve.request import GenRequest
+
+    engine = Engine(pair, len(prompts), None, **serve_cfg.engine_kwargs(pair.cfg))
+    engine.warmup()
+    engine.start()
+
+    async def collect(req) -> list[int]:
+        ids = []
+        while True:
+            for event in await req.events.get():
+                if event[0] == "error":
+                    raise RuntimeError(event[1])
+                if event[0] == "finish":
+                    return ids
+                ids.append(event[2])
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        reqs = [GenRequest(prompt=p, max_tokens=n, lam=float(lam), stop_ids=tuple(pair.stop_tokens), loop=loop,
+                           events=asyncio.Queue()) for p, n, lam in zip(prompts, max_tokens, lams)]
+        t0 = time.perf_counter()
+        engine.submit(reqs)
+        ids = await asyncio.gather(*(collect(r) for r in reqs))
+        return ids, time.perf_counter() - t0
+
+    try:
+        runs = [asyncio.run(run()) for _ in range(repeats)]
+    finally:
+        engine.stop()
+    return runs[-1][0], min(seconds for _, seconds in runs)
 
 
 def main(argv=None) -> int:
@@ -201,6 +236,7 @@ def main(argv=None) -> int:
 
     from dami_jax import compilation_cache
     from dami_jax.generate.chat import chat_prompt, load_tokenizer
+    from dami_jax.pair import load_pair
     from dami_jax.serve import load_serve_config
     from dami_jax.toyworld import language as L
 
@@ -239,7 +275,10 @@ def main(argv=None) -> int:
             proc.wait(timeout=60)
     tok = load_tokenizer(thinking)
     prompts = [chat_prompt(tok, q) for q in questions]
-    ref, off_s, knobs = offline(instruct, thinking, prompts, lams, limits, serve_cfg, args.repeats)
+    pair = load_pair(instruct, thinking, dtype=serve_cfg.dtype)
+    knobs = serve_cfg.engine_kwargs(pair.cfg)
+    ref, off_s = offline(pair, prompts, lams, limits, serve_cfg, args.repeats)
+    alone, alone_s = serving_loop(pair, prompts, lams, limits, serve_cfg, args.repeats)
 
     results, wall = min(loads, key=lambda x: x[1])  # the fastest load; errors and tokens checked over all
     every = [r for results_, _ in loads for r in results_]
@@ -254,11 +293,16 @@ def main(argv=None) -> int:
     rows = [["server (streamed, C=%d)" % args.concurrency, len(results), len(results) - len(ok), tokens, wall,
              tokens / wall, np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(lat, 50),
              np.percentile(lat, 99)],
+            ["serving loop alone (no HTTP)", len(prompts), 0, sum(map(len, alone)), alone_s,
+             sum(map(len, alone)) / alone_s, None, None, None, None],
             ["offline dj.Engine (%d rows)" % args.concurrency, len(prompts), 0, off_tokens, off_s,
              off_tokens / off_s, None, None, None, None]]
     ratio = (tokens / wall) / (off_tokens / off_s)
-    notes = [f"server / offline tokens/s: {ratio:.2f} (the fastest of {args.repeats} runs each)",
-             f"errors over all {len(every)} requests: {len(failed)}; with the offline tokens: {same:.3f}",
+    loop_ratio = (sum(map(len, alone)) / alone_s) / (off_tokens / off_s)
+    notes = [f"server / offline tokens/s: {ratio:.2f}; serving loop alone / offline: {loop_ratio:.2f} "
+             f"(the fastest of {args.repeats} runs each)",
+             f"errors over all {len(every)} requests: {len(failed)}; with the offline tokens: {same:.3f} "
+             f"(serving loop alone: {np.mean([a == b for a, b in zip(alone, ref)]):.3f})",
              "server RSS (MiB) before the loads, then after each: " + ", ".join(f"{x:.0f}" for x in rss),
              f"λ mix {lam_grid}, max_tokens mix {limit_grid}, greedy; engine: {knobs}"]
     _common.print_table("serve_load", ["run", "requests", "errors", "tokens", "wall_s", "tok/s", "ttft_p50_ms",
@@ -272,6 +316,9 @@ def main(argv=None) -> int:
                    "ttft_ms": {"p50": float(np.percentile(ttft, 50)), "p99": float(np.percentile(ttft, 99))},
                    "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
                    "rss_mib_before_and_after_each_load": rss},
+        "serving_loop_alone": {"tokens": sum(map(len, alone)), "wall_s": alone_s,
+                               "same_tokens_share": float(np.mean([a == b for a, b in zip(alone, ref)])),
+                               "ratio_to_offline": loop_ratio},
         "offline": {"tokens": off_tokens, "wall_s": off_s, "tokens_per_s": off_tokens / off_s, "engine": knobs},
         "all_walls_s": [w for _, w in loads], "speed_ratio": ratio,
         "same_tokens_share": same,
