@@ -10,10 +10,11 @@ step) keys. A request under a thinking budget (`budget:<n>`) carries the engine'
 has work and after each step hands every choice the tokens it gained.
 
 Pages: the server lets the engine preempt by recompute (reserve=False). A row holds pages
-for the tokens it has, not for all of its max_tokens, so more rows fit a KV budget, and a
-row that finds the pool full goes back to the queue and is recomputed with its tokens
-kept. An online server wants that capacity; offline runs reserve pages up front, where
-steps that never change with the load (exact reproducibility) matter more than memory.
+for the tokens it has, not for all of its max_tokens, so more rows fit a KV budget (`kv_gb`),
+and a row that finds the pool full goes back to the queue and is recomputed with its tokens
+kept (greedy tokens unchanged up to the rounding of a recomputed prefill against decode).
+An online server wants that capacity. Offline runs (engine/offline.py) reserve pages up
+front instead, so that a row's numbers never depend on what else is running.
 
 Tokens go to each request's asyncio queue as lists of events:
 ("token", index, id), ("finish", index, reason), ("error", message), where
