@@ -46,14 +46,20 @@ def sample_rows(logits_bv: jax.Array, keys_b: jax.Array, temperature_b: jax.Arra
                 top_p_cut_b: jax.Array) -> jax.Array:
     """Next token (B,) int32 of each row with its own temperature, top-k and top-p cut
     (`top_p_cut`); a row of temperature <= 0 takes the argmax. One key per row, so a row's
-    draws do not depend on the rest of the batch. The sort is skipped when no row filters."""
+    draws do not depend on the rest of the batch. The draw is skipped when every row is
+    greedy (on the CPU it costs more than a small model's step), the sort when no row filters."""
     logits_bv = logits_bv.astype(jnp.float32)
     greedy = temperature_b <= 0
-    x = logits_bv / jnp.where(greedy, 1.0, temperature_b)[:, None]
-    filters = jnp.any(~greedy & ((top_k_b > 0) | (top_p_cut_b > 0)))
-    x = jax.lax.cond(filters, lambda x: filter_rows(x, top_k_b, top_p_cut_b), lambda x: x, x)
-    sampled = jax.vmap(jax.random.categorical)(keys_b, x)
-    return jnp.where(greedy, jnp.argmax(logits_bv, axis=-1), sampled).astype(jnp.int32)
+    argmax = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    def draw(x):
+        x = x / jnp.where(greedy, 1.0, temperature_b)[:, None]
+        filters = jnp.any(~greedy & ((top_k_b > 0) | (top_p_cut_b > 0)))
+        x = jax.lax.cond(filters, lambda x: filter_rows(x, top_k_b, top_p_cut_b), lambda x: x, x)
+        return jax.vmap(jax.random.categorical)(keys_b, x).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.all(greedy), lambda x: argmax, draw, logits_bv)
+    return jnp.where(greedy, argmax, sampled)
 
 
 @dataclasses.dataclass(frozen=True)
