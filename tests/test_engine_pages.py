@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 
+import jax
 import numpy as np
 import pytest
 
@@ -125,7 +126,8 @@ def test_ragged_batch_metadata():
     np.testing.assert_array_equal(batch.slot_ids, [9, 12, 13, 14, 32, 32])  # padding past the pool
     np.testing.assert_array_equal(batch.positions, [5, 0, 1, 2, 0, 0])
     np.testing.assert_array_equal(batch.token_rows, [0, 1, 1, 1, 3, 3])
-    assert all(a.dtype == np.int32 for a in vars(batch).values())
+    leaves = jax.tree.leaves(batch)  # the device data; decode_only is static structure
+    assert len(leaves) == 6 and all(a.dtype == np.int32 for a in leaves) and batch.decode_only is False
     with pytest.raises(ValueError, match="2 rows of 4 tokens do not fit a batch of 2 rows and 3 tokens"):
         alloc.ragged_batch([("decode", 1), ("prefill", 3)], num_rows=2, num_tokens=3)
     with pytest.raises(ValueError, match=r"q_len 4 outside \[0, length 3\]"):
