@@ -6,16 +6,17 @@ pools donated) and samples each row's next token on the device with the keys of
 `generate` (fold_in(fold_in(key(seed), row id), step)), so a row's tokens do not depend
 on which requests share its batch; the scheduler then records the tokens.
 
-When every planned row is decoding, the engine runs a *burst* instead: up to
-`decode_burst` decode steps in one device call (a loop over the same model step, positions
+When every planned row is decoding, the engine runs a *burst* instead (its own program,
+R rows of one token each, not padded to the token ladder): up to `decode_burst` decode
+steps in one device call (a loop over the same model step, positions
 and slots advanced on the device), each row stopping at a stop id or at the steps the host
 granted it (`Scheduler.decode_steps`: its max_new_tokens, the context, a thinking cut).
 The host then commits the steps one by one, exactly as single steps, so the tokens are the
 same; what a burst saves is a host round trip per token. Rows that stop inside a burst idle
 to its end, and waiting requests enter after it: `decode_burst=1` trades that back.
 
-The ladder: row counts and token counts each from a short list (a few sizes up to
-max_rows and max_tokens_per_step, x4 apart), so at most a dozen programs compile (and one
+The ladder: row counts (1, 4, 16, ...) and token counts (16, 64, ...) each from a short
+list up to max_rows and max_tokens_per_step, so at most a dozen programs compile (and one
 burst program per row count), each once (lazily, or all by `warmup`); params are an
 argument, never a closure.
 """
@@ -151,7 +152,7 @@ class Engine:
             raise InputError(f"KV pool: {e}") from None
         self.sched = Scheduler(alloc, max_rows=max_rows, max_tokens=max_tokens_per_step, context=context,
                                reserve=reserve)
-        self.rows_ladder = ladder(max_rows, 4)
+        self.rows_ladder = ladder(max_rows, 1)  # from 1: a lone row padded to 4 decoded 1.8x slower (CPU)
         self.tokens_ladder = ladder(max(max_tokens_per_step, max_rows), 16)
         self.pools = qwen3.init_pools(cfg, num_pages, page_size, dtype)
         self.pool_bytes = num_pages * page_bytes
@@ -254,15 +255,14 @@ class Engine:
         return self.sched.commit(plan, np.asarray(next_r)[: len(plan)])
 
     def _burst_steps(self, plan) -> list[int] | None:
-        """Each row's steps for a burst, its pages extended to hold them; None for a single step
-        (a prefill chunk in the plan, no row with more than one step, or too few free pages)."""
-        if self.decode_burst == 1 or any(q != 1 or req.pending != 1 for req, q in plan):
+        """Each row's steps for a burst, its pages extended to hold them; None when the plan has a
+        prefill chunk (a single mixed step). Short of pages for more, every row takes one step."""
+        if any(q != 1 or req.pending != 1 for req, q in plan):
             return None
         steps = [self.sched.decode_steps(req, self.decode_burst) for req, _ in plan]
         alloc = self.sched.alloc
-        if max(steps) == 1 or sum(alloc.extra_pages(req.rid, n - 1) for (req, _), n in zip(plan, steps)) \
-                > alloc.num_free:
-            return None
+        if sum(alloc.extra_pages(req.rid, n - 1) for (req, _), n in zip(plan, steps)) > alloc.num_free:
+            return [1] * len(plan)
         return steps
 
     def _run_burst(self, plan, steps: list[int]) -> list[Request]:
@@ -315,10 +315,9 @@ class Engine:
             for t in self.tokens_ladder:
                 batch = jax.tree.map(jnp.asarray, alloc.ragged_batch([], r, t))
                 _, self.pools = _step(self.cfg, self.params, self.pools, jnp.zeros(t, jnp.int32), batch, *rows)
-            if self.decode_burst > 1:
-                batch = jax.tree.map(jnp.asarray, dataclasses.replace(alloc.ragged_batch([], r, r), decode_only=True))
-                _, self.pools = _burst(self.cfg, self.params, self.pools, zeros_i, batch, *rows, zeros_i,
-                                       jnp.full((r, 4), -1, jnp.int32), length=self.decode_burst)
+            batch = jax.tree.map(jnp.asarray, dataclasses.replace(alloc.ragged_batch([], r, r), decode_only=True))
+            _, self.pools = _burst(self.cfg, self.params, self.pools, zeros_i, batch, *rows, zeros_i,
+                                   jnp.full((r, 4), -1, jnp.int32), length=self.decode_burst)
 
     # -- batch API ----------------------------------------------------------------------
 
