@@ -126,7 +126,7 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
     outs = generate_stacked(pair.cfg, pair.merged(np.asarray(values, np.float32)),
                             [[prompts[i] for i in r] for r in rows], max_new_tokens,
                             row_id_groups=rows, **kw)
-    return _scatter(outs, rows, b, max_new_tokens)
+    return scatter_rows(outs, rows, b, max_new_tokens)
 
 
 def sweep(pair: ModelPair, prompts: list[list[int]], lams, max_new_tokens: int, *,
@@ -150,7 +150,8 @@ def sweep(pair: ModelPair, prompts: list[list[int]], lams, max_new_tokens: int, 
     return [outputs(reqs[k * b: (k + 1) * b]) for k in range(lams.size)]
 
 
-def _scatter(outs: list[GenerateOutput], rows: list[list[int]], b: int, n: int) -> GenerateOutput:
+def scatter_rows(outs: list[GenerateOutput], rows: list[list[int]], b: int, n: int) -> GenerateOutput:
+    """One (b, n) output from outputs of row groups: outs[k]'s rows go to rows[k]."""
     tokens = np.zeros((b, n), np.int32)
     lengths = np.zeros((b,), np.int32)
     reasons = [""] * b

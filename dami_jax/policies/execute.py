@@ -6,7 +6,7 @@ import numpy as np
 
 from dami_jax.generate.decode import GenerateOutput
 from dami_jax.generate.sampling import Greedy
-from dami_jax.pair import generate_pair
+from dami_jax.pair import generate_pair, scatter_rows
 from dami_jax.policies.base import Policy, PolicyResult
 
 
@@ -26,19 +26,18 @@ def answer(pair, policy: Policy, prompts: list[list[int]], max_new_tokens: int, 
 
         return generate_budget(pair, prompts, budget, max_new_tokens, **kw), chosen
     known = reusable_answers(chosen, sampling, max_new_tokens)
+    reused = [i for i, ids in enumerate(known) if ids is not None]
     todo = [i for i, ids in enumerate(known) if ids is None]
-    if len(todo) == len(prompts):
+    if not reused:
         return generate_pair(pair, prompts, chosen.lam, max_new_tokens, **kw), chosen
-    rows = {i: (ids, "stop") for i, ids in enumerate(known) if ids is not None}
+    tokens = np.zeros((len(reused), max_new_tokens), np.int32)
+    for j, i in enumerate(reused):
+        tokens[j, : len(known[i])] = known[i]
+    groups = [(GenerateOutput(tokens, np.array([len(known[i]) for i in reused], np.int32), ["stop"] * len(reused)),
+               reused)]
     if todo:
-        out = generate_pair(pair, [prompts[i] for i in todo], chosen.lam[todo], max_new_tokens, **kw)
-        rows.update(zip(todo, zip(out.token_lists(), out.finish_reasons)))
-    tokens = np.zeros((len(prompts), max_new_tokens), np.int32)
-    for i, (ids, _) in rows.items():
-        tokens[i, : len(ids)] = ids
-    return GenerateOutput(tokens, np.array([len(rows[i][0]) for i in range(len(prompts))], np.int32),
-                          [rows[i][1] for i in range(len(prompts))],
-                          cache_full=bool(todo) and out.cache_full), chosen
+        groups.append((generate_pair(pair, [prompts[i] for i in todo], chosen.lam[todo], max_new_tokens, **kw), todo))
+    return scatter_rows([o for o, _ in groups], [r for _, r in groups], len(prompts), max_new_tokens), chosen
 
 
 def reusable_answers(chosen: PolicyResult, sampling, max_new_tokens: int) -> list:
