@@ -173,10 +173,11 @@ def test_pallas_decode_kernels_in_interpret_mode_equal_xla(impl):
     np.testing.assert_allclose(got, xla, atol=1e-5, rtol=0)
 
 
-def test_write_then_attend_updates_the_donated_pools_in_place():
+@pytest.mark.parametrize("t, r", [(6, 3), (1, 1)])  # a lone decoding row: one new token
+def test_write_then_attend_updates_the_donated_pools_in_place(t, r):
     """The compiled step holds no copy or transpose of a whole pool (a scatter that XLA cannot do
     in place would copy the cache of every layer at every step)."""
-    kh, num_pages, page, t, r = 4, 300, 8, 6, 3  # more pages than one loop step gathers (64)
+    kh, num_pages, page = 4, 300, 8  # more pages than one loop step gathers (64)
     pool = jax.ShapeDtypeStruct((kh, num_pages, page, HEAD), jnp.float32)
     spec = lambda *s, dtype=jnp.float32: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
 

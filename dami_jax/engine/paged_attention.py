@@ -40,6 +40,13 @@ def write_kv(k_pool: jax.Array, v_pool: jax.Array, k_tkh: jax.Array, v_tkh: jax.
     and are dropped, so they never touch a live page. Donate the pools to the enclosing jit
     for an in-place update (tests/test_paged_attention.py checks the compiled HLO).
     """
+    if slot_ids.shape[0] == 1:
+        # XLA rewrites a one-index scatter as a dynamic-update-slice, and with the attention
+        # reading the result it then copied each whole pool twice per layer (a lone decoding
+        # row: 4x the step's attention time). A second, dropped index keeps it a scatter.
+        slot_ids = jnp.concatenate([slot_ids, jnp.full(1, k_pool.shape[1] * k_pool.shape[2], slot_ids.dtype)])
+        k_tkh, v_tkh = jnp.concatenate([k_tkh, k_tkh]), jnp.concatenate([v_tkh, v_tkh])
+
     def write(pool, new_tkh):
         kh, p, page, h = pool.shape
         flat = pool.reshape(kh, p * page, h)  # merging (P, page) is a bitcast, not a copy
