@@ -1,12 +1,13 @@
-"""Decode throughput of `dj.generate`, the engine and HF transformers `generate`, against the roofline.
+"""Decode throughput of `dj.generate` (the engine), the lock-step generator and HF transformers
+`generate`, against the roofline.
 
-Both implementations run the same random weights (`dj.init_params` in the target
+All implementations run the same random weights (`dj.init_params` in the target
 dtype; HF loads them from a `dj.save_hf` copy), the same prompts (one random
 prompt of `--prompt-len` tokens per row, no padding), greedy decoding and no stop
-token, so every row generates exactly `--new-tokens` tokens. Runners: `dami_jax`
-(`dj.generate`: lock step over a dense cache), `engine` (one `dj.Engine` sized for the
-batch, `engine.offline.sized_engine`, reused across calls as a long-running user would:
-paged KV, decode bursts of `decode_burst` steps per device call) and `hf`.
+token, so every row generates exactly `--new-tokens` tokens. Runners: `lockstep`
+(`generate.decode.generate_lockstep`: a dense cache, the reference), `dami_jax`
+(`dj.generate`: one `dj.Engine` sized for the batch per call, paged KV, decode bursts of
+8 steps per device call) and `hf`.
 
 Method (decode separated from prefill and compilation):
   * warm-up: one call with N = --new-tokens and one with N = 1 (compiles both
@@ -89,18 +90,15 @@ def time_decode(runners: dict, new_tokens: int, repeats: int, batch: int) -> dic
     return out
 
 
-def jax_runner(cfg, params, prompts, engine_for: int | None = None):
-    """dj.generate, or (engine_for = the longest new-token count) one engine reused by every call."""
+def jax_runner(cfg, params, prompts, lockstep: bool = False):
+    """dj.generate (the engine), or the lock-step generator over a dense cache."""
     import dami_jax as dj
-    from dami_jax.engine.offline import sized_engine
+    from dami_jax.generate.decode import generate_lockstep
 
-    if engine_for is None:
-        generate = lambda n: dj.generate(cfg, params, prompts, n, stop_tokens=[])  # noqa: E731
-    else:
-        generate = sized_engine(cfg, params, prompts, engine_for).generate
+    generate = generate_lockstep if lockstep else dj.generate
 
     def run(n):
-        out = generate(prompts, n, stop_tokens=[]) if engine_for else generate(n)
+        out = generate(cfg, params, prompts, n, stop_tokens=[])
         if not (out.lengths == n).all():
             raise RuntimeError(f"expected {n} tokens per row, got lengths {out.lengths.tolist()}")
         return out.tokens
@@ -222,16 +220,16 @@ def run_all(args, cfg, batches: list[int], hf_device: str | None) -> tuple[list[
     results = []
     for b in batches:
         prompts = rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist()
-        runners = {"dami_jax": jax_runner(cfg, params, prompts),
-                   "engine": jax_runner(cfg, params, prompts, engine_for=args.new_tokens)}
+        runners = {"lockstep": jax_runner(cfg, params, prompts, lockstep=True),
+                   "dami_jax": jax_runner(cfg, params, prompts)}
         if hf_model is not None:
             runners["hf"] = hf_runner(hf_model, prompts, hf_device)
         log(f"batch {b}: {', '.join(runners)}")
         timed = time_decode(runners, args.new_tokens, args.repeats, b)
-        ours = timed["dami_jax"]
-        results.append(dict(impl="dami_jax", batch=b, kv_bytes_per_step=b * kv_bytes_per_row, **ours))
-        results.append(dict(impl="engine", batch=b, agreement=agreement(ours["tokens"], timed["engine"]["tokens"]),
-                            **timed["engine"]))
+        ours = timed["lockstep"]
+        results.append(dict(impl="lockstep", batch=b, kv_bytes_per_step=b * kv_bytes_per_row, **ours))
+        results.append(dict(impl="dami_jax", batch=b, agreement=agreement(ours["tokens"], timed["dami_jax"]["tokens"]),
+                            **timed["dami_jax"]))
         if "hf" in timed:
             results.append(dict(impl="hf", batch=b, agreement=agreement(ours["tokens"], timed["hf"]["tokens"]),
                                 **timed["hf"]))
@@ -246,8 +244,8 @@ def report(args, backend: str, results: list[dict], weights: dict, bw: dict, loa
     roofline_step = weights["bytes"] / bw[bw_method]
     nominal = _common.H100_SXM_NOMINAL_BYTES_S if backend == "gpu" else None
     hf_rate = {r["batch"]: r["batch"] / r["step_s"] for r in results if r["impl"] == "hf"}
-    lockstep_step = {r["batch"]: r["step_s"] for r in results if r["impl"] == "dami_jax"}
-    columns = ["impl", "batch", "prefill+1 tok s", "decode ms/step", "decode tok/s", "x HF", "x dj.generate",
+    lockstep_step = {r["batch"]: r["step_s"] for r in results if r["impl"] == "lockstep"}
+    columns = ["impl", "batch", "prefill+1 tok s", "decode ms/step", "decode tok/s", "x HF", "x lockstep",
                "of roofline"]
     columns += ["of nominal"] if nominal else []
     rows = []
@@ -275,7 +273,7 @@ def report(args, backend: str, results: list[dict], weights: dict, bw: dict, loa
     for r in results:
         if "agreement" in r:
             a = r["agreement"]
-            notes.append(f"batch {r['batch']} {r['impl']} tokens vs {'HF' if r['impl'] == 'hf' else 'dj.generate'}: "
+            notes.append(f"batch {r['batch']} {r['impl']} tokens vs {'HF' if r['impl'] == 'hf' else 'lockstep'}: "
                          f"{a['token_match']:.0%} equal, "
                          f"{a['rows_identical']:.0%} rows identical (random weights: near-ties may diverge)")
     env = _common.environment()

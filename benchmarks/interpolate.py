@@ -22,7 +22,7 @@ process; every ratio's reference is measured in the same run.
                               (anonymous memory, the part a merge allocates) noted.
     Target: interpolate >= 0.7 of copy.
 (b) Decode step time of delta-mode params (Θ_I, Δ) with per-row λ over merged
-    params Θ(λ), `dami_jax.generate.decode.generate`, greedy, no stop token,
+    params Θ(λ), `dami_jax.generate.decode.generate_lockstep`, greedy, no stop token,
     batch 1 and 8. Step = (t[N tokens] - t[1 token]) / (N - 1); delta and merged
     runs alternate round by round and the minimum of each is kept. Physical floor
     2x (twice the weight bytes); target <= 2.2x. Merged params are Θ(0.8) =
@@ -187,7 +187,7 @@ def bench_merge_files(cfg, ti, tt, weight_bytes: int, args, threads: int) -> dic
 def bench_decode(cfg, delta, merged, args, label: str) -> list[dict]:
     import numpy as np
 
-    from dami_jax.generate.decode import generate
+    from dami_jax.generate.decode import generate_lockstep as generate
 
     rng = np.random.default_rng(0)
     rows = []

@@ -7,8 +7,9 @@ from dami_jax.config import ConfigError, GenerationIds, ModelConfig
 from dami_jax.checkpoint.hf import load_hf, save_hf
 from dami_jax.checkpoint.safetensors_io import CheckpointError
 from dami_jax.engine.engine import Engine
+from dami_jax.engine.offline import generate
 from dami_jax.errors import InputError
-from dami_jax.generate import GenerateOutput, Greedy, Sample, chat_prompt, generate, split_thinking
+from dami_jax.generate import GenerateOutput, Greedy, Sample, chat_prompt, split_thinking
 from dami_jax.interpolate import delta_params, interpolate
 from dami_jax.models.qwen3 import forward, init_params
 from dami_jax.pair import ModelPair, PairMismatchError, generate_pair, load_pair, sweep

@@ -21,7 +21,7 @@ from dami_jax.engine.engine import outputs
 from dami_jax.engine.offline import sized_engine
 from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.errors import InputError
-from dami_jax.generate.decode import GenerateOutput, generate, generate_stacked
+from dami_jax.generate.decode import GenerateOutput, generate_lockstep, generate_stacked
 from dami_jax.generate.sampling import Greedy
 from dami_jax.interpolate import check_lam, delta_params, interpolate
 from dami_jax.schedule import Schedule
@@ -121,7 +121,7 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
         raise ValueError(f"mode must be 'delta' or 'merged', got {mode!r}")
     values = sorted(set(lam.tolist()))
     if len(values) == 1:
-        return generate(pair.cfg, pair.merged(values[0]), prompts, max_new_tokens, **kw)
+        return generate_lockstep(pair.cfg, pair.merged(values[0]), prompts, max_new_tokens, **kw)
     rows = [[i for i in range(b) if lam[i] == v] for v in values]
     outs = generate_stacked(pair.cfg, pair.merged(np.asarray(values, np.float32)),
                             [[prompts[i] for i in r] for r in rows], max_new_tokens,

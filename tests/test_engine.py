@@ -16,7 +16,7 @@ import pytest
 import dami_jax as dj
 from helpers import random_prompts
 from dami_jax.engine.scheduler import RequestRefused
-from dami_jax.generate.decode import generate as lockstep_generate
+from dami_jax.generate.decode import generate_lockstep as lockstep_generate
 
 LAMS = np.array([0.0, 0.3, 0.55, 0.8, 1.0, 0.3, 0.1, 0.9], np.float32)
 LENGTHS = [5, 9, 3, 12, 7, 4, 20, 2]

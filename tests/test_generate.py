@@ -9,6 +9,7 @@ import pytest
 
 import dami_jax as dj
 from dami_jax.generate.chat import load_tokenizer
+from dami_jax.generate.decode import generate_lockstep
 from helpers import random_prompts
 
 NEW = 32
@@ -100,19 +101,31 @@ def test_stop_tokens_per_row(tiny_hf, prompts):
 def test_full_cache_is_reported(tiny_hf, prompts):
     ckpt = tiny_hf("dense_gqa")
     full = _ours_greedy(ckpt, prompts).tokens
-    # The 32-slot bucket would leave too little room, so the 20-token prompt is padded
-    # to 20 only: 36 slots hold the prompt and 16 decoded tokens, and the 17th token is
-    # predicted from slot 35; then the cache is full.
-    assert NEW > 17
+    # max_cache is per sequence: each row holds at most 36 tokens, prompt included, so
+    # the 20-token prompt gets 16 new tokens and the 1-token one all NEW.
     out = dj.generate(ckpt.cfg, ckpt.params(), prompts, NEW, max_cache=36)
     assert out.cache_full is True
     assert out.finish_reasons == ["length"] * 4
-    assert out.lengths.tolist() == [17] * 4
-    np.testing.assert_array_equal(out.tokens[:, :17], full[:, :17])  # never truncated silently, never wrong
+    assert out.lengths.tolist() == [min(NEW, 36 - n) for n in LENGTHS] == [31, 24, 32, 16]
+    for row, n in zip(range(4), out.lengths):  # never truncated silently, never wrong
+        np.testing.assert_array_equal(out.tokens[row, :n], full[row, :n])
     # Asking for no more than fits is not a full cache.
     out = dj.generate(ckpt.cfg, ckpt.params(), prompts, 5, max_cache=36)
     assert out.cache_full is False and out.lengths.tolist() == [5] * 4
     np.testing.assert_array_equal(out.tokens, full[:, :5])
+
+
+def test_lockstep_full_cache_is_reported(tiny_hf, prompts):
+    """The lock-step reference (generate_pair's merged mode) counts one dense cache for all rows."""
+    ckpt = tiny_hf("dense_gqa")
+    full = _ours_greedy(ckpt, prompts).tokens
+    # The 32-slot bucket would leave too little room, so the 20-token prompt is padded
+    # to 20 only: 36 slots hold the prompt and 16 decoded tokens, and the 17th token is
+    # predicted from slot 35; then the cache is full.
+    out = generate_lockstep(ckpt.cfg, ckpt.params(), prompts, NEW, max_cache=36)
+    assert out.cache_full is True and out.finish_reasons == ["length"] * 4
+    assert out.lengths.tolist() == [17] * 4
+    np.testing.assert_array_equal(out.tokens[:, :17], full[:, :17])
 
 
 def test_sampling_seeded(tiny_hf, prompts):
@@ -295,7 +308,7 @@ def test_chat_prompt(tokenizer_dir):
 def test_bucket_padding_leaves_room_to_generate(tiny_hf):
     ckpt = tiny_hf("dense_tied")
     # 17 prompt tokens + 4 new tokens = 21 <= 24 slots: everything fits without padding.
-    out = dj.generate(ckpt.cfg, ckpt.params(), [list(range(1, 18))], 4, max_cache=24)
+    out = generate_lockstep(ckpt.cfg, ckpt.params(), [list(range(1, 18))], 4, max_cache=24)
     assert out.lengths.tolist() == [4] and out.cache_full is False
 
 

@@ -1,5 +1,5 @@
-"""One batch of prompts through a fresh engine: what `generate_pair`, `sweep` and the
-thinking-budget baseline run.
+"""One batch of prompts through a fresh engine: what `dj.generate`, `generate_pair`, `sweep`
+and the thinking-budget baseline run.
 
 The engine is sized for the batch: `max_rows` rows at a time, and a pool holding that
 many rows at their longest (prompt + max_new_tokens, within the context), rounded up to a
@@ -20,6 +20,8 @@ import numpy as np
 
 from dami_jax.engine.engine import Engine
 from dami_jax.errors import InputError
+from dami_jax.generate.decode import GenerateOutput
+from dami_jax.generate.sampling import Greedy
 
 MAX_ROWS = 64
 PAGE_SIZE = 16
@@ -51,3 +53,27 @@ def sized_engine(model, params, prompts, max_new_tokens, *, max_cache: int | Non
         kw = dict(kv_bytes=kv_bytes)
     return Engine(model, params, page_size=page_size, max_rows=max_rows, max_tokens_per_step=max_tokens_per_step,
                   max_context=context, reserve=kv_bytes is None, **kw)
+
+
+def generate(cfg, params, prompts: list[list[int]], max_new_tokens, sampling=Greedy(), seed: int = 0,
+             stop_tokens=None, lam=None, max_cache: int | None = None, row_ids=None, *,
+             max_rows: int | None = None, kv_bytes: int | None = None) -> GenerateOutput:
+    """Generate up to `max_new_tokens` for each prompt (a list of token ids) on one engine
+    sized for the batch (`sized_engine`): rows run until they stop, and a row that stops
+    early costs what it generated.
+
+    stop_tokens: ids ending a row (one list, or one list per row); default none, so rows
+    end at max_new_tokens (to stop at EOS pass `ModelPair.stop_tokens` or
+    `GenerationIds.from_hf(model_dir).eos`). lam: one λ per row (or one for all), for
+    delta-mode params (DESIGN 2.2). max_cache: tokens one sequence may hold, prompt
+    included (default: the model's context); a row that reaches it ends with "length" and
+    sets `cache_full`. row_ids: the id seeding each row's sampling (default 0..B-1), so a
+    row samples the same tokens whatever batch it is in. max_rows, kv_bytes: see
+    `sized_engine`. `generate.decode.generate_lockstep` is the lock-step reference.
+    """
+    if not prompts:
+        raise InputError("prompts is empty")
+    engine = sized_engine(cfg, params, prompts, max_new_tokens, max_cache=max_cache, max_rows=max_rows,
+                          kv_bytes=kv_bytes)
+    return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed,
+                           stop_tokens=() if stop_tokens is None else stop_tokens, row_ids=row_ids)

@@ -1,4 +1,6 @@
-"""Batched generation: left-padded prompt buckets, one prefill call, one jitted decode loop.
+"""Lock-step batched generation: left-padded prompt buckets, one prefill call, one jitted
+decode loop. The simple reference the engine is tested against (`dj.generate` runs on the
+engine), and what `generate_pair`'s merged mode runs.
 
 Rows advance in lock step. The decode loop is a `lax.while_loop` that stops when
 every row is done, the step limit is hit, or the KV cache is full; the cache is
@@ -161,7 +163,7 @@ def _output(state, max_new_tokens: int, cache_size: int) -> GenerateOutput:
                           cache_full=bool(int(index) >= cache_size and unfinished.any()))
 
 
-def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
+def generate_lockstep(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
              sampling=Greedy(), seed: int = 0, stop_tokens=None, lam=None,
              max_cache: int | None = None, row_ids=None) -> GenerateOutput:
     """Generate up to `max_new_tokens` for each prompt (a list of token ids).

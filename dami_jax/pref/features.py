@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dami_jax.generate.decode import bucket_length, generate, left_pad
+from dami_jax.engine.offline import generate
+from dami_jax.generate.decode import bucket_length, left_pad
 from dami_jax.models.qwen3 import hidden_states, resolve_layer
 from dami_jax.models.sharding import batch_sharding, param_shardings
 from dami_jax.pref.config import POOLINGS
@@ -51,14 +52,9 @@ def _features(cfg, params, tokens_bt, mask_bt, tail_b, *, layer: int, pooling: s
 
 def with_probe(cfg, params, prompts: list[list[int]], probe_tokens: int, batch: int, stop_tokens=None):
     """(prompt + the greedy answer of `params`, up to probe_tokens tokens or a stop id, per prompt;
-    probe lengths)."""
-    seqs, lengths = [], []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start: start + batch]
-        out = generate(cfg, params, chunk, probe_tokens, stop_tokens=stop_tokens)
-        seqs += [p + ids for p, ids in zip(chunk, out.token_lists())]
-        lengths += [int(n) for n in out.lengths]
-    return seqs, np.asarray(lengths, np.int32)
+    probe lengths). One engine, `batch` rows at a time."""
+    out = generate(cfg, params, prompts, probe_tokens, stop_tokens=stop_tokens, max_rows=batch)
+    return [p + ids for p, ids in zip(prompts, out.token_lists())], out.lengths.astype(np.int32)
 
 
 def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pooling: str = "last",
