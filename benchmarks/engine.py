@@ -13,7 +13,8 @@ Runners shipped:
   row cut at its own), which is exactly what lock step costs.
 - `engine`: `dj.Engine` (paged KV, continuous batching, decode bursts), at most `rows`
   rows at once; its pool holds the workload's `pool_tokens` per layer (default rows x the
-  longest request), rows admitted by the pages they hold and preempted if it runs out.
+  longest request), rows admitted by the pages they hold and preempted if it runs out. An
+  engine is built once per shape and kept between calls (building it zeroes its pool).
 - `hf_cb`: transformers' continuous batching (the manager under `model.generate_batch`,
   paged cache, `sdpa` attention, CPU), greedy only, single model (no λ): the peer.
 A runner that cannot serve a workload raises `Unsupported` (e.g. lockstep when its dense cache
@@ -254,8 +255,8 @@ def lockstep_runner(cfg, params) -> Runner:
         chunks = [reqs[start: start + work.rows] for start in range(0, len(reqs), work.rows)]
         need = max(dense_cache_bytes(cfg, chunk, itemsize) for chunk in chunks)
         if need > budget:
-            raise Unsupported(f"lockstep's dense KV cache needs {need / 1e9:.1f} GB, over its budget of "
-                              f"{budget / 1e9:.1f} GB (half the memory)")
+            raise Unsupported(f"lockstep's dense KV cache needs {need:,} B ({need / 1e9:.1f} GB), over its "
+                              f"budget of {budget:,} B ({budget / 1e9:.1f} GB, half the memory)")
         for chunk in chunks:
             lams = [r.lam for r in chunk]
             if any(x is None for x in lams) and any(x is not None for x in lams):
