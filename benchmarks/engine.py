@@ -12,10 +12,14 @@ Runners shipped:
   each chunk runs to its longest request (its max_new_tokens is the chunk's largest, each
   row cut at its own), which is exactly what lock step costs.
 - `engine`: `dj.Engine` (paged KV, continuous batching, decode bursts), at most `rows`
-  rows at once.
+  rows at once; its pool holds the workload's `pool_tokens` per layer (default rows x the
+  longest request), rows admitted by the pages they hold and preempted if it runs out. An
+  engine is built once per shape and kept between calls (building it zeroes its pool).
 - `hf_cb`: transformers' continuous batching (the manager under `model.generate_batch`,
   paged cache, `sdpa` attention, CPU), greedy only, single model (no λ): the peer.
-A runner that cannot serve a workload raises `Unsupported`; it shows as "-".
+A runner that cannot serve a workload raises `Unsupported` (e.g. lockstep when its dense cache
+would take more than half the memory it lives in); that runner and workload show as "-", the
+runner's other workloads still run, and no ratio is formed across the gap.
 
 How a row "stops by its Nth token" on random weights: greedy random models repeat one
 token forever, so no stop id can mark step N. Most workloads give each request its own
@@ -32,7 +36,13 @@ processed = prompt + generated tokens (equal tokens: the time ratio itself):
 - capacity is not cost: random pair, 8 rows, 256-token prompts, rows stopping by their
   41st token, max_new_tokens 8192 over 64. Target ≤ 1.2. Case capacity_0.6b (opt-in): Qwen3-0.6B
   shape, float32, 8 rows, 512-token prompts, rows stopping by token 128, a --big-capacity
-  (default 32K: prompt + max_new_tokens) over a 1K capacity; end to end, prefill included.
+  (default 32K: prompt + max_new_tokens) over a 1K capacity; end to end, prefill included. The
+  engine gets one pool for both: what the rows hold (8 x 1K tokens), or one request's full
+  capacity if larger (the engine refuses a request its pool could never hold). Lockstep's dense
+  cache at 32K (60 GB) is over its memory budget: Unsupported there.
+- a lone row in a big pool: single random model, 1 request (64-token prompt, 256 new tokens,
+  greedy), the engine's pool at 2^18 tokens per layer (1 GiB) over rows x longest (320 tokens):
+  a decode step must not touch the pool's unused pages. Target ≤ 1.2 (token ratio 1).
 - more requests than rows: 256 mixed-length requests, 32 rows, over the same generated
   tokens in 256 requests of one length. Target ≤ 1.2.
 - peer: single random model, 32 requests x 64 tokens and the mixed requests, tokens/s of
@@ -44,6 +54,7 @@ processed = prompt + generated tokens (equal tokens: the time ratio itself):
 
     nice python benchmarks/engine.py --json benchmarks/results/engine_cpu.json
     python benchmarks/engine.py --cases memory,peer                     # a subset
+    nice python benchmarks/engine.py --cases lone_row_big_pool,memory --no-hf
     nice python benchmarks/engine.py --cases capacity_0.6b,peer_0.6b --big-capacity 4096 \
         --json benchmarks/results/engine_0.6b_cpu.json
 """
@@ -69,7 +80,7 @@ import _common  # noqa: E402
 # quoted for transformers); vocabulary cut to 32K so the layers, not the lm_head, set the step time.
 SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
              num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
-CASES = ("time_follows_work", "capacity_not_cost", "more_requests_than_rows", "peer", "memory")
+CASES = ("time_follows_work", "capacity_not_cost", "more_requests_than_rows", "lone_row_big_pool", "peer", "memory")
 BIG_CASES = ("capacity_0.6b", "peer_0.6b")  # Qwen3-0.6B shape, float32: minutes each on 2 cores, so opt-in
 
 
@@ -78,7 +89,8 @@ def log(msg: str) -> None:
 
 
 class Unsupported(Exception):
-    """A runner that cannot serve a workload (e.g. λ or sampling on the single-model peer)."""
+    """A runner that cannot serve a workload (λ or sampling on the single-model peer, a dense cache
+    over the memory budget)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +108,7 @@ class Workload:
     rows: int  # rows decoded at once: the lock-step batch, the engine's row cap
     sampling: object = None  # dj.Greedy() when None
     seed: int = 0
+    pool_tokens: int | None = None  # engine only: tokens per layer its KV pool holds; None: rows x longest
 
     def processed_tokens(self, lengths) -> int:
         return int(sum(len(r.prompt) for r in self.requests) + sum(lengths))
@@ -150,8 +163,9 @@ def more_requests_than_rows(vocab: int, rng, lam=True) -> Case:
 
 
 def capacity_not_cost(cfg, params, rng, name: str, model: str, rows: int, prompt_len: int, stop_by: int,
-                      budgets: tuple[int, int], lam: float | None) -> Case:
-    """Rows stop by `stop_by` tokens through stop ids picked from a sampled trace of today's path."""
+                      budgets: tuple[int, int], lam: float | None, pool_tokens: int | None = None) -> Case:
+    """Rows stop by `stop_by` tokens through stop ids picked from a sampled trace of today's path.
+    pool_tokens: the engine's pool under both budgets (None: each budget's rows x longest)."""
     import dami_jax as dj
 
     prompts = random_prompts(rng, cfg.vocab_size, [prompt_len] * rows)
@@ -163,14 +177,30 @@ def capacity_not_cost(cfg, params, rng, name: str, model: str, rows: int, prompt
         last_new = max(j for j in range(stop_by) if toks[j] not in toks[:j])
         requests.append(Request(p, 0, stop_tokens=(int(toks[last_new]),), lam=lam, row_id=i))
     big, small = budgets
-    return Case(name, model, {f"max_new {big}": _budget(requests, big, rows, sampling),
-                              f"max_new {small}": _budget(requests, small, rows, sampling)},
+    pool = "" if pool_tokens is None else f"; engine pool {pool_tokens} tokens per layer under both"
+    return Case(name, model, {f"max_new {big}": _budget(requests, big, rows, sampling, pool_tokens),
+                              f"max_new {small}": _budget(requests, small, rows, sampling, pool_tokens)},
                 target=1.2, note=f"{rows} rows, {prompt_len}-token prompts, sampled (T=1), each row stops by "
-                                 f"token {stop_by} on its own stop id")
+                                 f"token {stop_by} on its own stop id{pool}")
 
 
-def _budget(requests, max_new: int, rows: int, sampling) -> Workload:
-    return Workload(tuple(dataclasses.replace(r, max_new_tokens=max_new) for r in requests), rows, sampling)
+def _budget(requests, max_new: int, rows: int, sampling, pool_tokens: int | None) -> Workload:
+    return Workload(tuple(dataclasses.replace(r, max_new_tokens=max_new) for r in requests), rows, sampling,
+                    pool_tokens=pool_tokens)
+
+
+def lone_row_big_pool(cfg, rng, pool_tokens: int = 2 ** 18) -> Case:
+    """One decoding row, the engine's pool sized to it vs a large one: the pool's unused pages must cost
+    nothing (a cache write that makes XLA copy the pool would cost a pool copy per layer and step)."""
+    work = Workload((Request(random_prompts(rng, cfg.vocab_size, [64])[0], 256),), rows=1)
+    fitted = 64 + 256
+    gib = pool_tokens * kv_bytes_per_token(cfg, 4) / 2 ** 30
+    return Case("lone row, big pool", "single",
+                {f"pool {pool_tokens}": dataclasses.replace(work, pool_tokens=pool_tokens),
+                 f"pool {fitted}": work},
+                target=1.2, note=f"1 request, 64-token prompt, 256 new tokens, greedy; engine pool {pool_tokens} "
+                                 f"tokens per layer ({gib:.2g} GiB float32) over rows x longest ({fitted}); "
+                                 f"lockstep and hf_cb ignore the pool (same work twice: ratio ~1 by construction)")
 
 
 def peer_cases(vocab: int, rng, model: str = "single") -> list[Case]:
@@ -186,15 +216,48 @@ def peer_cases(vocab: int, rng, model: str = "single") -> list[Case]:
 # ---------------------------------------------------------------------------
 # Runners.
 
+def kv_bytes_per_token(cfg, itemsize: int) -> int:
+    """Keys and values of one token over all layers."""
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def memory_budget() -> int:
+    """Half the memory a cache would live in: the accelerator's, or on CPU the host's RAM."""
+    import jax
+
+    total = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    return (total or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+
+
+def dense_cache_bytes(cfg, chunk, itemsize: int) -> int:
+    """dj.generate's KV cache for one chunk: rows x (prompt bucket + max_new_tokens, within the context)."""
+    from dami_jax.generate.decode import bucket_length
+
+    longest, new = max(len(r.prompt) for r in chunk), max(r.max_new_tokens for r in chunk)
+    context = cfg.max_position_embeddings
+    slots = min(bucket_length(longest, max(longest, context - new)) + new, context)
+    return len(chunk) * slots * kv_bytes_per_token(cfg, itemsize)
+
+
 def lockstep_runner(cfg, params) -> Runner:
-    """Today's path: dj.generate (dense cache), `rows` requests at a time, each chunk to its longest."""
+    """Today's path: dj.generate (dense cache), `rows` requests at a time, each chunk to its longest.
+    Unsupported when a chunk's dense cache would exceed `memory_budget()`."""
+    import jax
+
     import dami_jax as dj
+
+    itemsize = jax.tree.leaves(params)[0].dtype.itemsize
+    budget = memory_budget()
 
     def run(work: Workload) -> list:
         out = []
         reqs = work.requests
-        for start in range(0, len(reqs), work.rows):
-            chunk = reqs[start: start + work.rows]
+        chunks = [reqs[start: start + work.rows] for start in range(0, len(reqs), work.rows)]
+        need = max(dense_cache_bytes(cfg, chunk, itemsize) for chunk in chunks)
+        if need > budget:
+            raise Unsupported(f"lockstep's dense KV cache needs {need:,} B ({need / 1e9:.1f} GB), over its "
+                              f"budget of {budget:,} B ({budget / 1e9:.1f} GB, half the memory)")
+        for chunk in chunks:
             lams = [r.lam for r in chunk]
             if any(x is None for x in lams) and any(x is not None for x in lams):
                 raise ValueError("a chunk mixes pair (λ) and single-model requests")
@@ -210,16 +273,36 @@ def lockstep_runner(cfg, params) -> Runner:
 
 
 def engine_runner(cfg, params) -> Runner:
-    """dj.Engine: paged KV (16-token pages, a pool holding `rows` requests of the longest length),
-    continuous batching with at most `rows` rows and 256 tokens a step."""
+    """dj.Engine: paged KV (16-token pages, a pool of the workload's pool_tokens per layer, by default
+    `rows` requests of the longest length; no reserve: rows hold the pages they fill and the youngest is
+    preempted if the pool runs out), continuous batching with at most `rows` rows and 256 tokens a step.
+    An engine is built once per shape and kept, as a long-running user would (building zeroes the pool:
+    0.6 s for 1 GiB here, not a per-request cost), while the kept pools fit in `memory_budget()`; past
+    that the oldest are dropped, and a rebuilt engine's pool allocation is timed with its call."""
+    import jax
+
     import dami_jax as dj
+
+    page = 16
+    page_bytes = page * kv_bytes_per_token(cfg, jax.tree.leaves(params)[0].dtype.itemsize)
+    budget = memory_budget()
+    kept: dict[tuple, object] = {}  # (rows, pool pages, longest) -> Engine, oldest first
+
+    def engine(rows: int, pool_pages: int, longest: int):
+        key = (rows, pool_pages, longest)
+        if key not in kept:
+            while kept and (sum(k[1] for k in kept) + pool_pages) * page_bytes > budget:
+                log(f"  engine: dropping the kept engine {next(iter(kept))} to fit a pool of {pool_pages} pages")
+                del kept[next(iter(kept))]
+            kept[key] = dj.Engine(cfg, params, num_pages=pool_pages + 1, page_size=page,  # + the null page
+                                  max_rows=rows, max_tokens_per_step=256, max_context=longest)
+        return kept[key]
 
     def run(work: Workload) -> list:
         reqs = work.requests
         longest = max(len(r.prompt) + r.max_new_tokens for r in reqs)
-        page = 16
-        eng = dj.Engine(cfg, params, num_pages=work.rows * -(-longest // page) + 1, page_size=page,
-                        max_rows=work.rows, max_tokens_per_step=256, max_context=longest)
+        pool_pages = work.rows * -(-longest // page) if work.pool_tokens is None else -(-work.pool_tokens // page)
+        eng = engine(work.rows, pool_pages, longest)
         lams = [r.lam for r in reqs]
         res = eng.generate([list(r.prompt) for r in reqs], [r.max_new_tokens for r in reqs],
                            lam=None if lams[0] is None else lams, sampling=work.sampling or dj.Greedy(),
@@ -270,25 +353,28 @@ def hf_cb_runner(model) -> Runner:
 
 def time_case(case: Case, runners: dict, repeats: int) -> dict:
     """Per runner and workload: min seconds over `repeats` rounds after a warm-up call, runners
-    and workloads taking turns within a round (so a change of load hits all alike)."""
+    and workloads taking turns within a round (so a change of load hits all alike). A workload
+    a runner cannot serve is {"unsupported": why}; its other workloads still run."""
     out = {}
     for name, run in runners.items():
-        try:
-            out[name] = {}
-            for label, work in case.workloads.items():
-                t = time.perf_counter()
+        out[name] = {}
+        for label, work in case.workloads.items():
+            t = time.perf_counter()
+            try:
                 tokens = run(work)
-                lengths = [len(x) for x in tokens]
-                out[name][label] = dict(warmup_s=time.perf_counter() - t, all_s=[], lengths=lengths,
-                                        generated=int(sum(lengths)), processed=work.processed_tokens(lengths),
-                                        tokens=tokens)
-                log(f"  {name} / {label}: warm-up {out[name][label]['warmup_s']:.1f} s")
-        except Unsupported as e:
-            out[name] = {"unsupported": str(e)}
+            except Unsupported as e:
+                out[name][label] = {"unsupported": str(e)}
+                log(f"  {name} / {label}: unsupported: {e}")
+                continue
+            lengths = [len(x) for x in tokens]
+            out[name][label] = dict(warmup_s=time.perf_counter() - t, all_s=[], lengths=lengths,
+                                    generated=int(sum(lengths)), processed=work.processed_tokens(lengths),
+                                    tokens=tokens)
+            log(f"  {name} / {label}: warm-up {out[name][label]['warmup_s']:.1f} s")
     for _ in range(repeats):
         for name, run in runners.items():
             for label, work in case.workloads.items():
-                if "unsupported" in out[name]:
+                if "unsupported" in out[name][label]:
                     continue
                 t = time.perf_counter()
                 run(work)
@@ -296,39 +382,48 @@ def time_case(case: Case, runners: dict, repeats: int) -> dict:
                 log(f"  {name} / {label}: {out[name][label]['all_s'][-1]:.2f} s")
     for name, per in out.items():
         for label, r in per.items():
-            if label == "unsupported":
+            if "unsupported" in r:
                 continue
-            ref = out["lockstep"][label]["tokens"]
-            r["same_tokens_as_lockstep"] = float(np.mean([np.array_equal(a, b) for a, b in zip(r["tokens"], ref)]))
+            ref = out.get("lockstep", {}).get(label, {}).get("tokens")  # None where lockstep did not run
+            r["same_tokens_as_lockstep"] = (None if ref is None else
+                                            float(np.mean([np.array_equal(a, b) for a, b in zip(r["tokens"], ref)])))
             r["s"] = min(r["all_s"]) if r["all_s"] else r["warmup_s"]
             r["tok_s"] = r["generated"] / r["s"]
             log(f"  {case.name} / {name} / {label}: {r['s']:.2f} s, {r['generated']} generated "
                 f"({r['processed']} processed), {r['tok_s']:.0f} tok/s (warm-up {r['warmup_s']:.1f} s)")
     for per in out.values():
         for r in per.values():
-            if isinstance(r, dict):
-                del r["tokens"]
+            r.pop("tokens", None)
     return out
 
 
 def summarize(case: Case, timed: dict) -> dict:
-    """Per runner: time ratio, processed-token ratio, their quotient (the figure) for two-workload cases."""
+    """Per runner: tok/s and the ratio to lockstep per workload (None where either did not run), and
+    for two-workload cases the time ratio, processed-token ratio and their quotient (the figure), None
+    unless the runner ran both. None for a runner that ran no workload."""
     labels = list(case.workloads)
+    lock = timed.get("lockstep", {})
     out = {}
     for name, per in timed.items():
-        if "unsupported" in per:
+        ran = {lab: r for lab, r in per.items() if "unsupported" not in r}
+        if not ran:
             out[name] = None
             continue
-        s = {"tok_s": {lab: per[lab]["tok_s"] for lab in labels},
-             "vs_lockstep": per[labels[0]]["tok_s"] / timed["lockstep"][labels[0]]["tok_s"],
-             "same_tokens_as_lockstep": min(per[lab]["same_tokens_as_lockstep"] for lab in labels)}
+        same = [r["same_tokens_as_lockstep"] for r in ran.values() if r["same_tokens_as_lockstep"] is not None]
+        s = {"tok_s": {lab: ran[lab]["tok_s"] if lab in ran else None for lab in labels},
+             "vs_lockstep": {lab: ran[lab]["tok_s"] / lock[lab]["tok_s"]
+                             if lab in ran and "tok_s" in lock.get(lab, {}) else None for lab in labels},
+             "same_tokens_as_lockstep": min(same) if same else None,
+             "unsupported": {lab: r["unsupported"] for lab, r in per.items() if lab not in ran}}
         if len(labels) == 2:
-            a, b = (per[lab] for lab in labels)
-            s["time_ratio"] = a["s"] / b["s"]
-            s["token_ratio"] = a["processed"] / b["processed"]
-            s["generated_ratio"] = a["generated"] / b["generated"]
-            s["figure"] = s["time_ratio"] / s["token_ratio"]
-            s["meets_target"] = s["figure"] <= case.target if case.target else None
+            s.update(time_ratio=None, token_ratio=None, generated_ratio=None, figure=None, meets_target=None)
+            if len(ran) == 2:
+                a, b = (per[lab] for lab in labels)
+                s["time_ratio"] = a["s"] / b["s"]
+                s["token_ratio"] = a["processed"] / b["processed"]
+                s["generated_ratio"] = a["generated"] / b["generated"]
+                s["figure"] = s["time_ratio"] / s["token_ratio"]
+                s["meets_target"] = s["figure"] <= case.target if case.target else None
         out[name] = s
     return out
 
@@ -418,7 +513,7 @@ def main(argv=None) -> int:
 
     load_start = os.getloadavg()[0]
     need = {"pair"} if set(chosen) & {"time_follows_work", "capacity_not_cost", "more_requests_than_rows"} else set()
-    need |= {"single"} if "peer" in chosen else set()
+    need |= {"single"} if set(chosen) & {"peer", "lone_row_big_pool"} else set()
     need |= {"big"} if set(chosen) & set(BIG_CASES) else set()
     models = make_models(need, "float32", args.big_capacity + 1)
     vocab = SMALL["vocab_size"]
@@ -432,11 +527,16 @@ def main(argv=None) -> int:
                                        rows=8, prompt_len=256, stop_by=41, budgets=(8192, 64), lam=0.5))
     if "capacity_0.6b" in chosen:
         cfg, params = models["big"]
+        # One pool for both budgets, sized for what 8 rows of 1K hold; at least one request's full
+        # capacity, since the engine refuses a request its pool could never hold.
         cases.append(capacity_not_cost(cfg, params, np.random.default_rng(3), "capacity is not cost (0.6B)", "big",
                                        rows=8, prompt_len=512, stop_by=128,
-                                       budgets=(args.big_capacity - 512, 1024 - 512), lam=None))
+                                       budgets=(args.big_capacity - 512, 1024 - 512), lam=None,
+                                       pool_tokens=max(8 * 1024, args.big_capacity)))
     if "more_requests_than_rows" in chosen:
         cases.append(more_requests_than_rows(vocab, np.random.default_rng(4)))
+    if "lone_row_big_pool" in chosen:
+        cases.append(lone_row_big_pool(models["single"][0], np.random.default_rng(7)))
     if "peer" in chosen:
         cases += peer_cases(vocab, np.random.default_rng(5))
     if "peer_0.6b" in chosen:
@@ -449,6 +549,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         timed = time_case(case, runners_by_model[case.model], args.repeats)
         results.append(dict(case=case.name, model=case.model, note=case.note, target=case.target,
+                            workloads=list(case.workloads),
                             wall_s=time.perf_counter() - t0, summary=summarize(case, timed), timed=timed))
     memory = memory_case() if "memory" in chosen else None
     report(args, results, memory, load_start)
@@ -457,20 +558,25 @@ def main(argv=None) -> int:
 
 def report(args, results: list[dict], memory: dict | None, load_start: float) -> None:
     columns = ["case", "runner", "time ratio", "token ratio", "figure", "target", "tok/s (each workload)",
-               "x lockstep", "same tokens", "wall s"]
-    rows = []
+               "x lockstep (each)", "same tokens", "wall s"]
+
+    def each(values: dict, fmt: str) -> str:
+        return " / ".join("-" if v is None else format(v, fmt) for v in values.values())
+
+    rows, notes = [], []
     for r in results:
+        notes.append(f"{r['case']}: {r['note']}; workloads {' / '.join(r['workloads'])}")
         for name, s in r["summary"].items():
+            for label, why in ({} if s is None else s["unsupported"]).items():
+                notes.append(f"  {name} / {label}: unsupported ({why})")
             if s is None:
                 rows.append([r["case"], name, None, None, None, r["target"], "unsupported", None, None, None])
                 continue
-            rates = " / ".join(f"{v:.0f}" for v in s["tok_s"].values())
             rows.append([r["case"], name, s.get("time_ratio"), s.get("token_ratio"), s.get("figure"),
-                         r["target"], rates, s["vs_lockstep"], s["same_tokens_as_lockstep"], r["wall_s"]])
-    notes = [f"{r['case']}: {r['note']}; workloads {' / '.join(r['timed'][next(iter(r['timed']))])}"
-             if "unsupported" not in r["timed"][next(iter(r["timed"]))] else r["note"] for r in results]
+                         r["target"], each(s["tok_s"], ".0f"), each(s["vs_lockstep"], ".2f"),
+                         s["same_tokens_as_lockstep"], r["wall_s"]])
     notes.append("figure = time ratio / processed-token ratio (prompt + generated); lower is better; "
-                 "lock step ~ time ratio 1 whatever the work")
+                 "lock step ~ time ratio 1 whatever the work; '-': not run (unsupported) or nothing to compare")
     if memory:
         m = memory
         notes.append(
