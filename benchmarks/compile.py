@@ -1,7 +1,8 @@
-"""Compile time of generate's programs, unrolled layers vs `scan_layers`, from abstract params.
+"""Compile time of the lock-step generator's programs, unrolled layers vs `scan_layers`, from
+abstract params.
 
 No weights are made: params are `qwen3.abstract_params` ShapeDtypeStructs, and
-the two programs `dj.generate` runs are lowered and compiled exactly as it
+the two programs `generate_lockstep` runs are lowered and compiled exactly as it
 builds them (generate/decode.py `_compiled`):
   * prefill: a left-padded prompt bucket into a fresh KV cache, the first token;
   * decode: the jitted while_loop of one-token steps over the cache (the step

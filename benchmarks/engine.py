@@ -7,8 +7,8 @@ stop token included), built once per model; this script times every runner on ev
 workload in one process, interleaved, and prints one table of ratios between workloads.
 
 Runners shipped:
-- `lockstep`: `dj.generate` over a dense cache (what `dj.generate_pair` ran in delta mode
-  before the engine; the pair's λ per row). Requests go in order in chunks of `rows`;
+- `lockstep`: `generate.decode.generate_lockstep` over a dense cache (what `dj.generate` and
+  `dj.generate_pair` in delta mode ran before the engine; the pair's λ per row). Requests go in order in chunks of `rows`;
   each chunk runs to its longest request (its max_new_tokens is the chunk's largest, each
   row cut at its own), which is exactly what lock step costs.
 - `engine`: `dj.Engine` (paged KV, continuous batching, decode bursts), at most `rows`
@@ -167,10 +167,11 @@ def capacity_not_cost(cfg, params, rng, name: str, model: str, rows: int, prompt
     """Rows stop by `stop_by` tokens through stop ids picked from a sampled trace of today's path.
     pool_tokens: the engine's pool under both budgets (None: each budget's rows x longest)."""
     import dami_jax as dj
+    from dami_jax.generate.decode import generate_lockstep
 
     prompts = random_prompts(rng, cfg.vocab_size, [prompt_len] * rows)
     sampling = dj.Sample(temperature=1.0)
-    trace = dj.generate(cfg, params, [list(p) for p in prompts], stop_by, sampling=sampling, seed=0,
+    trace = generate_lockstep(cfg, params, [list(p) for p in prompts], stop_by, sampling=sampling, seed=0,
                         lam=None if lam is None else [lam] * rows).tokens
     requests = []
     for i, (p, toks) in enumerate(zip(prompts, trace)):
@@ -230,7 +231,7 @@ def memory_budget() -> int:
 
 
 def dense_cache_bytes(cfg, chunk, itemsize: int) -> int:
-    """dj.generate's KV cache for one chunk: rows x (prompt bucket + max_new_tokens, within the context)."""
+    """The lock-step KV cache for one chunk: rows x (prompt bucket + max_new_tokens, within the context)."""
     from dami_jax.generate.decode import bucket_length
 
     longest, new = max(len(r.prompt) for r in chunk), max(r.max_new_tokens for r in chunk)
@@ -240,11 +241,12 @@ def dense_cache_bytes(cfg, chunk, itemsize: int) -> int:
 
 
 def lockstep_runner(cfg, params) -> Runner:
-    """Today's path: dj.generate (dense cache), `rows` requests at a time, each chunk to its longest.
+    """The lock-step path (dense cache), `rows` requests at a time, each chunk to its longest.
     Unsupported when a chunk's dense cache would exceed `memory_budget()`."""
     import jax
 
     import dami_jax as dj
+    from dami_jax.generate.decode import generate_lockstep
 
     itemsize = jax.tree.leaves(params)[0].dtype.itemsize
     budget = memory_budget()
@@ -262,7 +264,7 @@ def lockstep_runner(cfg, params) -> Runner:
             if any(x is None for x in lams) and any(x is not None for x in lams):
                 raise ValueError("a chunk mixes pair (λ) and single-model requests")
             stops = [list(r.stop_tokens) for r in chunk]
-            res = dj.generate(cfg, params, [list(r.prompt) for r in chunk], max(r.max_new_tokens for r in chunk),
+            res = generate_lockstep(cfg, params, [list(r.prompt) for r in chunk], max(r.max_new_tokens for r in chunk),
                               sampling=work.sampling or dj.Greedy(), seed=work.seed,
                               stop_tokens=stops if any(stops) else None,
                               lam=None if lams[0] is None else lams, row_ids=[r.row_id for r in chunk])
