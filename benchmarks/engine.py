@@ -164,7 +164,7 @@ def more_requests_than_rows(vocab: int, rng, lam=True) -> Case:
 
 def capacity_not_cost(cfg, params, rng, name: str, model: str, rows: int, prompt_len: int, stop_by: int,
                       budgets: tuple[int, int], lam: float | None, pool_tokens: int | None = None) -> Case:
-    """Rows stop by `stop_by` tokens through stop ids picked from a sampled trace of today's path.
+    """Rows stop by `stop_by` tokens through stop ids picked from a sampled lock-step trace.
     pool_tokens: the engine's pool under both budgets (None: each budget's rows x longest)."""
     import dami_jax as dj
     from dami_jax.generate.decode import generate_lockstep
