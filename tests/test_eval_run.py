@@ -126,15 +126,16 @@ def test_greedy_instruct_rows_reuse_the_conf_probe(toy, monkeypatch):
         return generate_pair(pair, prompts, lam, n, **kw)
 
     monkeypatch.setattr(execute, "generate_pair", counted)
-    out, chosen = execute.answer(pair, policy, prompts, cfg.max_new_tokens, max_rows=8)
+    size = cfg.engine_size()  # the module's engine (12 rows): its programs are compiled already
+    out, chosen = execute.answer(pair, policy, prompts, cfg.max_new_tokens, **size)
     reused = [i for i, ids in enumerate(execute.reusable_answers(chosen, Greedy(), cfg.max_new_tokens))
               if ids is not None]
     assert reused and len(reused) < len(prompts)  # both kinds of rows are in the batch
     assert all(chosen.lam[i] == 0.0 for i in reused) and calls == [len(prompts) - len(reused)]
-    want = generate_pair(pair, prompts, chosen.lam, cfg.max_new_tokens, max_rows=8)
+    want = generate_pair(pair, prompts, chosen.lam, cfg.max_new_tokens, **size)
     assert out.token_lists() == want.token_lists() and out.finish_reasons == want.finish_reasons
     np.testing.assert_array_equal(out.lengths, want.lengths)
     # Sampled rows are generated: a probe is greedy.
     calls.clear()
-    execute.answer(pair, policy, prompts, cfg.max_new_tokens, sampling=Sample(0.7), max_rows=8)
+    execute.answer(pair, policy, prompts, cfg.max_new_tokens, sampling=Sample(0.7), **size)
     assert calls == [len(prompts)]

@@ -390,9 +390,10 @@ def test_pipeline_runs_and_resumes_on_the_toy_pair(tmp_path, monkeypatch):
     from dami_jax.pref.pipeline import run
 
     _toy_pair()
+    # eval_prompts=24: the eval's engine then has the rollouts' shape (24 rows) and reuses its programs
     cfg = load_pref_config(os.path.join(ROOT, "configs", "pref_toy.yaml"), [
         "train_prompts=12", "n_samples=1", "lam_grid=[0.0, 1.0]", "max_new_tokens=8", "rollout_batch=12",
-        "steps=6", "batch_size=8", "log_every=2", "eval_every=3", "checkpoint_every=3", "eval_prompts=6",
+        "steps=6", "batch_size=8", "log_every=2", "eval_every=3", "checkpoint_every=3", "eval_prompts=24",
         "heldout_share=0.25"])
     report = run(cfg, str(tmp_path / "out"), progress=False)
     assert report["eval"]["policies"]["static:1"]["mean_tokens"] <= 8

@@ -52,10 +52,14 @@ def test_probe_features_average_the_greedy_answer(pair):
                           stop_tokens=stop)
     out = dj.generate(TINY, pair.instruct, prompts, 5, stop_tokens=stop)
     assert out.lengths[0] <= 2
+    width = max(len(p) + len(ids) for p, ids in zip(prompts, out.token_lists()))
     for i, (p, ids) in enumerate(zip(prompts, out.token_lists())):
-        seq = p + ids  # one row, no padding: h over prompt + probe, mean over the probe's positions
-        h = hidden_states(TINY, pair.instruct, jnp.asarray([seq]), jnp.ones((1, len(seq)), jnp.int32), layer=1)
-        np.testing.assert_allclose(got[i], np.asarray(h)[0, len(p):].mean(0), atol=1e-5)
+        # one row, no padding: h over prompt + probe, mean over the probe's positions. Filler tokens
+        # after the row give every row one shape (one compile); causal attention keeps them out of h.
+        seq = p + ids
+        row = seq + [2] * (width - len(seq))
+        h = hidden_states(TINY, pair.instruct, jnp.asarray([row]), jnp.ones((1, width), jnp.int32), layer=1)
+        np.testing.assert_allclose(got[i], np.asarray(h)[0, len(p):len(seq)].mean(0), atol=1e-5)
     plain = prompt_features(TINY, pair.instruct, prompts, layer=1, pooling="mean")
     assert np.abs(got - plain).max() > 1e-3  # the probe changes what is pooled
 

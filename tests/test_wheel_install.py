@@ -71,7 +71,9 @@ def test_the_venv_imports_the_wheel_not_the_repository(venv):
 
 def test_demo_and_eval_from_an_empty_folder(venv):
     bin_dir, env, work = venv
-    out = _run([str(bin_dir / "dami"), "demo", "--per-k", "2"], cwd=work, env=env)
+    # 3 per k: the refined λ grid's 72 rows then fill the engine's 64-row shape like the main grid's,
+    # so both grids run one set of compiled programs (2 per k compiled a second set for 48 rows)
+    out = _run([str(bin_dir / "dami"), "demo", "--per-k", "3"], cwd=work, env=env)
     assert "held-out problems" in out, out
     _run([str(bin_dir / "dami"), "eval", "--pair", "toy", "--bench", "toy", "--limit", "12", "--out",
           str(work / "eval")], cwd=work, env=env)
