@@ -25,7 +25,7 @@ How a row "stops by its Nth token" on random weights: greedy random models repea
 token forever, so no stop id can mark step N. Most workloads give each request its own
 max_new_tokens = N and no stop id. "Capacity is not cost" needs a large max_new_tokens
 with rows that stop early, so it samples (temperature 1, per-(seed, row, step) keys,
-which the engine keeps) and picks, from a trace of today's path, each row's stop id:
+which the engine keeps) and picks, from a lock-step trace, each row's stop id:
 the last token among its first N that had not appeared before it, so the row ends there
 (at most N tokens; lengths are checked equal across budgets and runners).
 
