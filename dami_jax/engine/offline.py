@@ -76,4 +76,4 @@ def generate(cfg, params, prompts: list[list[int]], max_new_tokens, sampling=Gre
     engine = sized_engine(cfg, params, prompts, max_new_tokens, max_cache=max_cache, max_rows=max_rows,
                           kv_bytes=kv_bytes)
     return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed,
-                           stop_tokens=() if stop_tokens is None else stop_tokens, row_ids=row_ids)
+                           stop_tokens=stop_tokens, row_ids=row_ids)  # None: Engine(cfg, ...) has no stop ids
