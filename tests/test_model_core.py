@@ -124,7 +124,9 @@ def test_scanned_equals_unrolled(tiny_hf, all_moe, layout):
             np.testing.assert_allclose(np.asarray(qwen3.hidden_states(scan, stacked, tokens, mask, layer))[real],
                                        np.asarray(h)[real], rtol=0, atol=ATOL)
         prompts = random_prompts(cfg.vocab_size, LENGTHS, seed=8)
-        x, y = dj.generate(cfg, params, prompts, NEW), dj.generate(scan, stacked, prompts, NEW)
+        # The engine with scanned layers against the lock-step reference with unrolled ones: one
+        # engine compile per mode (an unrolled engine's programs took ~2 min of this test to compile).
+        x, y = generate_lockstep(cfg, params, prompts, NEW), dj.generate(scan, stacked, prompts, NEW)
         np.testing.assert_array_equal(x.tokens, y.tokens)
         # Delta mode: delta_params of stacked params is the stacked delta; (2, L, ...) leaves.
         delta, lam = _delta(params)
@@ -135,7 +137,7 @@ def test_scanned_equals_unrolled(tiny_hf, all_moe, layout):
         a = np.asarray(dj.forward(cfg, delta, tokens, mask, lam=lam))
         np.testing.assert_allclose(np.asarray(dj.forward(scan, sdelta, tokens, mask, lam=lam))[real], a[real],
                                    rtol=0, atol=ATOL)
-        x, y = (dj.generate(c, p, prompts, NEW, lam=lam) for c, p in ((cfg, delta), (scan, sdelta)))
+        x, y = generate_lockstep(cfg, delta, prompts, NEW, lam=lam), dj.generate(scan, sdelta, prompts, NEW, lam=lam)
         np.testing.assert_array_equal(x.tokens, y.tokens)
 
 
