@@ -42,13 +42,13 @@ def _merge(args) -> None:
 
 
 def _generate(args) -> None:
-    from dami_jax.eval.pairs import open_pair
+    from dami_jax.eval.pairs import check_policy, open_pair
     from dami_jax.generate import Greedy, Sample, chat_prompt, split_thinking
     from dami_jax.policies.base import build_policy
     from dami_jax.policies.execute import answer
 
     pair_cfg = _pair_config(args)
-    spec = _checked_policies([args.policy], pair_cfg)[0]
+    spec = check_policy(args.policy, pair_cfg)  # the pair config's own (conf: its calibration), checked
     pair = open_pair(pair_cfg)
     policy = build_policy(spec, pair)
     prompts = [chat_prompt(pair.tokenizer, q) for q in args.prompt]
