@@ -80,22 +80,16 @@ def _pair_config(args):
     return load_pair_config(args.pair, args.set)
 
 
-def _checked_policies(specs: list[str], pair_cfg) -> list[str]:
-    """Policy specs expanded to the pair's artifacts and built without the pair (before any load)."""
-    from dami_jax.eval.pairs import check_policies
-
-    check_policies(specs, pair_cfg)
-    return [s.strip() for s in specs]
-
-
 def _run_policies(args, policies: list[str]) -> None:
-    from dami_jax.eval.pairs import open_pair
+    from dami_jax.eval.pairs import check_policies, open_pair
     from dami_jax.eval.run import load_problems, run_eval
 
-    # Everything that can be wrong is found before the pair loads: the config, the policies, the
-    # benchmarks (each is read here; run_eval reads it again from the file or the datasets cache).
+    # Everything that can be wrong is found before the pair loads: the config, the policies (built
+    # without the pair, their files read), the benchmarks (each is read here; run_eval reads it
+    # again, from the file or the datasets cache).
     pair_cfg = _pair_config(args)
-    policies = _checked_policies(policies, pair_cfg)
+    policies = [p.strip() for p in policies]
+    check_policies(policies, pair_cfg)
     benches = [b.strip() for b in args.bench.split(",")]
     for bench in benches:
         load_problems(bench, args.limit)
@@ -340,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_pair_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of every command that loads a pair (eval, sweep, calibrate, generate, serve)."""
+    """The arguments of every command that loads a pair (eval, sweep, calibrate, generate, serve):
+    the one place to add what they all share."""
     p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="pair config override, e.g. dtype=float32 or conf.rho=0.7 (repeatable)")

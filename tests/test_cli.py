@@ -16,6 +16,7 @@ from dami_jax.cli import build_parser, main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREF_TOY = os.path.join(ROOT, "configs", "pref_toy.yaml")
 DESIGN_COMMANDS = {"convert", "merge", "sweep", "eval", "demo", "train-pref", "serve"}
+PAIR_COMMANDS = {"eval", "sweep", "calibrate", "generate", "serve"}
 
 
 def _commands() -> list[str]:
@@ -46,6 +47,8 @@ def test_help(command, capsys, monkeypatch):
     assert expected in out, out
     if command == "serve":
         assert "--api-key" in out
+    if command in PAIR_COMMANDS:  # one pair config for every command that loads a pair
+        assert "--pair PAIR" in out and "--set KEY=VALUE" in out, out
 
 
 @pytest.mark.parametrize("argv, message", [
