@@ -181,9 +181,10 @@ def _serve(args) -> None:
     serve_main(args.rest)
 
 
-def _read_prompts(path: str) -> list[str]:
-    """A JSONL file with a "question" per row, or plain text, one prompt per line."""
-    questions = []
+def _read_prompts(path: str) -> tuple[list[str], list[int] | None]:
+    """Calibration prompts: JSONL rows with a "question" (and, on every row or none, an
+    "instruct_wrong" 0/1 label), or plain text, one prompt per line. (questions, labels or None)."""
+    questions, labels = [], []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -198,10 +199,16 @@ def _read_prompts(path: str) -> list[str]:
             if not isinstance(row.get("question"), str) or not row["question"].strip():
                 raise InputError(f"{path} line {lineno}: expected a non-empty string field 'question', "
                                  f"got fields {sorted(row)}")
+            if "instruct_wrong" in row:
+                if row["instruct_wrong"] not in (0, 1):
+                    raise InputError(f"{path} line {lineno}: instruct_wrong must be 0 or 1, got {row['instruct_wrong']!r}")
+                labels.append(int(row["instruct_wrong"]))
             questions.append(row["question"])
     if len(questions) < 2:
         raise InputError(f"{path}: calibration needs >= 2 prompts, found {len(questions)}")
-    return questions
+    if labels and len(labels) != len(questions):
+        raise InputError(f"{path}: {len(labels)} of {len(questions)} prompts carry instruct_wrong; label all or none")
+    return questions, labels or None
 
 
 def _calibrate(args) -> None:
@@ -218,8 +225,9 @@ def _calibrate(args) -> None:
     out_path = args.out or pair_cfg.conf_calibration
     if not out_path:
         raise InputError("give --out PATH (the pair config names no conf_calibration to write)")
+    labels = None
     if args.prompts:
-        questions = _read_prompts(args.prompts)
+        questions, labels = _read_prompts(args.prompts)
     elif args.pair == "toy":
         questions = [p.question for p in toy_benchmark(per_k=50, seed=args.seed)]
     else:
@@ -232,14 +240,15 @@ def _calibrate(args) -> None:
     cal.save(out_path)
     print(f"calibrated conf on {len(questions)} prompts (w_entropy={conf_cfg.w_entropy:g}, w_js={conf_cfg.w_js:g}, "
           f"rho={conf_cfg.rho}, tau_per_iqr={conf_cfg.tau_per_iqr}): mu={cal.mu:.4f} tau={cal.tau:.4f} -> {out_path}")
-    _print_signals(signal_summary(out))
+    _print_signals(signal_summary(out, labels))
 
 
 def _print_signals(summary: dict) -> None:
-    """One row per signal: spread, and how far it only repeats the others (Spearman)."""
+    """One row per signal: spread, how far it only repeats the others (Spearman) and, with labels,
+    how well it ranks the prompts the Instruct model gets wrong (AUROC)."""
     names = {"entropy": "entropy A", "js": "JS D", "maxprob": "max-prob M"}
     cols = ["mean", "std", "q25", "median", "q75", "spearman_score", "spearman_entropy", "spearman_js",
-            "spearman_maxprob"]
+            "spearman_maxprob"] + (["auroc_wrong"] if any("auroc_wrong" in r for r in summary.values()) else [])
     print("signal        " + "".join(f"{c:>17}" for c in cols))
     for k, row in summary.items():
         print(f"{names[k]:<14}" + "".join(f"{row[c]:>17.4f}" if c in row else f"{'-':>17}" for c in cols))
@@ -307,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with each signal's statistics")
     p.add_argument("policy", choices=["conf"])
     add_pair_arguments(p)
-    p.add_argument("--prompts", default=None, help="JSONL with 'question' fields, or one prompt per line")
+    p.add_argument("--prompts", default=None, help="JSONL with 'question' fields (and optional 0/1 "
+                   "'instruct_wrong' labels: AUROC per signal), or one prompt per line")
     p.add_argument("--out", default=None, help="calibration JSON to write (default: the pair's conf_calibration)")
     p.add_argument("--seed", type=int, default=7, help="toy calibration problems (not the eval seed)")
     p.set_defaults(func=_calibrate)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dami_jax.cli import build_parser, main
@@ -124,8 +125,6 @@ def test_sweep_on_the_shipped_toy_pair(tmp_path, capsys):
 def test_calibrate_with_conf_overrides(tmp_path, capsys):
     """`dami calibrate conf --set conf.*`: the pair config's Conf settings shape μ, τ and are saved
     with the calibration; both signals' statistics are printed (D measured although w_D = 0)."""
-    import numpy as np
-
     from dami_jax.policies.calibrate import Calibration
 
     out = tmp_path / "cal.json"
@@ -145,6 +144,31 @@ def test_calibrate_with_conf_overrides(tmp_path, capsys):
     assert len(s) == 300 and cal.conf.rho == 0.6 and cal.conf.tau_per_iqr == 0.2 and cal.conf.w_js == 0.0
     q25, q40, q75 = np.quantile(s, [0.25, 0.4, 0.75])  # μ at the 1 - ρ quantile
     assert cal.mu == pytest.approx(q40, abs=1e-9) and cal.tau == pytest.approx(0.2 * (q75 - q25), abs=1e-9)
+
+
+def test_calibrate_with_labels_prints_each_signals_auroc(tmp_path, capsys):
+    """Prompts carrying instruct_wrong labels: the summary adds each signal's AUROC on them."""
+    from dami_jax.eval.pairs import open_pair, toy_pair_config
+    from dami_jax.generate.chat import chat_prompt
+    from dami_jax.policies.calibrate import auroc
+    from dami_jax.policies.conf import score_prompts
+    from dami_jax.toyworld import language as L
+
+    problems = L.sample_problems(12, seed=5)
+    wrong = [int(p.k >= 3) for p in problems]  # a stand-in label with both classes
+    prompts = tmp_path / "calib.jsonl"
+    prompts.write_text("".join(json.dumps({"question": p.text, "instruct_wrong": w}) + "\n"
+                               for p, w in zip(problems, wrong)))
+    assert main(["calibrate", "conf", "--prompts", str(prompts), "--out", str(tmp_path / "cal.json")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[1].split()[-1] == "auroc_wrong"
+    got = {line.split("  ")[0].strip(): float(line.split()[-1]) for line in printed.splitlines()
+           if line.startswith(("entropy A", "JS D", "max-prob M"))}
+    toy = toy_pair_config()
+    pair = open_pair(toy)
+    out = score_prompts(pair, [chat_prompt(pair.tokenizer, p.text) for p in problems], toy.conf, with_js=True)
+    for name, key in (("entropy A", "entropy"), ("JS D", "js"), ("max-prob M", "maxprob")):
+        assert got[name] == pytest.approx(auroc(out[key], np.array(wrong, bool)), abs=1e-4), name
 
 
 def _subparser(command: str):
@@ -222,7 +246,10 @@ def _files(tmp_path) -> dict:
     pair_typo.write_text("instruct: a\nthinking: b\ndtpye: float32\n")
     no_question = tmp_path / "calib.jsonl"
     no_question.write_text('{"question": "1+1"}\n{"prompt": "2+2"}\n')
-    return dict(bad_rows=str(bad_rows), pair_typo=str(pair_typo), no_question=str(no_question))
+    part_labels = tmp_path / "labels.jsonl"
+    part_labels.write_text('{"question": "1+1", "instruct_wrong": 1}\n{"question": "2+2"}\n')
+    return dict(bad_rows=str(bad_rows), pair_typo=str(pair_typo), no_question=str(no_question),
+                part_labels=str(part_labels))
 
 
 PRE_LOAD = [
@@ -244,6 +271,8 @@ PRE_LOAD = [
     (["calibrate", "conf", "--out", "x.json", "--prompts", "no/such.jsonl"], "No such file or directory"),
     (["calibrate", "conf", "--out", "x.json", "--prompts", "{no_question}"],
      "line 2: expected a non-empty string field 'question', got fields ['prompt']"),
+    (["calibrate", "conf", "--out", "x.json", "--prompts", "{part_labels}"],
+     "1 of 2 prompts carry instruct_wrong; label all or none"),
     (["calibrate", "conf", "--pair", "{pair_typo}"], "unknown key(s) ['dtpye']"),
     (["calibrate", "conf", "--set", "conf_calibration=null"], "give --out PATH"),
     (["generate", "--policy", "static:2", "--prompt", "q"], "static policy: lam=2.0 is outside [0, 1]"),
