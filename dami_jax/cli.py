@@ -56,7 +56,8 @@ def _generate(args) -> None:
     out, chosen = answer(pair, policy, prompts, args.max_new_tokens or pair_cfg.max_new_tokens, mode=args.mode,
                          sampling=sampling, seed=args.seed, **pair_cfg.engine_size())
     for q, lam, ids, reason in zip(args.prompt, chosen.lam, out.token_lists(), out.finish_reasons):
-        thinking, reply = split_thinking(pair.tokenizer.decode(ids, skip_special_tokens=False))
+        text = pair.tokenizer.decode(ids[:-1] if reason == "stop" else ids, skip_special_tokens=False)
+        thinking, reply = split_thinking(text)  # the stop token is left out, `</think>` kept to split on
         print(json.dumps({"prompt": q, "policy": policy.spec, "lam": round(float(lam), 4), "answer": reply,
                           "thinking": thinking, "tokens": len(ids), "finish_reason": reason}, ensure_ascii=False))
 

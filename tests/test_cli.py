@@ -294,16 +294,21 @@ def test_input_is_checked_before_the_pair_loads(argv, message, no_pair_load, tmp
 
 
 def test_generate_answers_with_a_policy_and_prints_its_lambda(capsys):
-    """`dami generate --pair toy --policy conf`: each answer carries the λ Conf chose for its prompt."""
+    """`dami generate --pair toy --policy conf`: each answer carries the λ Conf chose for its prompt;
+    the pair config's mesh (8 simulated devices) changes neither the λ nor the answers."""
     from dami_jax.eval.pairs import expand_policy, open_pair, toy_pair_config
     from dami_jax.generate.chat import chat_prompt
     from dami_jax.policies import build_policy
     from dami_jax.toyworld import language as L
 
-    questions = [p.text for p in L.sample_problems(4, seed=11)]
+    problems = L.sample_problems(4, seed=11)
+    questions = [p.text for p in problems]
     argv = ["generate", "--pair", "toy", "--policy", "conf"] + [a for q in questions for a in ("--prompt", q)]
-    assert main(argv) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    runs = []
+    for mesh in ([], ["--set", "mesh=[2,2,2]"]):
+        assert main(argv + mesh) == 0
+        runs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    rows, sharded = runs
     toy = toy_pair_config()
     pair = open_pair(toy)
     policy = build_policy(expand_policy("conf", toy), pair)
@@ -311,4 +316,8 @@ def test_generate_answers_with_a_policy_and_prints_its_lambda(capsys):
     assert [r["prompt"] for r in rows] == questions
     assert all(r["policy"] == policy.spec == f"conf:{toy.conf_calibration}" for r in rows)
     assert [r["lam"] for r in rows] == pytest.approx(lam.tolist(), abs=1e-4)
-    assert all(r["finish_reason"] == "stop" and r["answer"] for r in rows)
+    assert all(r["finish_reason"] == "stop" for r in rows)
+    # the toy answer is \boxed{digit}, the stop token left out
+    assert [L.parse_answer(r["answer"]) is not None and r["answer"].endswith("}") for r in rows] == [True] * 4
+    assert [(r["lam"], r["answer"], r["thinking"]) for r in sharded] == [(r["lam"], r["answer"], r["thinking"])
+                                                                          for r in rows]
