@@ -30,8 +30,7 @@ SMALL = ["pair_overrides=[max_new_tokens=8]", "lam_grid=[0.0, 0.5, 1.0]", "n_sam
 
 def write_questions(path, problems) -> str:
     with open(path, "w") as f:
-        for p in problems:
-            f.write(json.dumps({"question": p.question, "answer": p.gold}) + "\n")
+        f.writelines(json.dumps({"question": p.question, "answer": p.gold}) + "\n" for p in problems)
     return f"{{name: {path}, fields: {{id: null}}}}"  # rows carry no id: number them
 
 
