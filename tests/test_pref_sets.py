@@ -77,6 +77,8 @@ def test_a_missing_prompt_file_fails_before_the_pair_loads(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "open_pair", no_load)
     with pytest.raises(FileNotFoundError, match="nosuch.jsonl"):
         pipeline.run(small_cfg(f"{tmp_path}/nosuch.jsonl"), str(tmp_path / "out"), progress=False)
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        pipeline.run(small_cfg(TOY_12, "pair_overrides=[temperature=0]"), str(tmp_path / "out"), progress=False)
     with pytest.raises((ConfigError, FileNotFoundError), match="no/such/pair.yaml"):
         pipeline.run(small_cfg(TOY_12, "pair=no/such/pair.yaml"), str(tmp_path / "out"), progress=False)
 

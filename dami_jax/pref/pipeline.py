@@ -56,6 +56,10 @@ def load_task(cfg: PrefConfig) -> Task:
     from dami_jax.config import ConfigError
 
     pair_cfg = load_pair_config(cfg.pair, list(cfg.pair_overrides))
+    try:
+        pair_cfg.sampling()
+    except ValueError as e:
+        raise ConfigError(f"pair {cfg.pair}: rollouts sample n answers per (q, λ): {e}") from e
     problems = load_problem_set(cfg.prompts)
     if len(problems) < 2:
         raise ConfigError(f"PrefConfig.prompts: {cfg.prompts.name} has {len(problems)} problem(s), need >= 2")
