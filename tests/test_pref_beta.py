@@ -65,6 +65,10 @@ def test_beta_in_the_policy_spec(tmp_path):
     assert build_policy({"name": "pref", "path": str(tmp_path / "rm"), "beta": 1.0}).beta == 1.0
     with pytest.raises(ConfigError, match="beta=oops"):
         build_policy(f"pref:{tmp_path / 'rm'}:beta=oops")
+    with pytest.raises(ConfigError, match="beta must be a finite number, got 'high'"):
+        build_policy({"name": "pref", "path": str(tmp_path / "rm"), "beta": "high"})
+    with pytest.raises(ConfigError, match="beta must be a finite number, got nan"):
+        build_policy(f"pref:{tmp_path / 'rm'}:beta=nan")
     with open(tmp_path / "rm" / "reward_model.json") as f:
         assert json.load(f)["beta"] == 0.25
 

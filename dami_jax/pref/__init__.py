@@ -24,8 +24,8 @@ from dami_jax.pref.rollouts import Rollouts, check_grid, collect_rollouts, load_
 from dami_jax.pref.train import PrefData, TrainResult, batch_indices, train_reward_model
 
 __all__ = [
-    "BetaCalibration", "calibrate_beta", "PrefConfig", "PrefData", "PrefPolicy", "Preferences", "RewardModel", "Rollouts", "TrainResult",
-    "batch_indices", "bt_loss", "check_grid", "collect_rollouts", "fourier_features", "hidden_states",
+    "BetaCalibration", "PrefConfig", "PrefData", "PrefPolicy", "Preferences", "RewardModel", "Rollouts",
+    "TrainResult", "batch_indices", "bt_loss", "calibrate_beta", "check_grid", "collect_rollouts", "fourier_features", "hidden_states",
     "load_pref_config", "load_reward_model", "load_rollouts", "make_pref", "preference_pairs", "prefers",
     "prompt_features", "save_reward_model", "split_by_query", "train_reward_model",
 ]

@@ -50,9 +50,10 @@ class PrefPolicy(Policy):
         self.model, self.meta, self.path = model, spec, path
         self.graphdef, self.state = nnx.split(model)
         self.grid = jnp.linspace(0.0, 1.0, int(spec.get("inference_points", 101)), dtype=jnp.float32)
-        self.beta = float(spec.get("beta", 0.0) if beta is None else beta)
-        if not np.isfinite(self.beta):
-            raise ConfigError(f"pref policy: beta must be a finite number, got {beta!r}")
+        given = spec.get("beta", 0.0) if beta is None else beta
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or not np.isfinite(given):
+            raise ConfigError(f"pref policy: beta must be a finite number, got {given!r}")
+        self.beta = float(given)
         tilt = f":beta={self.beta:g}" if beta is not None else ""
         self.spec = (f"pref:{path}" if path else "pref") + tilt
         self._checked = None
