@@ -25,12 +25,14 @@ import time
 
 import numpy as np
 
+from dami_jax.config import ConfigError
 from dami_jax.eval.benchmarks import Problem
 from dami_jax.eval.grading import grade
 from dami_jax.eval.pairs import PairConfig, load_pair_config, open_pair
 from dami_jax.eval.problem_sets import load_problem_set
 from dami_jax.eval.run import eval_prompts
 from dami_jax.generate.sampling import Greedy
+from dami_jax.models.sharding import make_mesh
 from dami_jax.policies.base import build_policy, pair_fingerprint
 from dami_jax.pref.calibrate import calibrate_beta
 from dami_jax.pref.config import FEATURE_FIELDS, TRAIN_FIELDS, PrefConfig
@@ -53,8 +55,6 @@ class Task:
 
 def load_task(cfg: PrefConfig) -> Task:
     """The pair config and the problem sets, checked (a typo fails here, before a model loads)."""
-    from dami_jax.config import ConfigError
-
     pair_cfg = load_pair_config(cfg.pair, list(cfg.pair_overrides))
     try:
         pair_cfg.sampling()
@@ -163,8 +163,6 @@ def calibrate(model, meta: dict, data: PrefData, ro, target_drop: float):
 def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None, progress: bool = True) -> dict:
     """The whole pipeline (module docstring); `mesh` is the reward model's training mesh
     (default: cfg.mesh_data devices on the data axis). Returns the report."""
-    from dami_jax.models.sharding import make_mesh
-
     t0 = time.perf_counter()
     task = load_task(cfg)
     work = work_dir or os.path.join(out_dir, "work")
