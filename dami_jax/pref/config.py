@@ -23,10 +23,6 @@ DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 POOLINGS = ("last", "mean", "probe")
 
 
-def _toy(n: int, seed: int) -> ProblemSet:
-    return ProblemSet("toy", limit=n, seed=seed)
-
-
 @dataclasses.dataclass(frozen=True)
 class PrefConfig:
     # The pair, as every command names it: `toy` or a configs/pair_*.yaml (models, dtype, mesh, chat
@@ -35,10 +31,10 @@ class PrefConfig:
     pair_overrides: tuple[str, ...] = ()
     # Rollout prompts, as `dami eval --bench` names a problem set (eval/problem_sets.py); a share of the
     # queries is held out for the reward model's pair accuracy (and the β calibration).
-    prompts: ProblemSet | str | dict = _toy(600, 1234)
+    prompts: ProblemSet | str | dict = ProblemSet("toy", limit=600, seed=1234)
     heldout_share: float = 0.2
     # Final check (null: none): pref against λ = 1 and λ = 0 on these problems, greedy.
-    eval_prompts: ProblemSet | str | dict | None = _toy(300, 20261127)
+    eval_prompts: ProblemSet | str | dict | None = ProblemSet("toy", limit=300, seed=20261127)
     # 1. Rollouts: n samples per (q, λ) on the grid, with the pair's sampling and max_new_tokens.
     lam_grid: tuple[float, ...] = DEFAULT_GRID
     n_samples: int = 4
