@@ -132,11 +132,12 @@ def load_rollouts(path: str | os.PathLike, pair=None) -> Rollouts:
 def collect_rollouts(pair, prompts: list[list[int]], grader: Callable[[int, list[int]], bool],
                      path: str | os.PathLike, *, lams=None, n_samples: int = 4,
                      sampling: Sample = Sample(0.6, 20, 0.95), max_new_tokens: int = 96,
-                     batch: int = 128, seed: int = 0, progress: bool = True) -> Rollouts:
+                     batch: int = 128, seed: int = 0, progress: bool = True, engine: dict | None = None) -> Rollouts:
     """Generate (or finish generating) the rollouts in `path`; returns them complete.
 
     Each unit (a chunk of `batch` prompts, one sample) runs the whole λ grid as rows of one
-    engine in delta mode (`pair.sweep`)."""
+    engine in delta mode (`pair.sweep`), sized by `engine` (max_rows, kv_bytes: the pair config's
+    `engine_size()`; the answers do not depend on it)."""
     lams = check_grid(DEFAULT_GRID if lams is None else lams)
     if n_samples < 1 or batch < 1:
         raise InputError(f"n_samples and batch must be >= 1, got {n_samples}, {batch}")
@@ -165,7 +166,7 @@ def collect_rollouts(pair, prompts: list[list[int]], grader: Callable[[int, list
         for s, c in tqdm(units, desc="rollouts", disable=not progress, dynamic_ncols=True):
             unit_seed = int(np.random.SeedSequence([seed, s, c]).generate_state(1)[0] & 0x7FFFFFFF)
             outs = sweep(pair, [prompts[i] for i in chunks[c]], lams, max_new_tokens, sampling=sampling,
-                         seed=unit_seed)
+                         seed=unit_seed, **(engine or {}))
             lines = []
             for lam, out in zip(grid, outs):
                 for row, (i, ids) in enumerate(zip(chunks[c], out.token_lists())):
