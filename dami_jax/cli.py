@@ -12,7 +12,7 @@ import math
 import sys
 import traceback
 
-from dami_jax import compilation_cache
+from dami_jax import compilation_cache, distributed
 from dami_jax.errors import InputError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,6 +73,7 @@ def _run_policies(args, policies: list[str]) -> None:
     from dami_jax.eval.run import run_eval
 
     pair_cfg = load_pair_config(args.pair, args.set)
+    distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
     run_eval(pair, pair_cfg, args.bench.split(","), policies, samples=args.samples,
              out_dir=args.out, limit=args.limit, seed=args.seed)
@@ -171,6 +172,7 @@ def _calibrate(args) -> None:
 
     conf_cfg = load_conf_config(args.conf_config, args.conf_set)
     pair_cfg = load_pair_config(args.pair, args.set)
+    distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
     if args.prompts:  # one JSON object with a "question" per line, or plain text lines
         with open(args.prompts) as f:
@@ -182,6 +184,8 @@ def _calibrate(args) -> None:
         raise InputError("--prompts FILE is required for a pair other than 'toy'")
     wrap = math_prompt if pair_cfg.math_instruction else (lambda q: q)
     cal = calibrate_conf(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions], conf_cfg)
+    if not distributed.is_writer():
+        return
     cal.save(args.out)
     print(f"calibrated conf on {len(questions)} prompts (rho={conf_cfg.rho}, tau_per_iqr={conf_cfg.tau_per_iqr}): "
           f"mu={cal.mu:.4f} tau={cal.tau:.4f} -> {args.out}")
@@ -258,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf-config", default=None, help="ConfConfig YAML (default: its dataclass defaults)")
     p.add_argument("--conf-set", action="append", default=[],
                    help="Conf config override key=value, e.g. rho=0.7 (saved in the calibration)")
+    distributed.add_process_args(p)
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("toyworld", help="toyworld train --out DIR [--config FILE] [key=value ...]")
@@ -292,6 +297,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", default=out, help="records, results.json/csv, pareto_<bench>.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="pair config override key=value (repeatable)")
+    distributed.add_process_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,9 +41,19 @@ def quantile_calibration(scores, rho: float, tau_per_iqr: float, min_tau: float)
 def calibrate_conf(pair, prompts, cfg: ConfConfig | None = None) -> Calibration:
     """Unsupervised calibration of μ and τ on `prompts` (no labels)."""
     cfg = cfg or load_conf_config()
-    s = score_prompts(pair, prompts, cfg)["score"]
+    s = sharded_scores(pair, prompts, cfg)
     mu, tau = quantile_calibration(s, cfg.rho, cfg.tau_per_iqr, cfg.min_tau)
     return Calibration(mu, tau, cfg, pair_fingerprint(pair), tuple(sorted(map(float, s))))
+
+
+def sharded_scores(pair, prompts, cfg: ConfConfig) -> np.ndarray:
+    """s(q) of every prompt; under several processes each scores its shard and all get every score."""
+    from dami_jax import distributed
+
+    def score(shard):
+        return [float(x) for x in score_prompts(pair, shard, cfg)["score"]]
+
+    return np.asarray(distributed.map_sharded(score, prompts), np.float64)
 
 
 def logistic_fit(x_nf, y_n, l2: float = 1e-3, iters: int = 50) -> tuple[np.ndarray, float]:

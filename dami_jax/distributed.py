@@ -1,0 +1,210 @@
+"""One command on several processes (hosts): JAX's multi-controller runtime, work shards, one writer.
+
+Every process runs the same command. `initialize` joins them through `jax.distributed`:
+- on a TPU VM pod slice (and the other clusters JAX detects: SLURM, Open MPI, GKE) with no
+  arguments at all;
+- elsewhere with `--coordinator HOST:PORT --num-processes N --process-id I`, or the environment
+  variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+
+A command then works on its `shard` of the items (a strided split, the same on every
+process), and `map_sharded` brings every process's results to every process in item order
+through JAX's own collectives (`multihost_utils`), as JSON bytes: no files, no sockets of
+ours. Only `is_writer()` (process 0) writes outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dami_jax.errors import InputError
+
+ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+DEFAULT_TIMEOUT_S = 300
+
+
+def add_process_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-process flags of a command (all three together, or none)."""
+    g = parser.add_argument_group("several processes (jax.distributed; none needed on a TPU VM pod slice)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, the same on all")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="how many processes run the command")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 <= I < N")
+    g.add_argument("--init-timeout", type=int, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help=f"seconds to wait for the coordinator and the other processes (default {DEFAULT_TIMEOUT_S})")
+
+
+def init_from_args(args: argparse.Namespace) -> None:
+    initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               *, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
+    """Join the other processes, if any; call before anything touches a JAX device.
+
+    Explicit values win, then the environment; with neither, JAX's cluster detection (TPU VM
+    pod slices) decides, and no cluster means one process. Already initialized: nothing to do.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return
+    given = _explicit(coordinator, num_processes, process_id)
+    if timeout_s < 1:
+        raise InputError(f"--init-timeout must be >= 1 second, got {timeout_s}")
+    if given is None:
+        _auto_detect(timeout_s)
+        return
+    address, n, i = given
+    if n == 1:
+        return  # one process: nothing to join
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    deadline = time.monotonic() + timeout_s
+    if i != 0:  # process 0 serves the coordinator; the others fail fast (JAX would abort) if it never answers
+        _wait_for(address, deadline)
+    print(f"dami: process {i} of {n}, coordinator {address} (waiting up to {timeout_s} s for all {n})",
+          file=sys.stderr, flush=True)
+    jax.distributed.initialize(address, n, i, initialization_timeout=max(1, int(deadline - time.monotonic())))
+
+
+def _explicit(coordinator, num_processes, process_id) -> tuple[str, int, int] | None:
+    """(address, N, I) from the flags, else from the environment, else None; checked."""
+    flags = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
+    source = "flags"
+    if all(v is None for v in flags.values()):
+        env = [os.environ.get(k) for k in ENV]
+        if all(v is None for v in env):
+            return None
+        flags, source = dict(zip(ENV, env)), "environment variables"
+    missing = [k for k, v in flags.items() if v is None]
+    if missing:
+        raise InputError(f"{', '.join(missing)} missing: the {source} {', '.join(flags)} go together "
+                         "(or give none of them on a TPU VM pod slice)")
+    address, n, i = flags.values()
+    try:
+        n, i = int(n), int(i)
+    except ValueError:
+        raise InputError(f"process count and id must be whole numbers, got {n!r} and {i!r}") from None
+    if n < 1:
+        raise InputError(f"the number of processes must be >= 1, got {n}")
+    if not 0 <= i < n:
+        raise InputError(f"process id {i} is outside 0..{n - 1} (ids of {n} processes)")
+    host, _, port = str(address).rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"coordinator {address!r} is not HOST:PORT")
+    return str(address), n, i
+
+
+def _auto_detect(timeout_s: int) -> None:
+    """JAX's cluster detection; no cluster (or JAX already running: an in-process caller) is one process."""
+    import jax
+    from jax._src import xla_bridge  # the only way to ask whether the backend started (initialize refuses then)
+
+    if xla_bridge.backends_are_initialized():
+        return
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+    except ValueError:  # JAX found no cluster to take the coordinator, count and id from
+        return
+
+
+def _wait_for(address: str, deadline: float) -> None:
+    host, _, port = address.rpartition(":")
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise InputError(f"the coordinator {address} did not answer within the timeout; start process 0 "
+                                 "with the same --coordinator, or raise --init-timeout") from None
+            time.sleep(0.2)
+
+
+def process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def is_writer() -> bool:
+    """Process 0 writes the outputs; the others only compute."""
+    return process_index() == 0
+
+
+def shard(items: Sequence, index: int | None = None, count: int | None = None) -> list:
+    """This process's items: every count-th from position index (the same split on every process)."""
+    index = process_index() if index is None else index
+    count = process_count() if count is None else count
+    return list(items[index::count])
+
+
+def unshard(parts: Sequence[Sequence]) -> list:
+    """The inverse of `shard`: the items of every process's part back in their order."""
+    out = [None] * sum(len(p) for p in parts)
+    for index, part in enumerate(parts):
+        out[index::len(parts)] = part
+    return out
+
+
+def all_gather_json(obj: Any) -> list:
+    """Every process's JSON-able `obj`, in process order, on every process."""
+    if process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj, default=_plain).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int32(data.size))
+    padded = np.zeros(_bucket(int(sizes.max())), np.uint8)
+    padded[: data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(row[:size].tobytes()) for row, size in zip(rows, sizes)]
+
+
+def broadcast_json(obj: Any) -> Any:
+    """Process 0's JSON-able `obj` on every process (the others' argument is ignored)."""
+    if process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj if is_writer() else None, default=_plain).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    padded = np.zeros(_bucket(size), np.uint8)
+    padded[: data.size] = data if is_writer() else 0
+    return json.loads(multihost_utils.broadcast_one_to_all(padded)[:size].tobytes())
+
+
+def _bucket(size: int) -> int:
+    """A power of two >= size: the collectives compile once per shape, so few shapes."""
+    return max(1024, 1 << (size - 1).bit_length())
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as JSON numbers and lists."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"a value of type {type(value).__name__} cannot travel between processes as JSON")
+
+
+def map_sharded(fn: Callable[[list], list], items: Sequence) -> list:
+    """fn over this process's shard of `items` (one result per item, JSON-able), every result in item order
+    on every process. A process with an empty shard does not call fn."""
+    mine = shard(items)
+    results = list(fn(mine)) if mine else []
+    if len(results) != len(mine):
+        raise ValueError(f"fn gave {len(results)} results for {len(mine)} items")
+    if process_count() == 1:
+        return results
+    return unshard(all_gather_json(results))
