@@ -1,0 +1,161 @@
+"""Several processes: `dami eval` and `dami calibrate` on 2 processes × 4 CPU devices (gloo collectives,
+loopback coordinator) give what one process gives, process 0 alone writes, and a killed run resumes.
+
+The one-process references run in this process (CLI `main`); the two processes are `dami` subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dami_jax import distributed
+from dami_jax.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The toy pair at 2 engine rows: a chunk is 4 engine-fulls per process, so 8 problems are one chunk.
+EVAL = ["--pair", "toy", "--bench", "toy", "--limit", "8", "--set", "batch_size=2"]
+POLICIES = "static:0,static:1,conf"
+TIMING = ("seconds",)  # wall time: the only record field that may differ between runs
+RESULT_TIMING = ("seconds", "tokens_per_s", "speedup")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args_of, n: int = 2) -> list[subprocess.Popen]:
+    """n `dami` processes on a loopback coordinator; args_of(i): process i's command line."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "DAMI_JAX_CACHE": "off",
+           "TOKENIZERS_PARALLELISM": "false",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
+    return [subprocess.Popen([sys.executable, "-m", "dami_jax.cli", *args_of(i), "--coordinator", f"127.0.0.1:{port}",
+                              "--num-processes", str(n), "--process-id", str(i)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(n)]
+
+
+def _finish(procs, timeout: int = 600) -> list[str]:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
+def _records(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _by_key(records) -> dict:
+    return {(r["policy"], r["id"], r["sample"]): {k: v for k, v in r.items() if k not in TIMING} for r in records}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process eval every multi-process run must reproduce."""
+    out = tmp_path_factory.mktemp("one")
+    assert main(["eval", *EVAL, "--policies", POLICIES, "--out", str(out)]) == 0
+    return out
+
+
+def test_shard_and_unshard_are_inverse():
+    items = list(range(11))
+    parts = [distributed.shard(items, i, 3) for i in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert distributed.unshard(parts) == items
+    assert distributed.unshard([distributed.shard(items[:1], i, 4) for i in range(4)]) == items[:1]
+
+
+@pytest.mark.parametrize("flags, env, match", [
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], {},
+     "process id 2 is outside 0..1"),
+    (["--coordinator", "127.0.0.1:1234"], {}, "--num-processes, --process-id missing"),
+    (["--num-processes", "2", "--process-id", "0", "--coordinator", "nohost"], {}, "'nohost' is not HOST:PORT"),
+    ([], {"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID missing"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"},
+     "number of processes must be >= 1"),
+])
+def test_mismatched_process_flags_are_refused(flags, env, match, monkeypatch, capsys, tmp_path):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["eval", *EVAL, "--policies", "static:0", "--out", str(tmp_path), *flags]) == 2
+    assert match in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_a_silent_coordinator_times_out_with_its_address(capsys, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"  # nobody listens there
+    t0 = time.monotonic()
+    assert main(["calibrate", "conf", "--out", str(tmp_path / "cal.json"), "--coordinator", address,
+                 "--num-processes", "2", "--process-id", "1", "--init-timeout", "2"]) == 2
+    assert time.monotonic() - t0 < 30
+    err = capsys.readouterr().err
+    assert f"the coordinator {address} did not answer" in err and "--init-timeout" in err
+
+
+@pytest.mark.slow
+def test_two_processes_eval_like_one(one_process, tmp_path):
+    outs = {i: tmp_path / f"out{i}" for i in range(2)}  # each process its own --out: only process 0 may write
+    _finish(_launch(lambda i: ["eval", *EVAL, "--policies", POLICIES, "--out", str(outs[i])]))
+    assert not outs[1].exists()
+    got, want = _records(outs[0] / "records_toy.jsonl"), _records(one_process / "records_toy.jsonl")
+    assert len(got) == len(want) == 24
+    assert _by_key(got) == _by_key(want)
+    strip = [{k: v for k, v in r.items() if k not in RESULT_TIMING}
+             for r in json.loads((outs[0] / "results.json").read_text())]
+    assert strip == [{k: v for k, v in r.items() if k not in RESULT_TIMING}
+                     for r in json.loads((one_process / "results.json").read_text())]
+
+
+@pytest.mark.slow
+def test_killing_process_1_midway_then_rerunning_finishes_exactly_once(one_process, tmp_path):
+    args = ["eval", *EVAL, "--policies", "static:0,static:1", "--out", str(tmp_path)]
+    path = tmp_path / "records_toy.jsonl"
+    procs = _launch(lambda i: args)
+    deadline = time.monotonic() + 300
+    while not (path.exists() and path.read_text().endswith("\n")):  # static:0's chunk is written
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    try:  # process 0 notices its peer is gone (or is stopped after a while, as a launcher would)
+        procs[0].wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+    for p in procs:
+        p.communicate()
+    first = path.read_text()
+    assert 0 < len(first.splitlines()) < 16, "the kill came too late to test a resume"
+
+    _finish(_launch(lambda i: args))
+    final = path.read_text()
+    assert final.startswith(first)  # finished records kept as they were, not generated again
+    records = _records(path)
+    assert len(records) == len(_by_key(records)) == 16  # none lost, none twice
+    want = {k: v for k, v in _by_key(_records(one_process / "records_toy.jsonl")).items() if k[0] != "conf"}
+    assert _by_key(records) == want
+
+
+@pytest.mark.slow
+def test_two_processes_calibrate_like_one(tmp_path):
+    from dami_jax.eval.run import toy_benchmark
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": p.question}) + "\n" for p in toy_benchmark(per_k=3, seed=3)))
+    cal = ["calibrate", "conf", "--pair", "toy", "--prompts", str(prompts)]
+    assert main([*cal, "--out", str(tmp_path / "one.json")]) == 0
+    outs = {i: tmp_path / f"two{i}.json" for i in range(2)}
+    _finish(_launch(lambda i: [*cal, "--out", str(outs[i])]))
+    assert not outs[1].exists()
+    one, two = (json.loads(p.read_text()) for p in (tmp_path / "one.json", outs[0]))
+    assert one["n"] == 18 and len(set(one["scores"])) > 1  # 3 problems per k = 1..6, scored apart
+    assert two == one
