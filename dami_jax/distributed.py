@@ -6,8 +6,8 @@ Every process runs the same command. `initialize` joins them through `jax.distri
 - elsewhere with `--coordinator HOST:PORT --num-processes N --process-id I`, or the environment
   variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 
-A command then works on its `shard` of the items (a strided split, the same on every
-process), and `map_sharded` brings every process's results to every process in item order
+A command then works on its `shard` of the items (whole batches dealt round-robin, the
+same split on every process), and `map_sharded` brings every process's results to every process in item order
 through JAX's own collectives (`multihost_utils`), as JSON bytes: no files, no sockets of
 ours. Only `is_writer()` (process 0) writes outputs.
 """
@@ -144,18 +144,25 @@ def is_writer() -> bool:
     return process_index() == 0
 
 
-def shard(items: Sequence, index: int | None = None, count: int | None = None) -> list:
-    """This process's items: every count-th from position index (the same split on every process)."""
+def shard(items: Sequence, index: int | None = None, count: int | None = None, block: int = 1) -> list:
+    """This process's items: blocks of `block` consecutive items dealt round-robin, from block `index`
+    (the same split on every process). A block is the unit a one-process run computes together
+    (a batch), so each process computes exactly what one process would."""
     index = process_index() if index is None else index
     count = process_count() if count is None else count
-    return list(items[index::count])
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    return [x for start in range(index * block, len(items), count * block) for x in items[start: start + block]]
 
 
-def unshard(parts: Sequence[Sequence]) -> list:
-    """The inverse of `shard`: the items of every process's part back in their order."""
-    out = [None] * sum(len(p) for p in parts)
-    for index, part in enumerate(parts):
-        out[index::len(parts)] = part
+def unshard(parts: Sequence[Sequence], block: int = 1) -> list:
+    """The inverse of `shard`: every process's part, in process order, back in item order."""
+    parts = [list(p) for p in parts]
+    out = []
+    while any(parts):
+        for p in parts:
+            out += p[:block]
+            del p[:block]
     return out
 
 
@@ -198,13 +205,13 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"a value of type {type(value).__name__} cannot travel between processes as JSON")
 
 
-def map_sharded(fn: Callable[[list], list], items: Sequence) -> list:
-    """fn over this process's shard of `items` (one result per item, JSON-able), every result in item order
-    on every process. A process with an empty shard does not call fn."""
-    mine = shard(items)
+def map_sharded(fn: Callable[[list], list], items: Sequence, block: int = 1) -> list:
+    """fn over this process's `shard` of `items` (one JSON-able result per item); on every process,
+    every result in item order. A process with an empty shard does not call fn."""
+    mine = shard(items, block=block)
     results = list(fn(mine)) if mine else []
     if len(results) != len(mine):
         raise ValueError(f"fn gave {len(results)} results for {len(mine)} items")
     if process_count() == 1:
         return results
-    return unshard(all_gather_json(results))
+    return unshard(all_gather_json(results), block)

@@ -20,8 +20,9 @@ from dami_jax import distributed
 from dami_jax.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The toy pair at 2 engine rows: a chunk is 4 engine-fulls per process, so 8 problems are one chunk.
-EVAL = ["--pair", "toy", "--bench", "toy", "--limit", "8", "--set", "batch_size=2"]
+# The toy pair at 1 engine row: a chunk is 4 engine-fulls, so one process runs 8 problems in 2 chunks
+# and two processes in one chunk, 4 problems each.
+EVAL = ["--pair", "toy", "--bench", "toy", "--limit", "8", "--set", "batch_size=1"]
 POLICIES = "static:0,static:1,conf"
 TIMING = ("seconds",)  # wall time: the only record field that may differ between runs
 RESULT_TIMING = ("seconds", "tokens_per_s", "speedup")
@@ -68,12 +69,14 @@ def one_process(tmp_path_factory):
     return out
 
 
-def test_shard_and_unshard_are_inverse():
+def test_shard_deals_whole_blocks_and_unshard_inverts_it():
     items = list(range(11))
-    parts = [distributed.shard(items, i, 3) for i in range(3)]
-    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
-    assert distributed.unshard(parts) == items
-    assert distributed.unshard([distributed.shard(items[:1], i, 4) for i in range(4)]) == items[:1]
+    assert [distributed.shard(items, i, 3) for i in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    parts = [distributed.shard(items, i, 2, block=4) for i in range(2)]
+    assert parts == [[0, 1, 2, 3, 8, 9, 10], [4, 5, 6, 7]]
+    assert distributed.unshard(parts, block=4) == items
+    for count, block in ((3, 1), (4, 2), (2, 5), (5, 3)):
+        assert distributed.unshard([distributed.shard(items, i, count, block) for i in range(count)], block) == items
 
 
 @pytest.mark.parametrize("flags, env, match", [
@@ -151,11 +154,11 @@ def test_two_processes_calibrate_like_one(tmp_path):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": p.question}) + "\n" for p in toy_benchmark(per_k=3, seed=3)))
-    cal = ["calibrate", "conf", "--pair", "toy", "--prompts", str(prompts)]
+    cal = ["calibrate", "conf", "--pair", "toy", "--prompts", str(prompts), "--conf-set", "batch_size=4"]
     assert main([*cal, "--out", str(tmp_path / "one.json")]) == 0
     outs = {i: tmp_path / f"two{i}.json" for i in range(2)}
     _finish(_launch(lambda i: [*cal, "--out", str(outs[i])]))
     assert not outs[1].exists()
     one, two = (json.loads(p.read_text()) for p in (tmp_path / "one.json", outs[0]))
-    assert one["n"] == 18 and len(set(one["scores"])) > 1  # 3 problems per k = 1..6, scored apart
+    assert one["n"] == 18 and len(set(one["scores"])) > 1  # 3 problems per k = 1..6: 5 batches, 3 on process 0
     assert two == one

@@ -82,22 +82,25 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
             warmup = True
             for sample in range(samples):
                 todo = [i for i, p in enumerate(problems) if (spec, p.id, sample) not in done]
-                size = SAVE_EVERY * pair_cfg.batch_size * distributed.process_count()
-                chunks = [todo[i: i + size] for i in range(0, len(todo), size)]
+                # A global chunk is one chunk of a one-process run per process: each computes exactly
+                # what one process would (the same batches), so the records are the same.
+                size = SAVE_EVERY * pair_cfg.batch_size
+                step = size * distributed.process_count()
+                chunks = [todo[i: i + step] for i in range(0, len(todo), step)]
                 kw = dict(sampling=sampling, seed=seed + sample, **pair_cfg.engine_size())
 
                 def run(chunk):  # this process's share of a chunk -> its records
                     out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens, **kw)
                     return _records(pair, spec, sample, [problems[i] for i in chunk], out, chosen)
 
-                mine = distributed.shard(todo)[: pair_cfg.batch_size]
+                mine = distributed.shard(todo, block=size)[: pair_cfg.batch_size]
                 if chunks and warmup and mine:  # compile outside the timed runs (an engine-full of prompts)
                     answer(pair, policy, [prompts[i] for i in mine], pair_cfg.max_new_tokens, **kw)
                     warmup = False
                 for chunk in tqdm(chunks, desc=f"{bench} {spec} #{sample}", disable=not (progress and writer),
                                   leave=False):
                     t0 = time.perf_counter()
-                    records = distributed.map_sharded(run, chunk)  # every process's share, in chunk order
+                    records = distributed.map_sharded(run, chunk, block=size)  # every process's share, in order
                     share = (time.perf_counter() - t0) / len(chunk)  # the chunk's wall time, summed back per policy
                     if writer:
                         store.extend({**r, "seconds": share} for r in records)

@@ -47,13 +47,14 @@ def calibrate_conf(pair, prompts, cfg: ConfConfig | None = None) -> Calibration:
 
 
 def sharded_scores(pair, prompts, cfg: ConfConfig) -> np.ndarray:
-    """s(q) of every prompt; under several processes each scores its shard and all get every score."""
+    """s(q) of every prompt; under several processes each scores its shard (whole scoring batches, so
+    the scores are those of one process) and all get every score."""
     from dami_jax import distributed
 
     def score(shard):
         return [float(x) for x in score_prompts(pair, shard, cfg)["score"]]
 
-    return np.asarray(distributed.map_sharded(score, prompts), np.float64)
+    return np.asarray(distributed.map_sharded(score, prompts, block=cfg.batch_size), np.float64)
 
 
 def logistic_fit(x_nf, y_n, l2: float = 1e-3, iters: int = 50) -> tuple[np.ndarray, float]:
