@@ -20,7 +20,8 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,19 +59,26 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     given = _explicit(coordinator, num_processes, process_id)
     if timeout_s < 1:
         raise InputError(f"--init-timeout must be >= 1 second, got {timeout_s}")
+    if given is not None and given[1] == 1:
+        return  # one process: nothing to join
     if given is None:
         _auto_detect(timeout_s)
         return
     address, n, i = given
-    if n == 1:
-        return  # one process: nothing to join
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     deadline = time.monotonic() + timeout_s
     if i != 0:  # process 0 serves the coordinator; the others fail fast (JAX would abort) if it never answers
-        _wait_for(address, deadline)
+        _wait_for(address, deadline, timeout_s)
     print(f"dami: process {i} of {n}, coordinator {address} (waiting up to {timeout_s} s for all {n})",
           file=sys.stderr, flush=True)
-    jax.distributed.initialize(address, n, i, initialization_timeout=max(1, int(deadline - time.monotonic())))
+    _join(address, n, i, initialization_timeout=max(1, int(deadline - time.monotonic())))
+
+
+def _join(*args, **kwargs) -> None:
+    import jax
+
+    # CPU hosts reach each other through gloo (the default of recent JAX, not of older ones)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(*args, **kwargs)
 
 
 def _explicit(coordinator, num_processes, process_id) -> tuple[str, int, int] | None:
@@ -103,18 +111,17 @@ def _explicit(coordinator, num_processes, process_id) -> tuple[str, int, int] | 
 
 def _auto_detect(timeout_s: int) -> None:
     """JAX's cluster detection; no cluster (or JAX already running: an in-process caller) is one process."""
-    import jax
-    from jax._src import xla_bridge  # the only way to ask whether the backend started (initialize refuses then)
+    from jax._src import xla_bridge
 
-    if xla_bridge.backends_are_initialized():
+    if xla_bridge.backends_are_initialized():  # initialize refuses then; only this module can tell
         return
     try:
-        jax.distributed.initialize(initialization_timeout=timeout_s)
+        _join(initialization_timeout=timeout_s)
     except ValueError:  # JAX found no cluster to take the coordinator, count and id from
         return
 
 
-def _wait_for(address: str, deadline: float) -> None:
+def _wait_for(address: str, deadline: float, timeout_s: int) -> None:
     host, _, port = address.rpartition(":")
     while True:
         try:
@@ -122,7 +129,7 @@ def _wait_for(address: str, deadline: float) -> None:
                 return
         except OSError:
             if time.monotonic() >= deadline:
-                raise InputError(f"the coordinator {address} did not answer within the timeout; start process 0 "
+                raise InputError(f"the coordinator {address} did not answer within {timeout_s} s; start process 0 "
                                  "with the same --coordinator, or raise --init-timeout") from None
             time.sleep(0.2)
 

@@ -16,6 +16,7 @@ whole chunk's records and writes the results; the others write nothing.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import time
@@ -88,11 +89,7 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
                 step = size * distributed.process_count()
                 chunks = [todo[i: i + step] for i in range(0, len(todo), step)]
                 kw = dict(sampling=sampling, seed=seed + sample, **pair_cfg.engine_size())
-
-                def run(chunk):  # this process's share of a chunk -> its records
-                    out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens, **kw)
-                    return _records(pair, spec, sample, [problems[i] for i in chunk], out, chosen)
-
+                run = functools.partial(_answer_records, pair, pair_cfg, policy, spec, sample, problems, prompts, kw)
                 mine = distributed.shard(todo, block=size)[: pair_cfg.batch_size]
                 if chunks and warmup and mine:  # compile outside the timed runs (an engine-full of prompts)
                     answer(pair, policy, [prompts[i] for i in mine], pair_cfg.max_new_tokens, **kw)
@@ -109,6 +106,14 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
     if writer:
         _write_results(out_dir, rows)
     return distributed.broadcast_json(rows)
+
+
+def _answer_records(pair, pair_cfg, policy, spec, sample, problems, prompts, kw, chunk):
+    """The records of the problems at indices `chunk`: answered with the policy, graded."""
+    from dami_jax.policies.execute import answer
+
+    out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens, **kw)
+    return _records(pair, spec, sample, [problems[i] for i in chunk], out, chosen)
 
 
 def _records(pair, spec, sample, problems, out, chosen):
