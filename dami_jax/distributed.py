@@ -200,15 +200,35 @@ def broadcast_json(obj: Any) -> Any:
     return json.loads(multihost_utils.broadcast_one_to_all(padded)[:size].tobytes())
 
 
+def from_writer(fn: Callable[[], Any]) -> Any:
+    """fn() run on process 0 (it reads process 0's files); its JSON-able result on every process.
+    Bad input fn raises there (an InputError) is raised on every process, so none waits in vain."""
+    if process_count() == 1:
+        return fn()
+    sent = None
+    if is_writer():
+        try:
+            sent = {"value": fn()}
+        except InputError as e:
+            broadcast_json({"error": str(e)})
+            raise
+    got = broadcast_json(sent)
+    if "error" in got:
+        raise InputError(got["error"])
+    return got["value"]
+
+
 def _bucket(size: int) -> int:
     """A power of two >= size: the collectives compile once per shape, so few shapes."""
     return max(1024, 1 << (size - 1).bit_length())
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars and arrays as JSON numbers and lists."""
+    """numpy scalars and arrays as JSON numbers and lists, sets as sorted lists."""
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
     raise TypeError(f"a value of type {type(value).__name__} cannot travel between processes as JSON")
 
 

@@ -1,5 +1,6 @@
-"""Several processes: `dami eval` and `dami calibrate` on 2 processes × 4 CPU devices (gloo collectives,
-loopback coordinator) give what one process gives, process 0 alone writes, and a killed run resumes.
+"""Several processes: `dami eval`, `dami calibrate` and Pref rollouts on 2 processes × 4 CPU devices
+(gloo collectives, loopback coordinator) give what one process gives, process 0 alone writes, and a
+killed run resumes.
 
 The one-process references run in this process (CLI `main`); the two processes are `dami` subprocesses.
 """
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -34,13 +36,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args_of, n: int = 2) -> list[subprocess.Popen]:
-    """n `dami` processes on a loopback coordinator; args_of(i): process i's command line."""
+def _launch(args_of, n: int = 2, program=("-m", "dami_jax.cli")) -> list[subprocess.Popen]:
+    """n `dami` processes (or `program`s with its flags) on a loopback coordinator; args_of(i): process i's
+    command line."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "DAMI_JAX_CACHE": "off",
            "TOKENIZERS_PARALLELISM": "false",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
-    return [subprocess.Popen([sys.executable, "-m", "dami_jax.cli", *args_of(i), "--coordinator", f"127.0.0.1:{port}",
+    return [subprocess.Popen([sys.executable, *program, *args_of(i), "--coordinator", f"127.0.0.1:{port}",
                               "--num-processes", str(n), "--process-id", str(i)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(n)]
@@ -50,6 +53,21 @@ def _finish(procs, timeout: int = 600) -> list[str]:
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     return outs
+
+
+def _wait_for_lines(procs, path, n: int) -> None:
+    deadline = time.monotonic() + 300
+    while not (path.exists() and path.read_text().endswith("\n") and len(path.read_text().splitlines()) >= n):
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+        time.sleep(0.05)
+
+
+def _kill_process_1_then_the_job(procs) -> None:
+    procs[1].send_signal(signal.SIGKILL)
+    time.sleep(1)
+    procs[0].kill()  # as a launcher tears the job down (JAX would stop it after its heartbeat timeout)
+    for p in procs:
+        p.communicate()
 
 
 def _records(path) -> list[dict]:
@@ -112,15 +130,8 @@ def test_two_processes_eval_like_one_even_after_killing_process_1(one_process, t
     outs = {i: tmp_path / f"out{i}" for i in range(2)}  # each process its own --out: only process 0 may write
     path = outs[0] / "records_toy.jsonl"
     procs = _launch(lambda i: ["eval", *EVAL, "--policies", POLICIES, "--out", str(outs[i])])
-    deadline = time.monotonic() + 300
-    while not (path.exists() and path.read_text().endswith("\n")):  # static:0's chunk is written
-        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[0][-3000:]
-        time.sleep(0.05)
-    procs[1].send_signal(signal.SIGKILL)
-    time.sleep(1)
-    procs[0].kill()  # as a launcher tears the job down (JAX would stop it after its heartbeat timeout)
-    for p in procs:
-        p.communicate()
+    _wait_for_lines(procs, path, 1)  # static:0's chunk is written
+    _kill_process_1_then_the_job(procs)
     first = path.read_text()
     assert 0 < len(first.splitlines()) < 24, "the kill came too late to test a resume"
 
@@ -149,3 +160,47 @@ def test_two_processes_calibrate_like_one(tmp_path):
     one, two = (json.loads(p.read_text()) for p in (tmp_path / "one.json", outs[0]))
     assert one["n"] == 18 and len(set(one["scores"])) > 1  # 3 problems per k = 1..6: 5 batches, 3 on process 0
     assert two == one
+
+
+ROLLOUTS = textwrap.dedent("""
+    import argparse
+    from dami_jax import distributed
+    parser = argparse.ArgumentParser()
+    parser.add_argument("path")
+    distributed.add_process_args(parser)
+    args = parser.parse_args()
+    distributed.init_from_args(args)
+    from test_multihost import collect_toy_rollouts
+    collect_toy_rollouts(args.path)
+""")
+
+
+def collect_toy_rollouts(path):
+    """Pref rollouts on 12 toy prompts: 6 units of 2 prompts over a 2-point λ grid, sampled."""
+    from dami_jax.generate.sampling import Sample
+    from dami_jax.pair import load_pair
+    from dami_jax.pref.rollouts import collect_rollouts
+    from dami_jax.pref.toy import toy_task
+    from dami_jax.toyworld import default_pair_dirs
+
+    _, prompts, grader = toy_task(12, seed=3)
+    return collect_rollouts(load_pair(*default_pair_dirs()), prompts, grader, path, lams=[0.0, 1.0], n_samples=1,
+                            sampling=Sample(0.6, 20, 0.95), max_new_tokens=12, batch=2, seed=5, progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_roll_out_like_one_even_after_killing_process_1(tmp_path):
+    one = collect_toy_rollouts(tmp_path / "one.jsonl")
+    script = tmp_path / "worker.py"
+    script.write_text(f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n" + ROLLOUTS)
+    path, outs = tmp_path / "two.jsonl", {0: tmp_path / "two.jsonl", 1: tmp_path / "never.jsonl"}
+    procs = _launch(lambda i: [str(outs[i])], program=(str(script),))
+    _wait_for_lines(procs, path, 1 + 2 * 4)  # the header and the first round: 2 units of 2 prompts x 2 λ
+    _kill_process_1_then_the_job(procs)
+    first = path.read_text()
+    assert len(first.splitlines()) < 1 + 6 * 4, "the kill came too late to test a resume"
+    _finish(_launch(lambda i: [str(outs[i])], program=(str(script),)))
+    assert not outs[1].exists()
+    # the same file, line for line (same units, seeds and order), the first run's lines kept as they were
+    assert path.read_text() == (tmp_path / "one.jsonl").read_text() and path.read_text().startswith(first)
+    assert one.tokens.min() >= 1 and 0 < one.correct.mean() < 1

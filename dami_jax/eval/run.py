@@ -78,7 +78,7 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
         prompts = eval_prompts(pair, pair_cfg, problems)
         store = RecordStore(os.path.join(out_dir, f"records_{bench}.jsonl"))
         # process 0's records decide what is left: the others' disks may hold nothing, or an old copy
-        done = {tuple(k) for k in distributed.broadcast_json(sorted(store.done_keys()) if writer else None)}
+        done = {tuple(k) for k in distributed.from_writer(store.done_keys)}
         for spec, policy in built.items():
             warmup = True
             for sample in range(samples):
