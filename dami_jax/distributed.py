@@ -1,8 +1,7 @@
 """One command on several processes (hosts): JAX's multi-controller runtime, work shards, one writer.
 
 Every process runs the same command. `initialize` joins them through `jax.distributed`:
-- on a TPU VM pod slice (and the other clusters JAX detects: SLURM, Open MPI, GKE) with no
-  arguments at all;
+- on a TPU VM pod slice with no arguments at all (JAX finds the workers);
 - elsewhere with `--coordinator HOST:PORT --num-processes N --process-id I`, or the environment
   variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 
@@ -49,8 +48,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                *, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
     """Join the other processes, if any; call before anything touches a JAX device.
 
-    Explicit values win, then the environment; with neither, JAX's cluster detection (TPU VM
-    pod slices) decides, and no cluster means one process. Already initialized: nothing to do.
+    Explicit values win, then the environment; with neither, JAX's detection of a TPU VM pod
+    slice decides, and no slice means one process. Already initialized: nothing to do.
     """
     import jax
 
@@ -110,14 +109,19 @@ def _explicit(coordinator, num_processes, process_id) -> tuple[str, int, int] | 
 
 
 def _auto_detect(timeout_s: int) -> None:
-    """JAX's cluster detection; no cluster (or JAX already running: an in-process caller) is one process."""
-    from jax._src import xla_bridge
+    """On a Cloud TPU VM, JAX's own detection of the slice's workers; elsewhere one process.
 
-    if xla_bridge.backends_are_initialized():  # initialize refuses then; only this module can tell
+    Only TPU VMs: JAX's other detectors (Kubernetes, SLURM, MPI) would also fire inside a CI pod or
+    an interactive allocation meant for one process. Both questions are asked of JAX's private
+    modules (it has no public answer): are we on a TPU VM, and has the backend started already (an
+    in-process caller; initialize refuses then)."""
+    from jax._src import cloud_tpu_init, xla_bridge
+
+    if not cloud_tpu_init.running_in_cloud_tpu_vm or xla_bridge.backends_are_initialized():
         return
     try:
         _join(initialization_timeout=timeout_s)
-    except ValueError:  # JAX found no cluster to take the coordinator, count and id from
+    except ValueError:  # JAX found no slice to take the coordinator, count and id from
         return
 
 
