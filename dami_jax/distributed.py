@@ -6,9 +6,9 @@ Every process runs the same command. `initialize` joins them through `jax.distri
   variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 
 A command then works on its `shard` of the items (whole batches dealt round-robin, the
-same split on every process), and `map_sharded` brings every process's results to every process in item order
-through JAX's own collectives (`multihost_utils`), as JSON bytes: no files, no sockets of
-ours. Only `is_writer()` (process 0) writes outputs.
+same split on every process), and `map_sharded` brings every process's results to every
+process in item order through JAX's own collectives (`multihost_utils`), as JSON bytes: no
+files, no sockets of ours. Only `is_writer()` (process 0) writes outputs.
 """
 
 from __future__ import annotations
@@ -197,10 +197,10 @@ def broadcast_json(obj: Any) -> Any:
         return obj
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(json.dumps(obj if is_writer() else None, default=_plain).encode(), np.uint8)
+    data = np.frombuffer(json.dumps(obj, default=_plain).encode() if is_writer() else b"", np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
     padded = np.zeros(_bucket(size), np.uint8)
-    padded[: data.size] = data if is_writer() else 0
+    padded[: data.size] = data
     return json.loads(multihost_utils.broadcast_one_to_all(padded)[:size].tobytes())
 
 
