@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="held-out problems")
     ap.add_argument("--calib", type=int, default=300, help="unlabeled calibration problems (seed + 1)")
     ap.add_argument("--seed", type=int, default=31337)
-    ap.add_argument("--config", default=None, help="ConfConfig YAML (default: its dataclass defaults, as configs/policy_conf.yaml)")
+    ap.add_argument("--config", default=None, help="ConfConfig YAML (default: the dataclass defaults with the toy pair's "
+                    "weights, w_A 1, w_D 0, under which the recorded figures were measured)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -106,7 +107,7 @@ def main() -> None:
     from dami_jax.toyworld import language as L
 
     pair = load_pair(os.path.join(args.pair, "instruct"), os.path.join(args.pair, "thinking"))
-    cfg = load_conf_config(args.config)
+    cfg = load_conf_config(args.config, [] if args.config else ["w_entropy=1", "w_js=0"])
     problems = L.sample_problems(args.n, args.seed)
     prompts = [L.to_ids(L.prompt_tokens(p)) for p in problems]
     assert prompts[0] == chat_prompt(pair.tokenizer, problems[0].text), "prompt ids differ from the template"

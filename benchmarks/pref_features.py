@@ -20,7 +20,8 @@ Method:
 
 Usage:
   python benchmarks/pref_features.py --work runs/pref_toy_work        # the shipped settings
-  python benchmarks/pref_features.py --work runs/pg train_prompts=2400 n_samples=1 top_k=1 temperature=1.0 \\
+  python benchmarks/pref_features.py --work runs/pg prompts.limit=2400 n_samples=1 \\
+      "pair_overrides=[top_k=1, temperature=1.0]" \\
       --json benchmarks/results/pref_features_toy_greedy.json         # greedy rollouts (about 10 min)
 """
 
@@ -73,23 +74,35 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
-    from dami_jax.eval.pairs import expand_policy, toy_pair_config
+    from dami_jax.eval.pairs import expand_policy, open_pair, toy_pair_config
+    from dami_jax.eval.problem_sets import toy_problems
+    from dami_jax.eval.run import eval_prompts
+    from dami_jax.pair import generate_pair
     from dami_jax.policies.base import build_policy, pair_fingerprint
     from dami_jax.pref.config import load_pref_config
-    from dami_jax.pref.pipeline import build_data, load_task_pair
+    from dami_jax.pref.pipeline import build_data, load_task, math_grader
     from dami_jax.pref.policy import PrefPolicy
-    from dami_jax.pref.toy import answers, toy_task
     from dami_jax.pref.train import train_reward_model
 
     base = load_pref_config(args.config, args.overrides)
-    pair = load_task_pair(base)
+    task = load_task(base)
+    pair_cfg = task.pair_cfg
+    pair = open_pair(pair_cfg)
     conf = build_policy(expand_policy("conf", toy_pair_config()), pair)
-    _, train_prompts, grader = toy_task(base.train_prompts, base.prompt_seed)
+
+    def answers(problems, prompts, lam):
+        """Greedy answers at per-query λ, graded as the eval grades: (correct (Q,), tokens (Q,))."""
+        lam = np.broadcast_to(np.asarray(lam, np.float32), (len(prompts),))
+        out = generate_pair(pair, prompts, lam, pair_cfg.max_new_tokens, **pair_cfg.engine_size())
+        grader = math_grader(pair.tokenizer, problems)
+        return np.array([grader(i, ids) for i, ids in enumerate(out.token_lists())]), out.lengths
+
     sets = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        problems, prompts, _ = toy_task(args.n, seed)
-        c0, _ = answers(pair, problems, prompts, 0.0, base.max_new_tokens)
-        c1, t1 = answers(pair, problems, prompts, 1.0, base.max_new_tokens)
+        problems = toy_problems(args.n, seed)
+        prompts = eval_prompts(pair, pair_cfg, problems)
+        c0, _ = answers(problems, prompts, 0.0)
+        c1, t1 = answers(problems, prompts, 1.0)
         sets[seed] = {"problems": problems, "prompts": prompts, "wrong": ~c0, "lam1": (c1.mean(), t1.mean())}
         log(f"set {seed}: Instruct wrong on {(~c0).mean():.3f}, λ=1 {c1.mean():.3f} at {t1.mean():.1f} tokens")
 
@@ -97,7 +110,7 @@ def main(argv=None) -> int:
         out = {}
         for seed, s in sets.items():
             score, lam = score_and_lam(s["prompts"])
-            correct, tokens = answers(pair, s["problems"], s["prompts"], lam, base.max_new_tokens)
+            correct, tokens = answers(s["problems"], s["prompts"], lam)
             out[seed] = {"auroc": auroc(score, s["wrong"]),
                          "share_to_catch": {str(r): share_to_catch(score, s["wrong"], r) for r in RECALLS},
                          "accuracy": float(correct.mean()), "token_ratio": float(tokens.mean() / s["lam1"][1]),
@@ -114,7 +127,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.features.split(","):
             cfg = dataclasses.replace(base, **parse_feature(spec))
-            data, _ = build_data(pair, train_prompts, grader, cfg, args.work)
+            data, _ = build_data(pair, pair_cfg, task.problems, cfg, args.work)
             res = train_reward_model(cfg, data, os.path.join(tmp, spec.replace(":", "_")), progress=False)
             meta = {"fingerprint": pair_fingerprint(pair), "inference_points": cfg.inference_points,
                     **parse_feature(spec)}
@@ -133,8 +146,8 @@ def main(argv=None) -> int:
         for seed, v in r["sets"].items():
             rows.append([name, seed, r.get("heldout_pair_acc"), v["auroc"], *v["share_to_catch"].values(),
                          v["accuracy"], v["token_ratio"]])
-    notes = [f"rollouts: {base.train_prompts} prompts x {len(base.lam_grid)} λ x {base.n_samples} samples "
-             f"(T {base.temperature}, top-k {base.top_k}, top-p {base.top_p}); training {base.steps} steps",
+    notes = [f"rollouts: {len(task.problems)} prompts x {len(base.lam_grid)} λ x {base.n_samples} samples "
+             f"(T {pair_cfg.temperature}, top-k {pair_cfg.top_k}, top-p {pair_cfg.top_p}); training {base.steps} steps",
              "share@r: share of queries sent to Thinking (by descending score) to catch r of Instruct's wrong "
              "answers; acc / tokens: the policy's greedy accuracy and mean tokens / λ=1's"]
     _common.print_table("DAMI-Pref features vs DAMI-Conf: ranking Instruct's wrong answers",

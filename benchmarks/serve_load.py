@@ -71,12 +71,12 @@ def random_pair(root: str, preset: str) -> tuple[str, str]:
     return dirs[0], dirs[1]
 
 
-def start_server(instruct: str, thinking: str, overrides) -> tuple[subprocess.Popen, str]:
+def start_server(instruct: str, thinking: str, dtype: str, overrides) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, os.path.join(ROOT, "serve.py"), "--port", str(port), "--log-level", "warning",
-           f"instruct={instruct}", f"thinking={thinking}", *overrides]
+           "--set", f"instruct={instruct}", "--set", f"thinking={thinking}", "--set", f"dtype={dtype}", *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -255,13 +255,13 @@ def main(argv=None) -> int:
     limits = [limit_grid[i % len(limit_grid)] for i in range(args.n)]
     jobs = list(zip(questions, lams.tolist(), limits))
     overrides = [f"max_rows={args.concurrency}", f"max_queue={2 * args.concurrency}",
-                 f"max_seq_len={args.max_seq_len}", f"dtype={args.dtype}", *args.overrides]
+                 f"max_seq_len={args.max_seq_len}", *args.overrides]
     serve_cfg = load_serve_config(None, overrides)
     compilation_cache.enable()  # the offline engine's programs: as the server compiled them
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(instruct, thinking, overrides)
+        proc, url = start_server(instruct, thinking, args.dtype, overrides)
     try:
         rss = [server_rss(url)]  # before the first load, then after each
         asyncio.run(load(url, jobs[:8], 8))  # the first requests' host paths
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
             proc.wait(timeout=60)
     tok = load_tokenizer(thinking)
     prompts = [chat_prompt(tok, q) for q in questions]
-    pair = load_pair(instruct, thinking, dtype=serve_cfg.dtype)
+    pair = load_pair(instruct, thinking, dtype=args.dtype)
     knobs = serve_cfg.engine_kwargs(pair.cfg)
     ref, off_s = offline(pair, prompts, lams, limits, serve_cfg, args.repeats)
     alone, alone_s = serving_loop(pair, prompts, lams, limits, serve_cfg, args.repeats)

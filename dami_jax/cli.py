@@ -42,18 +42,24 @@ def _merge(args) -> None:
 
 
 def _generate(args) -> None:
+    from dami_jax.eval.pairs import check_policy, open_pair
     from dami_jax.generate import Greedy, Sample, chat_prompt, split_thinking
-    from dami_jax.pair import generate_pair, load_pair
+    from dami_jax.policies.base import build_policy
+    from dami_jax.policies.execute import answer
 
-    pair = load_pair(args.instruct, args.thinking, dtype=args.dtype)
+    pair_cfg = _pair_config(args)
+    spec = check_policy(args.policy, pair_cfg)  # the pair config's own (conf: its calibration), checked
+    pair = open_pair(pair_cfg)
+    policy = build_policy(spec, pair)
     prompts = [chat_prompt(pair.tokenizer, q) for q in args.prompt]
     sampling = Greedy() if args.temperature == 0 else Sample(args.temperature, args.top_k, args.top_p)
-    out = generate_pair(pair, prompts, args.lam, args.max_new_tokens, mode=args.mode,
-                        sampling=sampling, seed=args.seed)
-    for q, ids, reason in zip(args.prompt, out.token_lists(), out.finish_reasons):
-        thinking, answer = split_thinking(pair.tokenizer.decode(ids, skip_special_tokens=False))
-        print(json.dumps({"prompt": q, "lam": args.lam, "thinking": thinking, "answer": answer,
-                          "tokens": len(ids), "finish_reason": reason}, ensure_ascii=False))
+    out, chosen = answer(pair, policy, prompts, args.max_new_tokens or pair_cfg.max_new_tokens, mode=args.mode,
+                         sampling=sampling, seed=args.seed, **pair_cfg.engine_size())
+    for q, lam, ids, reason in zip(args.prompt, chosen.lam, out.token_lists(), out.finish_reasons):
+        text = pair.tokenizer.decode(ids[:-1] if reason == "stop" else ids, skip_special_tokens=False)
+        thinking, reply = split_thinking(text)  # the stop token is left out, `</think>` kept to split on
+        print(json.dumps({"prompt": q, "policy": policy.spec, "lam": round(float(lam), 4), "answer": reply,
+                          "thinking": thinking, "tokens": len(ids), "finish_reason": reason}, ensure_ascii=False))
 
 
 def _demo(args) -> None:
@@ -68,15 +74,30 @@ def _toyworld(args) -> None:
     train.main(args.rest)  # argparse allows only action "train"
 
 
-def _run_policies(args, policies: list[str]) -> None:
-    from dami_jax.eval.pairs import load_pair_config, open_pair
-    from dami_jax.eval.run import run_eval
+def _pair_config(args):
+    """The pair config of `--pair` and `--set` (read, not loaded)."""
+    from dami_jax.eval.pairs import load_pair_config
 
-    pair_cfg = load_pair_config(args.pair, args.set)
+    return load_pair_config(args.pair, args.set)
+
+
+def _run_policies(args, policies: list[str]) -> None:
+    from dami_jax.eval.pairs import check_policies, open_pair
+    from dami_jax.eval.run import load_problems, run_eval
+
+    # Everything that can be wrong is found before the pair loads: the config, the policies (built
+    # without the pair, their files read), the benchmarks (each is read here; run_eval reads it
+    # again, from the file or the datasets cache).
+    pair_cfg = _pair_config(args)
+    policies = [p.strip() for p in policies]
+    check_policies(policies, pair_cfg)
+    benches = [b.strip() for b in args.bench.split(",")]
+    for bench in benches:
+        load_problems(bench, args.limit)
     distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
-    run_eval(pair, pair_cfg, args.bench.split(","), policies, samples=args.samples,
-             out_dir=args.out, limit=args.limit, seed=args.seed)
+    run_eval(pair, pair_cfg, benches, policies, samples=args.samples, out_dir=args.out, limit=args.limit,
+             seed=args.seed)
 
 
 def _eval(args) -> None:
@@ -162,33 +183,79 @@ def _serve(args) -> None:
     serve_main(args.rest)
 
 
+def _read_prompts(path: str) -> tuple[list[str], list[int] | None]:
+    """Calibration prompts: JSONL rows with a "question" (and, on every row or none, an
+    "instruct_wrong" 0/1 label), or plain text, one prompt per line. (questions, labels or None)."""
+    questions, labels = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line.startswith("{"):
+                if line:
+                    questions.append(line)
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row.get("question"), str) or not row["question"].strip():
+                raise InputError(f"{path} line {lineno}: expected a non-empty string field 'question', "
+                                 f"got fields {sorted(row)}")
+            if "instruct_wrong" in row:
+                if row["instruct_wrong"] not in (0, 1):
+                    raise InputError(f"{path} line {lineno}: instruct_wrong must be 0 or 1, got {row['instruct_wrong']!r}")
+                labels.append(int(row["instruct_wrong"]))
+            questions.append(row["question"])
+    if len(questions) < 2:
+        raise InputError(f"{path}: calibration needs >= 2 prompts, found {len(questions)}")
+    if labels and len(labels) != len(questions):
+        raise InputError(f"{path}: {len(labels)} of {len(questions)} prompts carry instruct_wrong; label all or none")
+    return questions, labels or None
+
+
 def _calibrate(args) -> None:
     from dami_jax.eval.benchmarks import math_prompt
-    from dami_jax.eval.pairs import load_pair_config, open_pair
+    from dami_jax.eval.pairs import open_pair
     from dami_jax.eval.run import toy_benchmark
     from dami_jax.generate.chat import chat_prompt
-    from dami_jax.policies.calibrate import calibrate_conf
-    from dami_jax.policies.conf import load_conf_config
+    from dami_jax.policies.base import pair_fingerprint
+    from dami_jax.policies.calibrate import calibration_from_scores, sharded_signals, signal_summary
 
-    conf_cfg = load_conf_config(args.conf_config, args.conf_set)
-    pair_cfg = load_pair_config(args.pair, args.set)
-    distributed.init_from_args(args)
-    pair = open_pair(pair_cfg)
-    if args.prompts:  # one JSON object with a "question" per line, or plain text lines
-        with open(args.prompts) as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-        questions = [json.loads(ln)["question"] if ln.startswith("{") else ln for ln in lines]
+    pair_cfg = _pair_config(args)
+    conf_cfg = pair_cfg.conf
+    out_path = args.out or pair_cfg.conf_calibration
+    if not out_path:
+        raise InputError("give --out PATH (the pair config names no conf_calibration to write)")
+    labels = None
+    if args.prompts:
+        questions, labels = _read_prompts(args.prompts)
     elif args.pair == "toy":
         questions = [p.question for p in toy_benchmark(per_k=50, seed=args.seed)]
     else:
         raise InputError("--prompts FILE is required for a pair other than 'toy'")
+    distributed.init_from_args(args)
+    pair = open_pair(pair_cfg)
     wrap = math_prompt if pair_cfg.math_instruction else (lambda q: q)
-    cal = calibrate_conf(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions], conf_cfg)
+    # Both signals are measured (D too, while w_D = 0: s is the same), so the summary shows each one.
+    out = sharded_signals(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions], conf_cfg, with_js=True)
+    cal = calibration_from_scores(out["score"], conf_cfg, pair_fingerprint(pair))
     if not distributed.is_writer():
         return
-    cal.save(args.out)
-    print(f"calibrated conf on {len(questions)} prompts (rho={conf_cfg.rho}, tau_per_iqr={conf_cfg.tau_per_iqr}): "
-          f"mu={cal.mu:.4f} tau={cal.tau:.4f} -> {args.out}")
+    cal.save(out_path)
+    print(f"calibrated conf on {len(questions)} prompts (w_entropy={conf_cfg.w_entropy:g}, w_js={conf_cfg.w_js:g}, "
+          f"rho={conf_cfg.rho}, tau_per_iqr={conf_cfg.tau_per_iqr}): mu={cal.mu:.4f} tau={cal.tau:.4f} -> {out_path}")
+    _print_signals(signal_summary(out, labels))
+
+
+def _print_signals(summary: dict) -> None:
+    """One row per signal: spread, how far it only repeats the others (Spearman) and, with labels,
+    how well it ranks the prompts the Instruct model gets wrong (AUROC)."""
+    names = {"entropy": "entropy A", "js": "JS D", "maxprob": "max-prob M"}
+    cols = ["mean", "std", "q25", "median", "q75", "spearman_score", "spearman_entropy", "spearman_js",
+            "spearman_maxprob"] + (["auroc_wrong"] if any("auroc_wrong" in r for r in summary.values()) else [])
+    print("signal        " + "".join(f"{c:>17}" for c in cols))
+    for k, row in summary.items():
+        print(f"{names[k]:<14}" + "".join(f"{row[c]:>17.4f}" if c in row else f"{'-':>17}" for c in cols))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,16 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("generate", help="answer prompts at a given λ")
-    p.add_argument("--instruct", required=True)
-    p.add_argument("--thinking", required=True)
-    p.add_argument("--lam", type=float, default=1.0)
+    p = sub.add_parser("generate", help="answer prompts with a λ policy; prints the chosen λ beside each answer")
+    add_pair_arguments(p)
+    p.add_argument("--policy", default="conf", help="conf, routing, pref, budget[:N] or static:λ (default conf)")
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    # The library's defaults (load_pair, generate_pair): float32, delta mode.
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the pair config's")
     p.add_argument("--mode", choices=["delta", "merged"], default="delta",
                    help="delta: Θ_I + λ·Δ per row; merged: Θ(λ) materialized (same tokens)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--temperature", type=_number_in(0, math.inf), default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=_whole_number(0), default=0, help="0: no top-k cut")
     p.add_argument("--top-p", type=_number_in(0, 1, lo_open=True), default=1.0)
@@ -241,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("eval", help="every policy on math benchmarks: accuracy, tokens, speed")
-    p.add_argument("--policies", default="static:0,static:0.5,static:0.8,static:1,conf,routing,budget:48",
+    p.add_argument("--policies", default="static:0,static:0.5,static:0.8,static:1,conf,routing,budget",
                    help="comma-separated policy specs")
     _add_run_arguments(p, out="runs/eval")
     p.set_defaults(func=_eval)
@@ -252,16 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p, out="runs/sweep")
     p.set_defaults(func=_sweep)
 
-    p = sub.add_parser("calibrate", help="label-free DAMI-Conf calibration (mu, tau) on a prompt set")
+    p = sub.add_parser("calibrate", help="label-free DAMI-Conf calibration (mu, tau) on a prompt set, "
+                       "with each signal's statistics")
     p.add_argument("policy", choices=["conf"])
-    p.add_argument("--pair", default="toy")
-    p.add_argument("--prompts", default=None, help="JSONL with 'question' fields, or one prompt per line")
-    p.add_argument("--out", required=True, help="calibration JSON to write")
+    add_pair_arguments(p)
+    p.add_argument("--prompts", default=None, help="JSONL with 'question' fields (and optional 0/1 "
+                   "'instruct_wrong' labels: AUROC per signal), or one prompt per line")
+    p.add_argument("--out", default=None, help="calibration JSON to write (default: the pair's conf_calibration)")
     p.add_argument("--seed", type=int, default=7, help="toy calibration problems (not the eval seed)")
-    p.add_argument("--set", action="append", default=[], help="pair config override key=value")
-    p.add_argument("--conf-config", default=None, help="ConfConfig YAML (default: its dataclass defaults)")
-    p.add_argument("--conf-set", action="append", default=[],
-                   help="Conf config override key=value, e.g. rho=0.7 (saved in the calibration)")
     distributed.add_process_args(p)
     p.set_defaults(func=_calibrate)
 
@@ -286,9 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_pair_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of every command that loads a pair (eval, sweep, calibrate, generate, serve):
+    the one place to add what they all share."""
+    p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="pair config override, e.g. dtype=float32 or conf.rho=0.7 (repeatable)")
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
     """What `eval` and `sweep` share: the pair, the problems, samples and where results go."""
-    p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
+    add_pair_arguments(p)
     p.add_argument("--bench", default="toy", help="comma-separated: toy, gsm8k, math500, aime24, aime25, "
                    "amc23, or a .jsonl path")
     p.add_argument("--samples", type=_positive_int, default=1,
@@ -296,7 +366,6 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="first N problems of each benchmark")
     p.add_argument("--out", default=out, help="records, results.json/csv, pareto_<bench>.png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], help="pair config override key=value (repeatable)")
     distributed.add_process_args(p)
 
 

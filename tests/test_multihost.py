@@ -152,7 +152,7 @@ def test_two_processes_calibrate_like_one(tmp_path):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": p.question}) + "\n" for p in toy_benchmark(per_k=3, seed=3)))
-    cal = ["calibrate", "conf", "--pair", "toy", "--prompts", str(prompts), "--conf-set", "batch_size=4"]
+    cal = ["calibrate", "conf", "--pair", "toy", "--prompts", str(prompts), "--set", "conf.batch_size=4"]
     assert main([*cal, "--out", str(tmp_path / "one.json")]) == 0
     outs = {i: tmp_path / f"two{i}.json" for i in range(2)}
     _finish(_launch(lambda i: [*cal, "--out", str(outs[i])]))
@@ -176,16 +176,22 @@ ROLLOUTS = textwrap.dedent("""
 
 
 def collect_toy_rollouts(path):
-    """Pref rollouts on 12 toy prompts: 6 units of 2 prompts over a 2-point λ grid, sampled."""
+    """Pref rollouts on 12 toy problems (chat prompts, Math-Verify grades): 6 units of 2 prompts over a
+    2-point λ grid, sampled."""
+    from dami_jax.eval.problem_sets import toy_problems
+    from dami_jax.generate.chat import chat_prompt
     from dami_jax.generate.sampling import Sample
     from dami_jax.pair import load_pair
+    from dami_jax.pref.pipeline import math_grader
     from dami_jax.pref.rollouts import collect_rollouts
-    from dami_jax.pref.toy import toy_task
     from dami_jax.toyworld import default_pair_dirs
 
-    _, prompts, grader = toy_task(12, seed=3)
-    return collect_rollouts(load_pair(*default_pair_dirs()), prompts, grader, path, lams=[0.0, 1.0], n_samples=1,
-                            sampling=Sample(0.6, 20, 0.95), max_new_tokens=12, batch=2, seed=5, progress=False)
+    pair = load_pair(*default_pair_dirs())
+    problems = toy_problems(12, seed=3)
+    prompts = [chat_prompt(pair.tokenizer, p.question) for p in problems]
+    return collect_rollouts(pair, prompts, math_grader(pair.tokenizer, problems), path, lams=[0.0, 1.0],
+                            n_samples=1, sampling=Sample(0.6, 20, 0.95), max_new_tokens=12, batch=2, seed=5,
+                            progress=False)
 
 
 @pytest.mark.slow

@@ -308,3 +308,46 @@ def test_build_policy_specs_and_static():
     assert "half" in known_policies() and build_policy("half").lam == 0.5
     with pytest.raises(ConfigError):
         ConfConfig(aggregate="median")
+
+
+def test_signal_summary_statistics():
+    """What `dami calibrate conf` prints: AUROC and Spearman against scipy / brute force, quartiles
+    against NumPy; a signal not measured (D while w_D = 0: NaN) is left out."""
+    from scipy import stats
+
+    from dami_jax.policies.calibrate import auroc, signal_summary, spearman
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 6, 40) / 5.0  # ties on purpose
+    m = a + rng.normal(0, 0.3, 40)
+    wrong = rng.random(40) < a
+    assert spearman(a, m) == pytest.approx(stats.spearmanr(a, m).statistic, abs=1e-12)
+    pairs = [(x > y) + 0.5 * (x == y) for x in a[wrong] for y in a[~wrong]]
+    assert auroc(a, wrong) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert math.isnan(spearman(a, np.ones(40))) and math.isnan(auroc(a, np.zeros(40, bool)))
+
+    out = {"entropy": a, "js": np.full(40, np.nan), "maxprob": m, "score": 2.0 * a}
+    rows = signal_summary(out, wrong)
+    assert set(rows) == {"entropy", "maxprob"}
+    e = rows["entropy"]
+    assert (e["mean"], e["std"], e["median"]) == pytest.approx((a.mean(), a.std(), np.median(a)))
+    assert e["spearman_score"] == pytest.approx(1.0) and "spearman_js" not in e
+    assert e["spearman_maxprob"] == pytest.approx(spearman(a, m)) and e["auroc_wrong"] == pytest.approx(auroc(a, wrong))
+    assert "auroc_wrong" not in signal_summary(out)["entropy"]
+
+
+def test_conf_defaults_use_both_signals_and_the_toy_pair_entropy_alone():
+    """Both signals by default (and on the Qwen3 pair configs); w_D = 0 is the toy pair's measured setting."""
+    import glob
+    import os
+
+    from dami_jax.eval.pairs import load_pair_config, toy_pair_config
+
+    assert ConfConfig().w_entropy > 0 and ConfConfig().w_js > 0
+    toy = toy_pair_config().conf
+    assert toy.w_js == 0.0 and toy.w_entropy == 1.0
+    assert Calibration.load(toy_pair_config().conf_calibration).conf == toy  # what the shipped file was made with
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for path in glob.glob(os.path.join(root, "pair_qwen3_*.yaml")):
+        conf = load_pair_config(path).conf
+        assert conf.w_entropy > 0 and conf.w_js > 0, path

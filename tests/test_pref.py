@@ -286,6 +286,10 @@ def test_config_file_and_errors():
         load_pref_config(None, ["lam_grid=[0.0, 2.0]"])
     with pytest.raises(ConfigError, match="pooling"):
         load_pref_config(None, ["pooling=max"])
+    with pytest.raises(ConfigError, match="target_drop"):
+        load_pref_config(None, ["target_drop=2"])
+    with pytest.raises(ConfigError, match="pair"):
+        load_pref_config(None, ["pair=null"])
 
 
 # ---------------------------------------------------------------------------
@@ -372,13 +376,16 @@ def _toy_pair():
 
 
 def test_shipped_reward_model_serves_the_shipped_pair():
+    from dami_jax.eval.pairs import toy_pair_config
+    from dami_jax.eval.problem_sets import toy_problems
+    from dami_jax.eval.run import eval_prompts
     from dami_jax.policies.base import build_policy
-    from dami_jax.pref.toy import toy_task
 
     if not os.path.isfile(os.path.join(PREF_ASSET, "reward_model.json")):
         pytest.skip("no shipped reward model")
     policy = build_policy("pref", _toy_pair())
-    problems, prompts, _ = toy_task(12, seed=5)
+    assert policy.beta == 0.0  # shipped untilted
+    prompts = eval_prompts(_toy_pair(), toy_pair_config(), toy_problems(12, seed=5))
     out = policy(prompts, _toy_pair())
     assert out.lam.shape == (12,) and out.info["reward"].shape == (12,)
     with open(os.path.join(PREF_ASSET, "report.json")) as f:
@@ -390,22 +397,26 @@ def test_pipeline_runs_and_resumes_on_the_toy_pair(tmp_path, monkeypatch):
     from dami_jax.pref.pipeline import run
 
     _toy_pair()
-    # eval_prompts=24: the eval's engine then has the rollouts' shape (24 rows) and reuses its programs
+    # eval_prompts.limit=24: the eval's engine then has the rollouts' shape (24 rows) and reuses its programs
     cfg = load_pref_config(os.path.join(ROOT, "configs", "pref_toy.yaml"), [
-        "train_prompts=12", "n_samples=1", "lam_grid=[0.0, 1.0]", "max_new_tokens=8", "rollout_batch=12",
-        "steps=6", "batch_size=8", "log_every=2", "eval_every=3", "checkpoint_every=3", "eval_prompts=24",
-        "heldout_share=0.25"])
+        "prompts.limit=12", "n_samples=1", "lam_grid=[0.0, 1.0]", "pair_overrides=[max_new_tokens=8]",
+        "rollout_batch=12", "steps=6", "batch_size=8", "log_every=2", "eval_every=3", "checkpoint_every=3",
+        "eval_prompts.limit=24", "heldout_share=0.25", "target_drop=0.0"])
     report = run(cfg, str(tmp_path / "out"), progress=False)
     assert report["eval"]["policies"]["static:1"]["mean_tokens"] <= 8
     for name in ("reward_model.json", "params.npz", "metrics.jsonl", "report.json", "work/rollouts.jsonl"):
         assert (tmp_path / "out" / name).exists(), name
+    # β calibrated on the held-out queries' rollouts, stored with the model, and what plain pref:DIR uses
+    cal = report["beta_calibration"]
+    assert cal["accuracy"] >= cal["reference_accuracy"] and cal["n_queries"] == 3
+    assert PrefPolicy.from_dir(tmp_path / "out").beta == cal["beta"]
 
     def no_sweep(*a, **k):
         raise AssertionError("a finished run must not generate rollouts again")
 
     monkeypatch.setattr("dami_jax.pref.rollouts.sweep", no_sweep)
-    again = run(dataclasses_replace(cfg, eval_prompts=0), str(tmp_path / "out"), progress=False)
-    assert again["heldout"] == report["heldout"]
+    again = run(dataclasses_replace(cfg, eval_prompts=None), str(tmp_path / "out"), progress=False)
+    assert again["heldout"] == report["heldout"] and again["beta_calibration"] == cal
 
 
 def dataclasses_replace(cfg, **kw):

@@ -207,26 +207,35 @@ def test_budget_model_cuts_thinking_as_generate_budget_does(client, pair, max_to
             assert len(ids) == max_tokens and ids[BUDGET:BUDGET + len(forced)] == forced[:max_tokens - BUDGET]
 
 
-def test_default_server_serves_every_model_of_the_toy_pair():
-    """ServeConfig's defaults open the shipped toy pair; conf and routing use its shipped
-    calibration (as `dami eval --pair toy` does), so every listed model is served and answers."""
+def test_serve_pair_toy_serves_every_policy_of_the_toy_pair(monkeypatch):
+    """`dami serve --pair toy` with the default models: static, conf, routing, pref and budget all
+    load (conf/routing on the toy pair's shipped calibration, pref on its shipped reward model,
+    budget at its thinking budget), are listed, and answer with the λ their policy gives."""
+    from dami_jax.cli import main
     from dami_jax.eval.pairs import expand_policy, toy_pair_config
     from dami_jax.policies import build_policy
-    from dami_jax.serve import ServeConfig, create_app
+    from dami_jax.serve.config import DEFAULT_POLICIES
 
-    cfg = ServeConfig(max_rows=2, warmup=False)
-    app = create_app(cfg)
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    assert main(["serve", "--pair", "toy", "--port", "8123", "max_rows=2", "warmup=false"]) == 0
+    app = started["app"]
+    assert started["port"] == 8123
     server, thread, url = _start(app)
     try:
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         models = {m.id: m.policy for m in c.models.list().data}
-        assert set(models) == set(cfg.policies)
+        assert set(models) == set(DEFAULT_POLICIES)
+        assert {spec.split(":")[0] for spec in models.values()} == {"static", "conf", "routing", "pref", "budget"}
         toy, pair = toy_pair_config(), app.server.pair
-        for name in ("dami-conf", "dami-routing"):
-            policy = build_policy(expand_policy(cfg.policies[name], toy), pair)
-            assert models[name] == policy.spec and models[name].endswith(toy.conf_calibration)
-            r = c.completions.create(model=name, prompt=[5, 6, 7], max_tokens=2, temperature=0)
-            assert r.model_extra["lambda"] == pytest.approx(float(policy([[5, 6, 7]], pair).lam[0]), abs=1e-6)
+        assert models["dami-budget"] == f"budget:{toy.thinking_budget}"
+        assert models["dami-pref"] == f"pref:{toy.pref_model}"
+        prompt = [5, 6, 7]
+        for name in ("dami-conf", "dami-routing", "dami-pref", "dami-budget", "dami-static-0.5"):
+            policy = build_policy(expand_policy(DEFAULT_POLICIES[name], toy), pair)
+            assert models[name] == policy.spec
+            r = c.completions.create(model=name, prompt=prompt, max_tokens=2, temperature=0)
+            assert r.model_extra["lambda"] == pytest.approx(float(policy([prompt], pair).lam[0]), abs=1e-6), name
     finally:
         server.should_exit = True
         thread.join(timeout=30)

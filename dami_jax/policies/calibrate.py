@@ -41,20 +41,79 @@ def quantile_calibration(scores, rho: float, tau_per_iqr: float, min_tau: float)
 def calibrate_conf(pair, prompts, cfg: ConfConfig | None = None) -> Calibration:
     """Unsupervised calibration of μ and τ on `prompts` (no labels)."""
     cfg = cfg or load_conf_config()
-    s = sharded_scores(pair, prompts, cfg)
-    mu, tau = quantile_calibration(s, cfg.rho, cfg.tau_per_iqr, cfg.min_tau)
-    return Calibration(mu, tau, cfg, pair_fingerprint(pair), tuple(sorted(map(float, s))))
+    return calibration_from_scores(sharded_signals(pair, prompts, cfg)["score"], cfg, pair_fingerprint(pair))
 
 
-def sharded_scores(pair, prompts, cfg: ConfConfig) -> np.ndarray:
-    """s(q) of every prompt; under several processes each scores its shard (whole scoring batches, so
-    the scores are those of one process) and all get every score."""
+def sharded_signals(pair, prompts, cfg: ConfConfig, with_js: bool | None = None) -> dict[str, np.ndarray]:
+    """`score_prompts`' score and signals of every prompt (float64). Under several processes
+    (dami_jax/distributed.py) each scores its shard, whole scoring batches so that the numbers are
+    those one process gets, and every process gets them all."""
     from dami_jax import distributed
 
-    def score(shard):
-        return [float(x) for x in score_prompts(pair, shard, cfg)["score"]]
+    keys = ("score", *SIGNALS)
 
-    return np.asarray(distributed.map_sharded(score, prompts, block=cfg.batch_size), np.float64)
+    def score(shard):
+        out = score_prompts(pair, shard, cfg, with_js=with_js)
+        return [[float(out[k][i]) for k in keys] for i in range(len(shard))]
+
+    rows = np.asarray(distributed.map_sharded(score, prompts, block=cfg.batch_size), np.float64)
+    return {k: rows[:, j] for j, k in enumerate(keys)}
+
+
+def calibration_from_scores(scores, cfg: ConfConfig, fingerprint: str) -> Calibration:
+    """The unsupervised calibration of the scores s of `score_prompts` (what `calibrate_conf` saves)."""
+    mu, tau = quantile_calibration(scores, cfg.rho, cfg.tau_per_iqr, cfg.min_tau)
+    return Calibration(mu, tau, cfg, fingerprint, tuple(sorted(map(float, scores))))
+
+
+def _ranks(x) -> np.ndarray:
+    """Average ranks (ties share theirs), for Spearman correlations."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for v in np.unique(x):  # ties: the mean of their ranks
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Rank correlation; NaN when either side is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def auroc(score, positive) -> float:
+    """P(score of a positive > score of a negative), ties counting half (Mann-Whitney U)."""
+    score, positive = np.asarray(score, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((_ranks(score)[positive].sum() - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg))
+
+
+def signal_summary(out: dict, wrong=None) -> dict:
+    """Per Conf signal (entropy A, JS D, max-prob M) over a calibration set: mean, std, quartiles,
+    its Spearman correlation with the other signals and with the score s, and (with labels:
+    1 = the Instruct model answers wrong) its AUROC. Label-free, a signal whose spread is nil or that
+    only repeats another (Spearman near 1) adds nothing; with labels, AUROC says which one predicts."""
+    rows = {}
+    for k in SIGNALS:
+        x = np.asarray(out[k], np.float64)
+        if not np.isfinite(x).all():  # not measured (D while w_D = 0)
+            continue
+        q25, q50, q75 = np.quantile(x, [0.25, 0.5, 0.75])
+        row = dict(mean=float(x.mean()), std=float(x.std()), q25=float(q25), median=float(q50), q75=float(q75),
+                   spearman_score=spearman(x, out["score"]))
+        row.update({f"spearman_{o}": spearman(x, out[o]) for o in SIGNALS
+                    if o != k and np.isfinite(np.asarray(out[o], np.float64)).all()})
+        if wrong is not None:
+            row["auroc_wrong"] = auroc(x, wrong)
+        rows[k] = row
+    return rows
 
 
 def logistic_fit(x_nf, y_n, l2: float = 1e-3, iters: int = 50) -> tuple[np.ndarray, float]:

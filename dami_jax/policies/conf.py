@@ -14,7 +14,7 @@ signals are aggregated (mean or max) over content positions, 0 when there is
 none (`n_content` = 0 flags it), and
   s = w_A·A + w_D·D + w_M·M,  λ = λ_min + (λ_max − λ_min)·σ((s − μ)/τ).
 μ and τ come from a `Calibration` (calibration.py), which this policy requires.
-With w_D = 0 (the default) the Thinking model does not enter s, so its teacher-forced
+With w_D = 0 (the toy pair's setting) the Thinking model does not enter s, so its teacher-forced
 pass is skipped (about half the scoring's work) and D is reported as NaN; callers that
 want D anyway (the supervised fit, the signal benchmark) ask for it with `with_js`.
 """

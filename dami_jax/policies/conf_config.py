@@ -19,8 +19,10 @@ SIGNALS = ("entropy", "js", "maxprob")  # each has a weight field w_<signal>
 class ConfConfig:
     probe_tokens: int = 16  # P
     aggregate: str = "mean"  # over content positions: "mean" or "max"
-    w_entropy: float = 1.0  # w_A
-    w_js: float = 0.0  # w_D (0: see the toy-world measurement in configs/policy_conf.yaml)
+    # Both signals, equal weight, until a pair's own measurement says otherwise (DESIGN 1.2). The toy
+    # pair uses w_D = 0 (JS was weak there: configs/policy_conf.yaml, eval.pairs.toy_pair_config).
+    w_entropy: float = 0.5  # w_A
+    w_js: float = 0.5  # w_D (0 skips the Thinking model's scoring pass)
     w_maxprob: float = 0.0  # w_M
     lam_min: float = 0.0
     lam_max: float = 1.0

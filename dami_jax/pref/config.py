@@ -1,8 +1,11 @@
 """`PrefConfig`: every constant of DAMI-Pref (DESIGN 1.3) as one frozen dataclass.
 
-configs/pref_toy.yaml holds the toy-world values; `load_pref_config(path, overrides)`
-adds dotted `key=value` overrides. Unknown keys and out-of-range values are
-`ConfigError`s naming the field.
+The pair is named as every command names it (`toy` or a pair YAML): its config
+carries the models, dtype, mesh, chat template, max_new_tokens and sampling.
+`prompts` names a problem set as `dami eval --bench` does. configs/pref_toy.yaml
+holds the toy-world values, configs/pref_qwen3_4b_2507.yaml the Qwen3-4B recipe;
+`load_pref_config(path, overrides)` adds dotted `key=value` overrides. Unknown
+keys and out-of-range values are `ConfigError`s naming the field.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 import os
 
 from dami_jax.config import ConfigError, load_yaml
+from dami_jax.eval.problem_sets import ProblemSet
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 POOLINGS = ("last", "mean", "probe")
@@ -21,21 +25,19 @@ POOLINGS = ("last", "mean", "probe")
 
 @dataclasses.dataclass(frozen=True)
 class PrefConfig:
-    # The pair: a directory holding instruct/ and thinking/ (None: the shipped toy pair).
-    pair: str | None = None
-    # Task prompts (toy world): training prompts, the share held out for pair accuracy, eval set.
-    train_prompts: int = 600
+    # The pair, as every command names it: `toy` or a configs/pair_*.yaml (models, dtype, mesh, chat
+    # template, max_new_tokens, sampling), with dotted overrides of its fields (e.g. max_new_tokens=8192).
+    pair: str = "toy"
+    pair_overrides: tuple[str, ...] = ()
+    # Rollout prompts, as `dami eval --bench` names a problem set (eval/problem_sets.py); a share of the
+    # queries is held out for the reward model's pair accuracy (and the β calibration).
+    prompts: ProblemSet | str | dict = ProblemSet("toy", limit=600, seed=1234)
     heldout_share: float = 0.2
-    prompt_seed: int = 1234
-    eval_prompts: int = 300
-    eval_seed: int = 20261127
-    # 1. Rollouts: n samples per (q, λ) on the grid, sampled at this temperature / top-k / top-p.
+    # Final check (null: none): pref against λ = 1 and λ = 0 on these problems, greedy.
+    eval_prompts: ProblemSet | str | dict | None = ProblemSet("toy", limit=300, seed=20261127)
+    # 1. Rollouts: n samples per (q, λ) on the grid, with the pair's sampling and max_new_tokens.
     lam_grid: tuple[float, ...] = DEFAULT_GRID
     n_samples: int = 4
-    temperature: float = 0.6
-    top_k: int = 20
-    top_p: float = 0.95
-    max_new_tokens: int = 96
     rollout_batch: int = 128  # prompts per `sweep` call (each runs every λ of the grid as engine rows)
     rollout_seed: int = 0
     # 2. Preferences.
@@ -60,10 +62,16 @@ class PrefConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     mesh_data: int = -1  # devices on the data axis (-1: all)
-    # 5. Inference: argmax of r(q, ·) over a fine grid of this many points on [0, 1].
+    # 5. Inference: argmax of r(q, ·) + β·λ over a fine grid of this many points on [0, 1]. β = 0
+    # unless target_drop is set: then β is the smallest whose held-out accuracy is within target_drop
+    # of λ = 1's (pref/calibrate.py), stored with the reward model.
     inference_points: int = 101
+    target_drop: float | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "prompts", ProblemSet.of(self.prompts, "PrefConfig.prompts"))
+        if self.eval_prompts is not None:
+            object.__setattr__(self, "eval_prompts", ProblemSet.of(self.eval_prompts, "PrefConfig.eval_prompts"))
         grid = self.lam_grid
         checks = [
             (len(grid) >= 2, f"lam_grid needs at least 2 values, got {list(grid)}"),
@@ -71,9 +79,9 @@ class PrefConfig:
              f"lam_grid values must be in [0, 1], got {list(grid)}"),
             (len(set(grid)) == len(grid), f"lam_grid has duplicates: {list(grid)}"),
             (self.n_samples >= 1, "n_samples must be >= 1"),
-            (self.train_prompts >= 2 and self.eval_prompts >= 0, "train_prompts must be >= 2"),
+            (self.prompts.limit is None or self.prompts.limit >= 2, "prompts: limit must be >= 2"),
             (0.0 < self.heldout_share < 1.0, "heldout_share must be in (0, 1)"),
-            (self.max_new_tokens >= 1 and self.rollout_batch >= 1, "max_new_tokens, rollout_batch must be >= 1"),
+            (self.rollout_batch >= 1, "rollout_batch must be >= 1"),
             (0.0 <= self.eps_acc < 1.0, "eps_acc must be in [0, 1)"),
             (0.0 <= self.eps_cost < 1.0, "eps_cost must be in [0, 1)"),
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
@@ -86,6 +94,7 @@ class PrefConfig:
             (min(self.log_every, self.eval_every, self.checkpoint_every, self.keep_checkpoints) >= 1,
              "log_every, eval_every, checkpoint_every, keep_checkpoints must be >= 1"),
             (self.inference_points >= 2, "inference_points must be >= 2"),
+            (self.target_drop is None or 0.0 <= self.target_drop <= 1.0, "target_drop must be in [0, 1] or null"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -94,14 +103,15 @@ class PrefConfig:
     def fingerprint(self, fields: tuple[str, ...]) -> str:
         """sha256 (12 hex) of the named fields: ties caches/checkpoints to the settings they used."""
         data = {f: getattr(self, f) for f in fields}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+        text = json.dumps(data, sort_keys=True, default=dataclasses.asdict)  # ProblemSet fields as dicts
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-ROLLOUT_FIELDS = ("lam_grid", "n_samples", "temperature", "top_k", "top_p", "max_new_tokens", "rollout_seed")
+ROLLOUT_FIELDS = ("pair", "pair_overrides", "lam_grid", "n_samples", "rollout_seed")
 FEATURE_FIELDS = ("hidden_layer", "pooling", "probe_tokens")
 MODEL_FIELDS = FEATURE_FIELDS + ("fourier_features", "mlp_widths")
 TRAIN_FIELDS = MODEL_FIELDS + ROLLOUT_FIELDS + (
-    "train_prompts", "heldout_share", "prompt_seed", "eps_acc", "eps_cost", "lr", "weight_decay",
+    "prompts", "heldout_share", "eps_acc", "eps_cost", "lr", "weight_decay",
     "warmup_steps", "steps", "batch_size", "seed")
 
 

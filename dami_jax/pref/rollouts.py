@@ -136,11 +136,12 @@ def load_rollouts(path: str | os.PathLike, pair=None) -> Rollouts:
 def collect_rollouts(pair, prompts: list[list[int]], grader: Callable[[int, list[int]], bool],
                      path: str | os.PathLike, *, lams=None, n_samples: int = 4,
                      sampling: Sample = Sample(0.6, 20, 0.95), max_new_tokens: int = 96,
-                     batch: int = 128, seed: int = 0, progress: bool = True) -> Rollouts:
+                     batch: int = 128, seed: int = 0, progress: bool = True, engine: dict | None = None) -> Rollouts:
     """Generate (or finish generating) the rollouts in `path`; returns them complete.
 
     Each unit (a chunk of `batch` prompts, one sample) runs the whole λ grid as rows of one
-    engine in delta mode (`pair.sweep`)."""
+    engine in delta mode (`pair.sweep`), sized by `engine` (max_rows, kv_bytes: the pair config's
+    `engine_size()`; the answers do not depend on it)."""
     lams = check_grid(DEFAULT_GRID if lams is None else lams)
     if n_samples < 1 or batch < 1:
         raise InputError(f"n_samples and batch must be >= 1, got {n_samples}, {batch}")
@@ -159,8 +160,8 @@ def collect_rollouts(pair, prompts: list[list[int]], grader: Callable[[int, list
              if any((i, lam, s) not in done for i in chunks[c] for lam in grid)]
 
     def run(mine):  # this process's units -> the records of each
-        return [_unit_records(pair, prompts, chunks[c], s, grader, lams, grid, sampling, max_new_tokens, seed, c)
-                for s, c in mine]
+        return [_unit_records(pair, prompts, chunks[c], s, grader, lams, grid, sampling, max_new_tokens, seed, c,
+                              engine or {}) for s, c in mine]
 
     rounds = [units[i: i + distributed.process_count()] for i in range(0, len(units), distributed.process_count())]
     with open(path, "a") if writer else contextlib.nullcontext() as f:
@@ -188,9 +189,11 @@ def _open_for_append(path: str, want: dict) -> list[dict]:
     return []
 
 
-def _unit_records(pair, prompts, chunk, s, grader, lams, grid, sampling, max_new_tokens, seed, c) -> list[dict]:
+def _unit_records(pair, prompts, chunk, s, grader, lams, grid, sampling, max_new_tokens, seed, c,
+                  engine: dict) -> list[dict]:
     """One unit: sample s of the prompts in `chunk` over the whole grid, graded (its seed is its own)."""
     unit_seed = int(np.random.SeedSequence([seed, s, c]).generate_state(1)[0] & 0x7FFFFFFF)
-    outs = sweep(pair, [prompts[i] for i in chunk], lams, max_new_tokens, sampling=sampling, seed=unit_seed)
+    outs = sweep(pair, [prompts[i] for i in chunk], lams, max_new_tokens, sampling=sampling, seed=unit_seed,
+                 **engine)
     return [{"prompt": i, "lam": lam, "sample": s, "correct": bool(grader(i, ids)), "tokens": int(out.lengths[row])}
             for lam, out in zip(grid, outs) for row, (i, ids) in enumerate(zip(chunk, out.token_lists()))]

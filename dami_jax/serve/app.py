@@ -1,6 +1,6 @@
 """The ASGI app: routes, API key and body-size guard, OpenAI-shaped errors, engine lifecycle.
 
-    app = create_app(load_serve_config(), pair=None)   # pair None: load cfg.instruct/thinking (or the toy pair)
+    app = create_app(load_serve_config(), pair_cfg=load_pair_config("configs/pair_qwen3_4b_2507.yaml"))
     uvicorn.run(app, host=cfg.host, port=cfg.port)
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
@@ -19,7 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from dami_jax.config import ConfigError
-from dami_jax.eval.pairs import PairConfig, expand_policy, open_pair, toy_pair_config
+from dami_jax.eval.pairs import MissingPairFile, PairConfig, check_policy, open_pair, toy_pair_config
+from dami_jax.policies.base import build_policy
 from dami_jax.serve import api
 from dami_jax.serve.config import ServeConfig
 from dami_jax.serve.engine import Engine
@@ -33,45 +33,56 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/
 class Server:
     """Everything a request needs: config, pair, tokenizer, loaded policies, engine, metrics."""
 
-    def __init__(self, cfg: ServeConfig, pair=None):
-        """pair None: open cfg.instruct/thinking (both None: the shipped toy pair, whose plain `conf`,
-        `routing` and `pref` use its shipped calibration and reward model, as `dami eval` does)."""
+    def __init__(self, cfg: ServeConfig, pair=None, pair_cfg: PairConfig | None = None):
+        """pair_cfg: the pair (models, dtype, mesh, tokenizer) and the artifacts plain `conf`, `routing`,
+        `pref` and `budget` use (default: the shipped toy pair, with its calibration and reward model).
+        pair: that pair already loaded; given alone, policies are built from their specs as they are.
+        Every policy spec is checked before the pair loads."""
         self.cfg = cfg
-        pair_cfg = None
+        if pair is None and pair_cfg is None:
+            pair_cfg = toy_pair_config()
+        specs = self._servable(cfg.policies, lambda spec: self._check(spec, pair_cfg))
         if pair is None:
-            pair_cfg = pair_config(cfg)
             pair = open_pair(pair_cfg)
         if pair.tokenizer is None:
             raise ConfigError("the server needs a tokenizer with a chat template (load_pair(..., tokenizer=...))")
         self.pair, self.tokenizer = pair, pair.tokenizer
         self.metrics = Metrics()
         self.engine = Engine(pair, cfg.max_queue, self.metrics, **cfg.engine_kwargs(pair.cfg))
-        self.policies = self._load_policies(pair_cfg)
+        self.policies = self._servable(specs, self._load)
         self.default_model = cfg.default_model
         if self.default_model not in self.policies:
             self.default_model = next(iter(self.policies))
             log.warning("default_model %r is not served; requests naming no model get %r",
                         cfg.default_model, self.default_model)
 
-    def _load_policies(self, pair_cfg) -> dict:
-        """name -> policy; a model that does not load stops startup unless `optional` lists it."""
-        from dami_jax.policies import build_policy
+    @staticmethod
+    def _check(spec, pair_cfg):
+        """The spec to serve, checked without the pair (expanded to the pair config's artifacts)."""
+        if pair_cfg is None:
+            build_policy(spec)
+            return spec
+        return check_policy(spec, pair_cfg)
 
+    def _load(self, spec):
+        policy = build_policy(spec, self.pair)
+        if self.cfg.warmup:  # compile its scoring now, not on the first request
+            policy([[0] * 8], self.pair)
+        return policy
+
+    def _servable(self, specs: dict, make) -> dict:
+        """name -> make(spec); a failure stops startup unless `optional` lists the name (it is skipped)."""
         out = {}
-        for name, spec in self.cfg.policies.items():
-            if pair_cfg is not None and isinstance(spec, str):
-                spec = expand_policy(spec, pair_cfg)
+        for name, spec in specs.items():
             try:
-                policy = build_policy(spec, self.pair)
-                if self.cfg.warmup:  # compile its scoring now, not on the first request
-                    policy([[0] * 8], self.pair)
-            except Exception as e:  # not servable here: no calibration, no trained model, ...
+                out[name] = make(spec)
+            except MissingPairFile:  # the pair config names a file that is not there: a typo, never optional
+                raise
+            except Exception as e:  # not servable here: no calibration, no trained model, another pair's, ...
                 if name not in self.cfg.optional:
                     raise ConfigError(f"model {name!r} (policy {spec!r}) cannot be served: {e}. Fix it, remove "
                                       f"it from `policies`, or list it in `optional` to skip it") from e
                 log.warning("optional model %s (policy %r) is not served: %s", name, spec, e)
-                continue
-            out[name] = policy
         if not out:
             raise ConfigError(f"no policy of {sorted(self.cfg.policies)} loads; nothing to serve")
         return out
@@ -83,13 +94,6 @@ class Server:
 
     def stop(self) -> None:
         self.engine.stop()
-
-
-def pair_config(cfg: ServeConfig) -> PairConfig:
-    """The pair a ServeConfig names: its instruct/thinking, or (both None) the shipped toy pair."""
-    if cfg.instruct is None:
-        return dataclasses.replace(toy_pair_config(), dtype=cfg.dtype, tokenizer=cfg.tokenizer)
-    return PairConfig(cfg.instruct, cfg.thinking, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
 
 
 class Guard:
@@ -161,9 +165,11 @@ async def _watch_disconnect(request: Request, flow) -> None:
             return
 
 
-def create_app(cfg: ServeConfig, pair=None, server: Server | None = None) -> "Guard":
-    """The ASGI app (a Guard around FastAPI); `.server` holds the engine, policies and metrics."""
-    server = server or Server(cfg, pair)
+def create_app(cfg: ServeConfig, pair=None, server: Server | None = None,
+               pair_cfg: PairConfig | None = None) -> "Guard":
+    """The ASGI app (a Guard around FastAPI); `.server` holds the engine, policies and metrics.
+    pair_cfg, pair: as `Server` takes them (neither: the shipped toy pair)."""
+    server = server or Server(cfg, pair, pair_cfg)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

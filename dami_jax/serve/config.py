@@ -1,6 +1,8 @@
 """ServeConfig: the server's settings as a frozen dataclass, which holds every default.
 
-configs/serve.yaml is an example of it; `load_serve_config(path, overrides)` reads one.
+configs/serve.yaml is an example of it; `load_serve_config(path, overrides)` reads one. The
+model pair (checkpoints, dtype, mesh, tokenizer, calibration, reward model) is not here: it is
+a PairConfig (`dami serve --pair toy|configs/pair_*.yaml`), as for every command.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import os
 from dami_jax.config import ConfigError, load_yaml
 
 # Served model name -> policy spec (dami_jax.policies.build_policy). Plain `conf`,
-# `routing` and `pref` use the pair's own calibration / reward model (the toy pair
-# ships both; see dami_jax.eval.pairs.expand_policy).
+# `routing`, `pref` and `budget` use the pair config's calibration, reward model and
+# thinking budget (the toy pair ships both files; see dami_jax.eval.pairs.expand_policy).
 DEFAULT_POLICIES = {
     "dami-instruct": "static:0",
     "dami-static-0.5": "static:0.5",
@@ -23,6 +25,7 @@ DEFAULT_POLICIES = {
     "dami-conf": "conf",
     "dami-routing": "routing",
     "dami-pref": "pref",
+    "dami-budget": "budget",
 }
 # Models that need a per-pair artifact (the toy pair ships them; another pair may not):
 # by default, a pair without one serves the rest and logs why these are missing.
@@ -31,11 +34,6 @@ DEFAULT_OPTIONAL = ("dami-conf", "dami-routing", "dami-pref")
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    # Model pair: HF directories or hub ids; both null serves the toy pair.
-    instruct: str | None = None
-    thinking: str | None = None
-    dtype: str = "float32"
-    tokenizer: str = "thinking"  # whose tokenizer and chat template: thinking | instruct | a path
     # Network and safety.
     host: str = "127.0.0.1"
     port: int = 8000
@@ -84,7 +82,6 @@ class ServeConfig:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 <= self.reasoning_lambda <= 1, "reasoning_lambda must be in [0, 1]"),
-            ((self.instruct is None) == (self.thinking is None), "give both instruct and thinking, or neither"),
             (isinstance(self.policies, dict) and all(isinstance(k, str) and isinstance(v, (str, dict))
                                                      for k, v in self.policies.items()),
              "policies must map model names to policy specs"),
@@ -122,6 +119,16 @@ class ServeConfig:
                               "(or api_key in the config), or bind 127.0.0.1")
 
 
+PAIR_FIELDS = ("instruct", "thinking", "dtype", "tokenizer")  # ServeConfig held these once
+
+
 def load_serve_config(path: str | os.PathLike | None = None, overrides=()) -> ServeConfig:
     """A ServeConfig YAML (none: the dataclass defaults) + dotted overrides such as `max_rows=16`."""
-    return load_yaml(ServeConfig, path, overrides)
+    try:
+        return load_yaml(ServeConfig, path, overrides)
+    except ConfigError as e:
+        unknown = str(e).partition("unknown key(s)")[2].partition("; expected")[0]
+        if any(f"'{k}'" in unknown for k in PAIR_FIELDS):
+            raise ConfigError(f"{e}. The model pair is a pair config now: --pair configs/pair_*.yaml "
+                              "(instruct, thinking, dtype, tokenizer, mesh, ...) or --set KEY=VALUE") from None
+        raise

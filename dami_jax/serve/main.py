@@ -1,4 +1,4 @@
-"""`python serve.py [--config FILE] [--host H] [--port P] [--api-key K] [key=value ...]`."""
+"""`python serve.py [--pair toy|PAIR.yaml] [--set K=V] [--config FILE] [--host H] [--port P] [--api-key K] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ from dami_jax import compilation_cache
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from dami_jax.cli import add_pair_arguments
+
     p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible DAMI server (per-request λ).")
+    add_pair_arguments(p)
     p.add_argument("--config", help="YAML of ServeConfig fields (default: ServeConfig's defaults; "
                    "configs/serve.yaml is an example)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="Bearer key clients must send (default $DAMI_API_KEY)")
     p.add_argument("--log-level", default="info")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_rows=16 instruct=DIR thinking=DIR")
+    p.add_argument("overrides", nargs="*", help="ServeConfig overrides, e.g. max_rows=16 temperature=0.6")
     return p.parse_args(argv)
 
 
@@ -31,8 +34,8 @@ def _fail(message: str):
 def main(argv=None) -> None:
     import uvicorn
 
-    from dami_jax.config import ConfigError
     from dami_jax.errors import InputError
+    from dami_jax.eval.pairs import load_pair_config
     from dami_jax.serve.app import create_app
     from dami_jax.serve.config import load_serve_config
 
@@ -47,10 +50,8 @@ def main(argv=None) -> None:
     try:
         cfg = load_serve_config(args.config, overrides)
         cfg.check_bind()  # before loading anything
-    except ConfigError as e:
-        _fail(str(e))
-    try:
-        app = create_app(cfg)
-    except (InputError, FileNotFoundError) as e:  # no pair, no servable policy, a bad file, ...
+        pair_cfg = load_pair_config(args.pair, args.set)
+        app = create_app(cfg, pair_cfg=pair_cfg)  # checks every policy spec, then loads the pair
+    except (InputError, FileNotFoundError) as e:  # a bad file or field, no servable policy, ...
         _fail(str(e))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=5)
