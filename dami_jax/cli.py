@@ -14,6 +14,7 @@ import traceback
 
 from dami_jax import compilation_cache, distributed
 from dami_jax.errors import InputError
+from dami_jax.eval.pairs import add_pair_arguments
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -346,14 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of serve.py")
     p.set_defaults(func=_serve)
     return parser
-
-
-def add_pair_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of every command that loads a pair (eval, sweep, calibrate, generate, serve):
-    the one place to add what they all share."""
-    p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="pair config override, e.g. dtype=float32 or conf.rho=0.7 (repeatable)")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:

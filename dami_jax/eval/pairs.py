@@ -149,3 +149,11 @@ def open_pair(pair_cfg: PairConfig):
     mesh = None if tuple(pair_cfg.mesh) == (1, 1, 1) else make_mesh(*pair_cfg.mesh, devices=jax.local_devices())
     return load_pair(pair_cfg.instruct, pair_cfg.thinking, dtype=pair_cfg.dtype, mesh=mesh,
                      tokenizer=pair_cfg.tokenizer)
+
+
+def add_pair_arguments(p) -> None:
+    """The argparse arguments of every command that loads a pair (eval, sweep, calibrate, generate,
+    serve): `--pair` and `--set`, read back by `load_pair_config(args.pair, args.set)`."""
+    p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="pair config override, e.g. dtype=float32 or conf.rho=0.7 (repeatable)")

@@ -11,7 +11,7 @@ from dami_jax import compilation_cache
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from dami_jax.cli import add_pair_arguments
+    from dami_jax.eval.pairs import add_pair_arguments
 
     p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible DAMI server (per-request λ).")
     add_pair_arguments(p)
