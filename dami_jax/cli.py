@@ -12,7 +12,7 @@ import math
 import sys
 import traceback
 
-from dami_jax import compilation_cache
+from dami_jax import compilation_cache, distributed
 from dami_jax.errors import InputError
 from dami_jax.eval.pairs import add_pair_arguments
 
@@ -95,6 +95,7 @@ def _run_policies(args, policies: list[str]) -> None:
     benches = [b.strip() for b in args.bench.split(",")]
     for bench in benches:
         load_problems(bench, args.limit)
+    distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
     run_eval(pair, pair_cfg, benches, policies, samples=args.samples, out_dir=args.out, limit=args.limit,
              seed=args.seed)
@@ -219,8 +220,7 @@ def _calibrate(args) -> None:
     from dami_jax.eval.run import toy_benchmark
     from dami_jax.generate.chat import chat_prompt
     from dami_jax.policies.base import pair_fingerprint
-    from dami_jax.policies.calibrate import calibration_from_scores, signal_summary
-    from dami_jax.policies.conf import score_prompts
+    from dami_jax.policies.calibrate import calibration_from_scores, sharded_signals, signal_summary
 
     pair_cfg = _pair_config(args)
     conf_cfg = pair_cfg.conf
@@ -234,11 +234,14 @@ def _calibrate(args) -> None:
         questions = [p.question for p in toy_benchmark(per_k=50, seed=args.seed)]
     else:
         raise InputError("--prompts FILE is required for a pair other than 'toy'")
+    distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
     wrap = math_prompt if pair_cfg.math_instruction else (lambda q: q)
     # Both signals are measured (D too, while w_D = 0: s is the same), so the summary shows each one.
-    out = score_prompts(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions], conf_cfg, with_js=True)
+    out = sharded_signals(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions], conf_cfg, with_js=True)
     cal = calibration_from_scores(out["score"], conf_cfg, pair_fingerprint(pair))
+    if not distributed.is_writer():
+        return
     cal.save(out_path)
     print(f"calibrated conf on {len(questions)} prompts (w_entropy={conf_cfg.w_entropy:g}, w_js={conf_cfg.w_js:g}, "
           f"rho={conf_cfg.rho}, tau_per_iqr={conf_cfg.tau_per_iqr}): mu={cal.mu:.4f} tau={cal.tau:.4f} -> {out_path}")
@@ -322,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "'instruct_wrong' labels: AUROC per signal), or one prompt per line")
     p.add_argument("--out", default=None, help="calibration JSON to write (default: the pair's conf_calibration)")
     p.add_argument("--seed", type=int, default=7, help="toy calibration problems (not the eval seed)")
+    distributed.add_process_args(p)
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("toyworld", help="toyworld train --out DIR [--config FILE] [key=value ...]")
@@ -355,6 +359,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="first N problems of each benchmark")
     p.add_argument("--out", default=out, help="records, results.json/csv, pareto_<bench>.png")
     p.add_argument("--seed", type=int, default=0)
+    distributed.add_process_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,7 @@ def restore_params(directory: str, dtype=None, mesh=None, rules: ShardingConfig 
     if mesh is not None:
         shardings = param_shardings(abstract, mesh, rules)
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with ocp.StandardCheckpointer() as ckptr:

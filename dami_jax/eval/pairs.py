@@ -140,10 +140,13 @@ def check_policies(specs, pair_cfg: PairConfig) -> list:
 
 
 def open_pair(pair_cfg: PairConfig):
+    import jax
+
     from dami_jax.models.sharding import make_mesh
     from dami_jax.pair import load_pair
 
-    mesh = None if tuple(pair_cfg.mesh) == (1, 1, 1) else make_mesh(*pair_cfg.mesh)
+    # This process's devices: under several processes each holds its own copy of the pair.
+    mesh = None if tuple(pair_cfg.mesh) == (1, 1, 1) else make_mesh(*pair_cfg.mesh, devices=jax.local_devices())
     return load_pair(pair_cfg.instruct, pair_cfg.thinking, dtype=pair_cfg.dtype, mesh=mesh,
                      tokenizer=pair_cfg.tokenizer)
 

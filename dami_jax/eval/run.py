@@ -7,17 +7,23 @@ time, on chunks of SAVE_EVERY × batch_size prompts (a chunk's records are saved
 together); a policy's `seconds` is its wall time over the chunks, its λ choice
 (Conf's scoring pass, Pref's features) included. Outputs: one table per benchmark, `results.json`,
 `results.csv` and `pareto_<bench>.png`.
+
+Under several processes (dami_jax/distributed.py) each chunk is split across them: each
+generates and grades its share with the pair on its own devices, and process 0 appends the
+whole chunk's records and writes the results; the others write nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import time
 
 from tqdm.auto import tqdm
 
+from dami_jax import distributed
 from dami_jax.eval.benchmarks import Problem, load_benchmark, math_prompt
 from dami_jax.eval.metrics import summarize_by_policy
 from dami_jax.eval.pairs import PairConfig, expand_policy
@@ -62,39 +68,58 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
     from dami_jax.policies.execute import answer
 
     sampling = Greedy() if samples == 1 else THINKING_DEFAULT
-    os.makedirs(out_dir, exist_ok=True)
+    writer = distributed.is_writer()
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
     built = {spec: build_policy(expand_policy(spec, pair_cfg), pair) for spec in policies}
     rows = []
     for bench in benches:
         problems = load_problems(bench, limit)
         prompts = eval_prompts(pair, pair_cfg, problems)
         store = RecordStore(os.path.join(out_dir, f"records_{bench}.jsonl"))
-        done = store.done_keys()
+        # process 0's records decide what is left: the others' disks may hold nothing, or an old copy
+        done = {tuple(k) for k in distributed.from_writer(store.done_keys)}
         for spec, policy in built.items():
             warmup = True
             for sample in range(samples):
                 todo = [i for i, p in enumerate(problems) if (spec, p.id, sample) not in done]
+                # A global chunk is one chunk of a one-process run per process: each computes exactly
+                # what one process would (the same batches), so the records are the same.
                 size = SAVE_EVERY * pair_cfg.batch_size
-                chunks = [todo[i: i + size] for i in range(0, len(todo), size)]
+                step = size * distributed.process_count()
+                chunks = [todo[i: i + step] for i in range(0, len(todo), step)]
                 kw = dict(sampling=sampling, seed=seed + sample, **pair_cfg.engine_size())
-                if chunks and warmup:  # compile outside the timed runs (an engine-full of prompts)
-                    answer(pair, policy, [prompts[i] for i in todo[: pair_cfg.batch_size]],
-                           pair_cfg.max_new_tokens, **kw)
+                run = functools.partial(_answer_records, pair, pair_cfg, policy, spec, sample, problems, prompts, kw)
+                mine = distributed.shard(todo, block=size)[: pair_cfg.batch_size]
+                if chunks and warmup and mine:  # compile outside the timed runs (an engine-full of prompts)
+                    answer(pair, policy, [prompts[i] for i in mine], pair_cfg.max_new_tokens, **kw)
                     warmup = False
-                for chunk in tqdm(chunks, desc=f"{bench} {spec} #{sample}", disable=not progress, leave=False):
+                for chunk in tqdm(chunks, desc=f"{bench} {spec} #{sample}", disable=not (progress and writer),
+                                  leave=False):
                     t0 = time.perf_counter()
-                    out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens, **kw)
-                    share = (time.perf_counter() - t0) / len(chunk)  # the chunk's time, summed back per policy
-                    store.extend(_records(pair, spec, sample, [problems[i] for i in chunk], out, chosen, share))
-        rows += _summarize(bench, store.load(), policies, out_dir)
-    _write_results(out_dir, rows)
-    return rows
+                    records = distributed.map_sharded(run, chunk, block=size)  # every process's share, in order
+                    share = (time.perf_counter() - t0) / len(chunk)  # the chunk's wall time, summed back per policy
+                    if writer:
+                        store.extend({**r, "seconds": share} for r in records)
+        if writer:
+            rows += _summarize(bench, store.load(), policies, out_dir)
+    if writer:
+        _write_results(out_dir, rows)
+    return distributed.broadcast_json(rows)
 
 
-def _records(pair, spec, sample, problems, out, chosen, seconds_each):
+def _answer_records(pair, pair_cfg, policy, spec, sample, problems, prompts, kw, chunk):
+    """The records of the problems at indices `chunk`: answered with the policy, graded."""
+    from dami_jax.policies.execute import answer
+
+    out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens, **kw)
+    return _records(pair, spec, sample, [problems[i] for i in chunk], out, chosen)
+
+
+def _records(pair, spec, sample, problems, out, chosen):
     texts = [pair.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_lists()]
     return [make_record(spec, p.id, sample, text, p.gold, int(out.lengths[j]), lam=float(chosen.lam[j]),
-                        finish_reason=out.finish_reasons[j], seconds=seconds_each)
+                        finish_reason=out.finish_reasons[j])
             for j, (p, text) in enumerate(zip(problems, texts))]
 
 

@@ -41,7 +41,23 @@ def quantile_calibration(scores, rho: float, tau_per_iqr: float, min_tau: float)
 def calibrate_conf(pair, prompts, cfg: ConfConfig | None = None) -> Calibration:
     """Unsupervised calibration of μ and τ on `prompts` (no labels)."""
     cfg = cfg or load_conf_config()
-    return calibration_from_scores(score_prompts(pair, prompts, cfg)["score"], cfg, pair_fingerprint(pair))
+    return calibration_from_scores(sharded_signals(pair, prompts, cfg)["score"], cfg, pair_fingerprint(pair))
+
+
+def sharded_signals(pair, prompts, cfg: ConfConfig, with_js: bool | None = None) -> dict[str, np.ndarray]:
+    """`score_prompts`' score and signals of every prompt (float64). Under several processes
+    (dami_jax/distributed.py) each scores its shard, whole scoring batches so that the numbers are
+    those one process gets, and every process gets them all."""
+    from dami_jax import distributed
+
+    keys = ("score", *SIGNALS)
+
+    def score(shard):
+        out = score_prompts(pair, shard, cfg, with_js=with_js)
+        return [[float(out[k][i]) for k in keys] for i in range(len(shard))]
+
+    rows = np.asarray(distributed.map_sharded(score, prompts, block=cfg.batch_size), np.float64)
+    return {k: rows[:, j] for j, k in enumerate(keys)}
 
 
 def calibration_from_scores(scores, cfg: ConfConfig, fingerprint: str) -> Calibration:

@@ -10,13 +10,16 @@ sampling settings and a hash of the prompts), then one record per answer:
 units of (sample s, chunk of prompts), each one `sweep` call over the whole grid
 with its own seed, appended and flushed as a whole; a rerun skips the complete
 units, so an interrupted collection resumes where it stopped. A file from another
-pair or other settings is refused with a `ConfigError`.
+pair or other settings is refused with a `ConfigError`. Under several processes
+(dami_jax/distributed.py) each process runs one unit of every round of units, and
+process 0 alone reads and appends the file, in the same order as one process.
 
 `grader(prompt_index, token_ids) -> bool` judges one answer (the stop token included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,6 +29,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from dami_jax import distributed
 from dami_jax.config import ConfigError
 from dami_jax.errors import InputError
 from dami_jax.generate.sampling import Sample
@@ -147,34 +151,49 @@ def collect_rollouts(pair, prompts: list[list[int]], grader: Callable[[int, list
         raise InputError("collect_rollouts needs at least one prompt")
     path = os.fspath(path)
     want = _header(pair, prompts, lams, n_samples, sampling, max_new_tokens, batch, seed)
-    records: list[dict] = []
-    if os.path.isfile(path) and os.path.getsize(path) > 0:
-        header, records, good = _read(path)
-        _check_header(path, header, want)
-        with open(path, "r+b") as f:  # drop a torn last line before appending
-            f.truncate(good)
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(json.dumps(want) + "\n")
+    writer = distributed.is_writer()  # under several processes process 0 alone reads and writes the file
+    records: list[dict] = distributed.from_writer(lambda: _open_for_append(path, want))
     done = {(r["prompt"], round(float(r["lam"]), 6), r["sample"]) for r in records}
     chunks = [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
     grid = [round(float(x), 6) for x in lams]
     units = [(s, c) for s in range(n_samples) for c in range(len(chunks))
              if any((i, lam, s) not in done for i in chunks[c] for lam in grid)]
-    with open(path, "a") as f:
-        for s, c in tqdm(units, desc="rollouts", disable=not progress, dynamic_ncols=True):
-            unit_seed = int(np.random.SeedSequence([seed, s, c]).generate_state(1)[0] & 0x7FFFFFFF)
-            outs = sweep(pair, [prompts[i] for i in chunks[c]], lams, max_new_tokens, sampling=sampling,
-                         seed=unit_seed, **(engine or {}))
-            lines = []
-            for lam, out in zip(grid, outs):
-                for row, (i, ids) in enumerate(zip(chunks[c], out.token_lists())):
-                    rec = {"prompt": i, "lam": lam, "sample": s, "correct": bool(grader(i, ids)),
-                           "tokens": int(out.lengths[row])}
-                    lines.append(json.dumps(rec))
-                    records.append(rec)
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+
+    def run(mine):  # this process's units -> the records of each
+        return [_unit_records(pair, prompts, chunks[c], s, grader, lams, grid, sampling, max_new_tokens, seed, c,
+                              engine or {}) for s, c in mine]
+
+    rounds = [units[i: i + distributed.process_count()] for i in range(0, len(units), distributed.process_count())]
+    with open(path, "a") if writer else contextlib.nullcontext() as f:
+        for group in tqdm(rounds, desc="rollouts", disable=not (progress and writer), dynamic_ncols=True):
+            for lines in distributed.map_sharded(run, group):  # one unit per process, in unit order
+                records += lines
+                if writer:
+                    f.write("\n".join(json.dumps(r) for r in lines) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
     return _to_arrays(want, records, path)
+
+
+def _open_for_append(path: str, want: dict) -> list[dict]:
+    """The records already in `path` (checked against `want`, a torn last line cut), or a new file."""
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        header, records, good = _read(path)
+        _check_header(path, header, want)
+        with open(path, "r+b") as f:  # drop a torn last line before appending
+            f.truncate(good)
+        return records
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps(want) + "\n")
+    return []
+
+
+def _unit_records(pair, prompts, chunk, s, grader, lams, grid, sampling, max_new_tokens, seed, c,
+                  engine: dict) -> list[dict]:
+    """One unit: sample s of the prompts in `chunk` over the whole grid, graded (its seed is its own)."""
+    unit_seed = int(np.random.SeedSequence([seed, s, c]).generate_state(1)[0] & 0x7FFFFFFF)
+    outs = sweep(pair, [prompts[i] for i in chunk], lams, max_new_tokens, sampling=sampling, seed=unit_seed,
+                 **engine)
+    return [{"prompt": i, "lam": lam, "sample": s, "correct": bool(grader(i, ids)), "tokens": int(out.lengths[row])}
+            for lam, out in zip(grid, outs) for row, (i, ids) in enumerate(zip(chunk, out.token_lists()))]

@@ -1,0 +1,212 @@
+"""Several processes: `dami eval`, `dami calibrate` and Pref rollouts on 2 processes × 4 CPU devices
+(gloo collectives, loopback coordinator) give what one process gives, process 0 alone writes, and a
+killed run resumes.
+
+The one-process references run in this process (CLI `main`); the two processes are `dami` subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from dami_jax import distributed
+from dami_jax.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The toy pair at 1 engine row: a chunk is 4 engine-fulls, so one process runs 8 problems in 2 chunks
+# and two processes in one chunk, 4 problems each.
+EVAL = ["--pair", "toy", "--bench", "toy", "--limit", "8", "--set", "batch_size=1"]
+POLICIES = "static:0,static:1,conf"
+TIMING = ("seconds",)  # wall time: the only record field that may differ between runs
+RESULT_TIMING = ("seconds", "tokens_per_s", "speedup")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args_of, n: int = 2, program=("-m", "dami_jax.cli")) -> list[subprocess.Popen]:
+    """n `dami` processes (or `program`s with its flags) on a loopback coordinator; args_of(i): process i's
+    command line."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "DAMI_JAX_CACHE": "off",
+           "TOKENIZERS_PARALLELISM": "false",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
+    return [subprocess.Popen([sys.executable, *program, *args_of(i), "--coordinator", f"127.0.0.1:{port}",
+                              "--num-processes", str(n), "--process-id", str(i)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(n)]
+
+
+def _finish(procs, timeout: int = 600) -> list[str]:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
+def _wait_for_lines(procs, path, n: int) -> None:
+    deadline = time.monotonic() + 300
+    while not (path.exists() and path.read_text().endswith("\n") and len(path.read_text().splitlines()) >= n):
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+        time.sleep(0.05)
+
+
+def _kill_process_1_then_the_job(procs) -> None:
+    procs[1].send_signal(signal.SIGKILL)
+    time.sleep(1)
+    procs[0].kill()  # as a launcher tears the job down (JAX would stop it after its heartbeat timeout)
+    for p in procs:
+        p.communicate()
+
+
+def _records(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _by_key(records) -> dict:
+    return {(r["policy"], r["id"], r["sample"]): {k: v for k, v in r.items() if k not in TIMING} for r in records}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process eval every multi-process run must reproduce."""
+    out = tmp_path_factory.mktemp("one")
+    assert main(["eval", *EVAL, "--policies", POLICIES, "--out", str(out)]) == 0
+    return out
+
+
+def test_shard_deals_whole_blocks_and_unshard_inverts_it():
+    items = list(range(11))
+    assert [distributed.shard(items, i, 3) for i in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    parts = [distributed.shard(items, i, 2, block=4) for i in range(2)]
+    assert parts == [[0, 1, 2, 3, 8, 9, 10], [4, 5, 6, 7]]
+    assert distributed.unshard(parts, block=4) == items
+    for count, block in ((3, 1), (4, 2), (2, 5), (5, 3)):
+        assert distributed.unshard([distributed.shard(items, i, count, block) for i in range(count)], block) == items
+
+
+@pytest.mark.parametrize("flags, env, match", [
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], {},
+     "process id 2 is outside 0..1"),
+    (["--coordinator", "127.0.0.1:1234"], {}, "--num-processes, --process-id missing"),
+    (["--num-processes", "2", "--process-id", "0", "--coordinator", "nohost"], {}, "'nohost' is not HOST:PORT"),
+    ([], {"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID missing"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"},
+     "number of processes must be >= 1"),
+])
+def test_mismatched_process_flags_are_refused(flags, env, match, monkeypatch, capsys, tmp_path):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["eval", *EVAL, "--policies", "static:0", "--out", str(tmp_path), *flags]) == 2
+    assert match in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_a_silent_coordinator_times_out_with_its_address(capsys, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"  # nobody listens there
+    t0 = time.monotonic()
+    assert main(["calibrate", "conf", "--out", str(tmp_path / "cal.json"), "--coordinator", address,
+                 "--num-processes", "2", "--process-id", "1", "--init-timeout", "2"]) == 2
+    assert time.monotonic() - t0 < 30
+    err = capsys.readouterr().err
+    assert f"the coordinator {address} did not answer" in err and "--init-timeout" in err
+
+
+@pytest.mark.slow
+def test_two_processes_eval_like_one_even_after_killing_process_1(one_process, tmp_path):
+    """Killed midway (process 1, then the job) and rerun: every record once, as one process makes it."""
+    outs = {i: tmp_path / f"out{i}" for i in range(2)}  # each process its own --out: only process 0 may write
+    path = outs[0] / "records_toy.jsonl"
+    procs = _launch(lambda i: ["eval", *EVAL, "--policies", POLICIES, "--out", str(outs[i])])
+    _wait_for_lines(procs, path, 1)  # static:0's chunk is written
+    _kill_process_1_then_the_job(procs)
+    first = path.read_text()
+    assert 0 < len(first.splitlines()) < 24, "the kill came too late to test a resume"
+
+    _finish(_launch(lambda i: ["eval", *EVAL, "--policies", POLICIES, "--out", str(outs[i])]))
+    assert not outs[1].exists()
+    assert path.read_text().startswith(first)  # finished records kept as they were, not generated again
+    records = _records(path)
+    assert len(records) == len(_by_key(records)) == 24  # none lost, none twice
+    assert _by_key(records) == _by_key(_records(one_process / "records_toy.jsonl"))
+    results = [json.loads(p.read_text()) for p in (outs[0] / "results.json", one_process / "results.json")]
+    assert [[{k: v for k, v in r.items() if k not in RESULT_TIMING} for r in rows] for rows in results] == [
+        [{k: v for k, v in r.items() if k not in RESULT_TIMING} for r in results[1]]] * 2
+
+
+@pytest.mark.slow
+def test_two_processes_calibrate_like_one(tmp_path):
+    from dami_jax.eval.run import toy_benchmark
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": p.question}) + "\n" for p in toy_benchmark(per_k=3, seed=3)))
+    cal = ["calibrate", "conf", "--pair", "toy", "--prompts", str(prompts), "--set", "conf.batch_size=4"]
+    assert main([*cal, "--out", str(tmp_path / "one.json")]) == 0
+    outs = {i: tmp_path / f"two{i}.json" for i in range(2)}
+    _finish(_launch(lambda i: [*cal, "--out", str(outs[i])]))
+    assert not outs[1].exists()
+    one, two = (json.loads(p.read_text()) for p in (tmp_path / "one.json", outs[0]))
+    assert one["n"] == 18 and len(set(one["scores"])) > 1  # 3 problems per k = 1..6: 5 batches, 3 on process 0
+    assert two == one
+
+
+ROLLOUTS = textwrap.dedent("""
+    import argparse
+    from dami_jax import distributed
+    parser = argparse.ArgumentParser()
+    parser.add_argument("path")
+    distributed.add_process_args(parser)
+    args = parser.parse_args()
+    distributed.init_from_args(args)
+    from test_multihost import collect_toy_rollouts
+    collect_toy_rollouts(args.path)
+""")
+
+
+def collect_toy_rollouts(path):
+    """Pref rollouts on 12 toy problems (chat prompts, Math-Verify grades): 6 units of 2 prompts over a
+    2-point λ grid, sampled."""
+    from dami_jax.eval.problem_sets import toy_problems
+    from dami_jax.generate.chat import chat_prompt
+    from dami_jax.generate.sampling import Sample
+    from dami_jax.pair import load_pair
+    from dami_jax.pref.pipeline import math_grader
+    from dami_jax.pref.rollouts import collect_rollouts
+    from dami_jax.toyworld import default_pair_dirs
+
+    pair = load_pair(*default_pair_dirs())
+    problems = toy_problems(12, seed=3)
+    prompts = [chat_prompt(pair.tokenizer, p.question) for p in problems]
+    return collect_rollouts(pair, prompts, math_grader(pair.tokenizer, problems), path, lams=[0.0, 1.0],
+                            n_samples=1, sampling=Sample(0.6, 20, 0.95), max_new_tokens=12, batch=2, seed=5,
+                            progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_roll_out_like_one_even_after_killing_process_1(tmp_path):
+    one = collect_toy_rollouts(tmp_path / "one.jsonl")
+    script = tmp_path / "worker.py"
+    script.write_text(f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n" + ROLLOUTS)
+    path, outs = tmp_path / "two.jsonl", {0: tmp_path / "two.jsonl", 1: tmp_path / "never.jsonl"}
+    procs = _launch(lambda i: [str(outs[i])], program=(str(script),))
+    _wait_for_lines(procs, path, 1 + 2 * 4)  # the header and the first round: 2 units of 2 prompts x 2 λ
+    _kill_process_1_then_the_job(procs)
+    first = path.read_text()
+    assert len(first.splitlines()) < 1 + 6 * 4, "the kill came too late to test a resume"
+    _finish(_launch(lambda i: [str(outs[i])], program=(str(script),)))
+    assert not outs[1].exists()
+    # the same file, line for line (same units, seeds and order), the first run's lines kept as they were
+    assert path.read_text() == (tmp_path / "one.jsonl").read_text() and path.read_text().startswith(first)
+    assert one.tokens.min() >= 1 and 0 < one.correct.mean() < 1
