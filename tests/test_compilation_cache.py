@@ -12,8 +12,6 @@ import pytest
 
 from dami_jax import compilation_cache
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAIR = os.path.join(ROOT, "dami_jax", "toyworld", "assets", "pair")
 
 
 def test_default_dir(monkeypatch, tmp_path):
@@ -53,8 +51,7 @@ def test_enable_respects_jax_own_setting_and_off(tmp_path):
 def test_second_launch_loads_its_programs_from_the_cache(tmp_path):
     """Two `dami generate` launches: the first compiles and stores, the second hits the cache for every
     program it asks the cache for (JAX's own monitoring events count the hits) and answers the same."""
-    args = ["generate", "--instruct", os.path.join(PAIR, "instruct"), "--thinking", os.path.join(PAIR, "thinking"),
-            "--lam", "0.5", "--prompt", "2+3", "--max-new-tokens", "8"]
+    args = ["generate", "--pair", "toy", "--policy", "static:0.5", "--prompt", "2+3", "--max-new-tokens", "8"]
     code = ("import collections, json, sys, jax; events = collections.Counter(); "
             "jax.monitoring.register_event_listener(lambda e, **k: events.update([e.rsplit('/', 1)[-1]])); "
             "from dami_jax.cli import main; main(json.loads(sys.argv[1])); print(json.dumps(events))")
