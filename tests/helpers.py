@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import time
 
 import numpy as np
 
@@ -148,3 +150,22 @@ def leaves(tree) -> dict:
     import jax
 
     return {path_keys(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def sigkill_when(proc, ready, waiting_for: str, deadline_s: float) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled every 2 ms), and wait for it to die. The test
+    fails if `proc` ends first or `waiting_for` has not happened within `deadline_s`."""
+    import pytest
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {waiting_for}")
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+            assert proc.returncode == -signal.SIGKILL, proc.returncode
+            return
+        time.sleep(0.002)
+    proc.kill()
+    pytest.fail(f"{waiting_for}: not within {deadline_s} s")

@@ -11,14 +11,14 @@ last checkpoint.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
+
+from helpers import sigkill_when
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 60, 5  # 12 periodic saves of ~0.1-0.3 s each on a busy CPU: a wide window to kill in
@@ -69,20 +69,13 @@ def _kill_mid_save(proc, ckpt, deadline_s: float = 240) -> tuple[list[int], list
 
     Returns what the kill left on disk (the save seen in progress may have finished just before it).
     """
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline_s:
+    def saving_after_a_finished_one():
         done, tmp = _steps_on_disk(ckpt)
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before it could be killed mid-training; "
-                        f"checkpoints {done}, in progress {tmp}: make it longer (STEPS) or save more often")
-        if tmp and any(EVERY <= s < STEPS for s in done):
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
-            assert proc.returncode == -signal.SIGKILL, proc.returncode
-            return _steps_on_disk(ckpt)
-        time.sleep(0.002)
-    proc.kill()
-    pytest.fail(f"no checkpoint in [{EVERY}, {STEPS}) appeared within {deadline_s} s")
+        return bool(tmp) and any(EVERY <= s < STEPS for s in done)
+
+    sigkill_when(proc, saving_after_a_finished_one, f"a checkpoint in [{EVERY}, {STEPS}) was finished and the next "
+                 "one in progress (make the run longer (STEPS) or save more often)", deadline_s)
+    return _steps_on_disk(ckpt)
 
 
 @pytest.mark.slow

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import pytest
 from dami_jax.config import ConfigError
 from dami_jax.eval.problem_sets import ProblemSet, load_problem_set, toy_problems
 from dami_jax.pref import load_pref_config, load_rollouts
+from helpers import sigkill_when
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREF_TOY = os.path.join(ROOT, "configs", "pref_toy.yaml")
@@ -132,19 +131,9 @@ def _records(path) -> list[tuple]:
 
 def _kill_mid_rollouts(proc, path, total: int, deadline_s: float = 400) -> list[tuple]:
     """SIGKILL once some but not all rollouts are on disk; returns the records written by then."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline_s:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before it could be killed mid-rollouts")
-        done = _records(path) if os.path.isfile(path) else []
-        if 0 < len(done) < total:
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
-            assert proc.returncode == -signal.SIGKILL, proc.returncode
-            return _records(path)
-        time.sleep(0.002)
-    proc.kill()
-    pytest.fail(f"no rollouts appeared within {deadline_s} s")
+    sigkill_when(proc, lambda: 0 < len(_records(path) if os.path.isfile(path) else []) < total,
+                 "some but not all rollouts were on disk", deadline_s)
+    return _records(path)
 
 
 @pytest.mark.slow
