@@ -21,7 +21,7 @@ features come from process 0 (its cache) to all, and the reward model trains
 on one mesh over every process's devices (pref/train.py). Process 0 alone
 writes out_dir and the caches in work_dir; Orbax's checkpoints are written by
 all processes together, so `work_dir` must be a directory every process sees
-(one disk, NFS, a gcsfuse mount).
+(one disk, or an NFS share mounted at the same path on every host).
 """
 
 from __future__ import annotations
@@ -202,14 +202,14 @@ def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None
                  else make_mesh(*pair_cfg.mesh, devices=jax.local_devices()))
     data, ro = build_data(pair, pair_cfg, task.problems, cfg, work, pair_mesh, progress)
     say(f"rollouts: {len(task.problems)} prompts ({cfg.prompts.name}) x {len(ro.lams)} λ x {cfg.n_samples} "
-          f"samples; preference pairs: {len(data.train)} train, {len(data.heldout)} held-out "
-          f"({len(data.heldout_queries)} queries) [{time.perf_counter() - t0:.0f} s]")
+        f"samples; preference pairs: {len(data.train)} train, {len(data.heldout)} held-out "
+        f"({len(data.heldout_queries)} queries) [{time.perf_counter() - t0:.0f} s]")
     ckpt = os.path.join(work, f"checkpoints-{cfg.fingerprint(TRAIN_FIELDS)}")  # new settings: a new run
     result = train_reward_model(cfg, data, ckpt, mesh=mesh,
                                 metrics_path=os.path.join(out_dir, "metrics.jsonl"), progress=progress)
     m = result.metrics
     say(f"held-out pair accuracy {m['heldout_acc']}, loss {m['heldout_loss']} over {m['heldout_pairs']} pairs; "
-          f"mean λ {m['lam_mean']:.3f} [{time.perf_counter() - t0:.0f} s]")
+        f"mean λ {m['lam_mean']:.3f} [{time.perf_counter() - t0:.0f} s]")
     meta = {"fingerprint": pair_fingerprint(pair), "hidden_layer": cfg.hidden_layer, "pooling": cfg.pooling,
             "probe_tokens": cfg.probe_tokens, "inference_points": cfg.inference_points,
             "feature_batch": cfg.feature_batch, "beta": 0.0,
@@ -220,8 +220,8 @@ def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None
         meta["beta"], meta["beta_calibration"] = cal.beta, dataclasses.asdict(cal)
         report["beta_calibration"] = meta["beta_calibration"]
         say(f"β = {cal.beta:.4g} for a drop <= {cal.target_drop}: held-out accuracy {cal.accuracy:.3f} "
-              f"(λ=1: {cal.reference_accuracy:.3f}), mean λ {cal.mean_lam:.3f}, "
-              f"{cal.mean_tokens:.1f} tokens (λ=1: {cal.reference_tokens:.1f})")
+            f"(λ=1: {cal.reference_accuracy:.3f}), mean λ {cal.mean_lam:.3f}, "
+            f"{cal.mean_tokens:.1f} tokens (λ=1: {cal.reference_tokens:.1f})")
     if writer:
         save_reward_model(result.model, out_dir, meta)
     if task.eval_problems:  # the model as saved (float32 params), held by every process
