@@ -27,6 +27,7 @@ all processes together, so `work_dir` must be a directory every process sees
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -136,23 +137,26 @@ def rollout_summary(ro) -> dict:
 def policy_check(pair, pair_cfg: PairConfig, policies: dict, problems: list[Problem]) -> dict:
     """Greedy accuracy, mean tokens and mean λ of each policy on the problems (graded as the eval
     grades); under several processes each answers its shard, whole engine batches as the eval deals them."""
-    from dami_jax.policies.execute import answer
-
     prompts = eval_prompts(pair, pair_cfg, problems)
     rows = {}
     for name, policy in policies.items():
-        def graded(mine: list[int]) -> list[tuple[bool, int, float]]:
-            out, chosen = answer(pair, policy, [prompts[i] for i in mine], pair_cfg.max_new_tokens,
-                                 sampling=Greedy(), **pair_cfg.engine_size())
-            texts = [pair.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_lists()]
-            return [(grade(t, problems[i].gold).correct, int(n), float(lam))
-                    for i, t, n, lam in zip(mine, texts, out.lengths, chosen.lam)]
-
+        graded = functools.partial(_graded, pair, pair_cfg, policy, problems, prompts)
         correct, tokens, lam = zip(*distributed.map_sharded(graded, list(range(len(problems))),
                                                             block=pair_cfg.batch_size))
         rows[name] = {"accuracy": float(np.mean(correct)), "mean_tokens": float(np.mean(tokens)),
                       "lam_mean": float(np.mean(lam))}
     return rows
+
+
+def _graded(pair, pair_cfg: PairConfig, policy, problems, prompts, mine: list[int]) -> list[tuple[bool, int, float]]:
+    """(correct, tokens, λ) of the problems `mine`, answered greedily."""
+    from dami_jax.policies.execute import answer
+
+    out, chosen = answer(pair, policy, [prompts[i] for i in mine], pair_cfg.max_new_tokens, sampling=Greedy(),
+                         **pair_cfg.engine_size())
+    texts = [pair.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_lists()]
+    return [(grade(t, problems[i].gold).correct, int(n), float(lam))
+            for i, t, n, lam in zip(mine, texts, out.lengths, chosen.lam)]
 
 
 def evaluate(pair, pair_cfg: PairConfig, policy, problems: list[Problem]) -> dict:
