@@ -49,8 +49,8 @@ def _generate(args) -> None:
     from dami_jax.policies.execute import answer
 
     pair_cfg = _pair_config(args)
+    distributed.init_from_args(args)  # first: checking a pref policy reads its model onto a device
     spec = check_policy(args.policy, pair_cfg)  # the pair config's own (conf: its calibration), checked
-    distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
     policy = build_policy(spec, pair)
     sampling = Greedy() if args.temperature == 0 else Sample(args.temperature, args.top_k, args.top_p)
@@ -101,12 +101,12 @@ def _run_policies(args, policies: list[str]) -> None:
     # without the pair, their files read), the benchmarks (each is read here; run_eval reads it
     # again, from the file or the datasets cache).
     pair_cfg = _pair_config(args)
+    distributed.init_from_args(args)  # before the policies: checking a pref policy reads its model onto a device
     policies = [p.strip() for p in policies]
     check_policies(policies, pair_cfg)
     benches = [b.strip() for b in args.bench.split(",")]
     for bench in benches:
         load_problems(bench, args.limit)
-    distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
     run_eval(pair, pair_cfg, benches, policies, samples=args.samples, out_dir=args.out, limit=args.limit,
              seed=args.seed)
