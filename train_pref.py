@@ -3,7 +3,10 @@
     python train_pref.py --config configs/pref_toy.yaml --out dami_jax/pref/assets/toy [key=value ...]
 
 Rerun the same command to resume an interrupted run (rollouts, features and
-training all continue where they stopped).
+training all continue where they stopped). On several processes (a pod slice,
+or --coordinator/--num-processes/--process-id) every process runs the same
+command with a --work directory they all see; process 0 writes the outputs
+(README, "Multi-host / pod slice").
 """
 
 from __future__ import annotations

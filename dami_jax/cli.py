@@ -49,18 +49,29 @@ def _generate(args) -> None:
     from dami_jax.policies.execute import answer
 
     pair_cfg = _pair_config(args)
+    distributed.init_from_args(args)  # first: checking a pref policy reads its model onto a device
     spec = check_policy(args.policy, pair_cfg)  # the pair config's own (conf: its calibration), checked
     pair = open_pair(pair_cfg)
     policy = build_policy(spec, pair)
-    prompts = [chat_prompt(pair.tokenizer, q) for q in args.prompt]
     sampling = Greedy() if args.temperature == 0 else Sample(args.temperature, args.top_k, args.top_p)
-    out, chosen = answer(pair, policy, prompts, args.max_new_tokens or pair_cfg.max_new_tokens, mode=args.mode,
-                         sampling=sampling, seed=args.seed, **pair_cfg.engine_size())
-    for q, lam, ids, reason in zip(args.prompt, chosen.lam, out.token_lists(), out.finish_reasons):
-        text = pair.tokenizer.decode(ids[:-1] if reason == "stop" else ids, skip_special_tokens=False)
-        thinking, reply = split_thinking(text)  # the stop token is left out, `</think>` kept to split on
-        print(json.dumps({"prompt": q, "policy": policy.spec, "lam": round(float(lam), 4), "answer": reply,
-                          "thinking": thinking, "tokens": len(ids), "finish_reason": reason}, ensure_ascii=False))
+
+    def answers(questions: list[str]) -> list[dict]:
+        prompts = [chat_prompt(pair.tokenizer, q) for q in questions]
+        out, chosen = answer(pair, policy, prompts, args.max_new_tokens or pair_cfg.max_new_tokens, mode=args.mode,
+                             sampling=sampling, seed=args.seed, **pair_cfg.engine_size())
+        rows = []
+        for q, lam, ids, reason in zip(questions, chosen.lam, out.token_lists(), out.finish_reasons):
+            text = pair.tokenizer.decode(ids[:-1] if reason == "stop" else ids, skip_special_tokens=False)
+            thinking, reply = split_thinking(text)  # the stop token is left out, `</think>` kept to split on
+            rows.append({"prompt": q, "policy": policy.spec, "lam": round(float(lam), 4), "answer": reply,
+                         "thinking": thinking, "tokens": len(ids), "finish_reason": reason})
+        return rows
+
+    # Several processes: each answers its shard (whole engine batches), process 0 prints all in order.
+    rows = distributed.map_sharded(answers, args.prompt, block=pair_cfg.batch_size)
+    if distributed.is_writer():
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
 
 
 def _demo(args) -> None:
@@ -90,12 +101,12 @@ def _run_policies(args, policies: list[str]) -> None:
     # without the pair, their files read), the benchmarks (each is read here; run_eval reads it
     # again, from the file or the datasets cache).
     pair_cfg = _pair_config(args)
+    distributed.init_from_args(args)  # before the policies: checking a pref policy reads its model onto a device
     policies = [p.strip() for p in policies]
     check_policies(policies, pair_cfg)
     benches = [b.strip() for b in args.bench.split(",")]
     for bench in benches:
         load_problems(bench, args.limit)
-    distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
     run_eval(pair, pair_cfg, benches, policies, samples=args.samples, out_dir=args.out, limit=args.limit,
              seed=args.seed)
@@ -172,10 +183,12 @@ def _byte_size(text: str) -> int:
 
 def _train_pref(args) -> None:
     from dami_jax.pref.config import load_pref_config
-    from dami_jax.pref.pipeline import run
+    from dami_jax.pref.pipeline import load_task, run
 
     cfg = load_pref_config(args.config, args.overrides)
-    run(cfg, args.out, args.work, progress=not args.no_progress)
+    task = load_task(cfg)  # the pair config and the problems, checked before any process waits or loads
+    distributed.init_from_args(args)
+    run(cfg, args.out, args.work, progress=not args.no_progress, task=task)
 
 
 def _serve(args) -> None:
@@ -297,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_whole_number(0), default=0, help="0: no top-k cut")
     p.add_argument("--top-p", type=_number_in(0, 1, lo_open=True), default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    distributed.add_process_args(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="static λ sweep on the shipped toy Instruct/Thinking pair")
@@ -336,9 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-pref", help="train the DAMI-Pref reward model (resumable; = python train_pref.py)")
     p.add_argument("--config", required=True, help="YAML of PrefConfig fields (configs/pref_toy.yaml)")
     p.add_argument("--out", default="runs/pref", help="reward model, metrics.jsonl, report.json")
-    p.add_argument("--work", default=None, help="resumable state (default OUT/work)")
+    p.add_argument("--work", default=None, help="resumable state (default OUT/work); under several processes "
+                   "a directory every process sees (Orbax checkpoints the reward model from all of them)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=500")
+    distributed.add_process_args(p)
     p.set_defaults(func=_train_pref)
 
     # No option prefix: every argument, --help included, goes on to serve.py's own parser.

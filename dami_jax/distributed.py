@@ -222,6 +222,19 @@ def from_writer(fn: Callable[[], Any]) -> Any:
     return got["value"]
 
 
+def broadcast_array(x: np.ndarray | None, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Process 0's array `x` on every process, value for value (the others pass None; all know its shape),
+    through JAX's collectives: for arrays too big to travel well as JSON (features)."""
+    if process_count() == 1:
+        return np.asarray(x, dtype)
+    from jax.experimental import multihost_utils
+
+    local = np.asarray(x, dtype) if is_writer() else np.zeros(shape, dtype)
+    if local.shape != tuple(shape):
+        raise ValueError(f"process 0's array has shape {local.shape}, the others expect {tuple(shape)}")
+    return np.asarray(multihost_utils.broadcast_one_to_all(local))
+
+
 def _bucket(size: int) -> int:
     """A power of two >= size: the collectives compile once per shape, so few shapes."""
     return max(1024, 1 << (size - 1).bit_length())

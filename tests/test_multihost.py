@@ -1,6 +1,6 @@
-"""Several processes: `dami eval`, `dami calibrate` and Pref rollouts on 2 processes × 4 CPU devices
-(gloo collectives, loopback coordinator) give what one process gives, process 0 alone writes, and a
-killed run resumes.
+"""Several processes: `dami eval`, `dami calibrate`, `dami generate`, `dami train-pref` and Pref rollouts
+on 2 processes × 4 CPU devices (gloo collectives, loopback coordinator) give what one process gives,
+process 0 alone writes, and a killed run resumes.
 
 The one-process references run in this process (CLI `main`); the two processes are `dami` subprocesses.
 """
@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from dami_jax import distributed
@@ -210,3 +211,55 @@ def test_two_processes_roll_out_like_one_even_after_killing_process_1(tmp_path):
     # the same file, line for line (same units, seeds and order), the first run's lines kept as they were
     assert path.read_text() == (tmp_path / "one.jsonl").read_text() and path.read_text().startswith(first)
     assert one.tokens.min() >= 1 and 0 < one.correct.mean() < 1
+
+
+@pytest.mark.slow
+def test_two_processes_generate_like_one(capsys):
+    """Prompts dealt one engine batch (1 row) at a time: process 0 prints every answer, in input order."""
+    from dami_jax.eval.problem_sets import toy_problems
+
+    asks = [a for p in toy_problems(3, seed=11) for a in ("--prompt", p.question)]
+    cmd = ["generate", "--pair", "toy", "--policy", "pref", "--max-new-tokens", "12", "--set", "batch_size=1", *asks]
+    assert main(cmd) == 0
+    one = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["prompt"] for x in one] == asks[1::2]
+    outs = _finish(_launch(lambda i: cmd))
+    answers = [[x for x in out.splitlines() if x.startswith('{"prompt"')] for out in outs]
+    assert answers == [one, []]
+
+
+# train-pref as tests/test_pref.py's toy pipeline, cut down: 12 prompts in 2 rollout units of 6 (one per
+# process), a 2-point grid, 6 training steps on 8 devices (one process's 8, or 2 x 4), and a final
+# greedy check on 8 problems in engine batches of 4 (one per process).
+PREF = ["train-pref", "--config", os.path.join(ROOT, "configs", "pref_toy.yaml"), "--no-progress",
+        "prompts.limit=12", "n_samples=1", "lam_grid=[0.0, 1.0]", "pair_overrides=[max_new_tokens=8, batch_size=4]",
+        "rollout_batch=6", "steps=6", "batch_size=8", "log_every=2", "eval_every=3", "checkpoint_every=3",
+        "eval_prompts.limit=8", "heldout_share=0.25", "target_drop=0.0"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_pref_like_one(tmp_path):
+    one = tmp_path / "one"
+    assert main([*PREF, "--out", str(one)]) == 0
+    outs = {i: tmp_path / f"two{i}" for i in range(2)}  # each its own --out; --work: one directory all see
+    work = tmp_path / "work"
+    _finish(_launch(lambda i: [*PREF, "--out", str(outs[i]), "--work", str(work)]))
+    assert not outs[1].exists()
+    two = outs[0]
+    # the same rollouts (so the same preferences) and the same features, exactly
+    assert (work / "rollouts.jsonl").read_text() == (one / "work" / "rollouts.jsonl").read_text()
+    with np.load(work / "features.npz") as a, np.load(one / "work" / "features.npz") as b:
+        assert str(a["key"]) == str(b["key"]) and np.array_equal(a["feats"], b["feats"])
+    # the same reward model: 8 devices either way, only the collectives' summation order may differ
+    with np.load(two / "params.npz") as a, np.load(one / "params.npz") as b:
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    reports = [json.loads((d / "report.json").read_text()) for d in (two, one)]
+    for r in reports:
+        r.pop("seconds")
+    assert reports[0]["rollouts"] == reports[1]["rollouts"] and reports[0]["train_pairs"] == reports[1]["train_pairs"]
+    assert reports[0]["eval"] == reports[1]["eval"] and reports[0]["eval"]["n"] == 8
+    assert reports[0]["beta_calibration"]["beta"] == pytest.approx(reports[1]["beta_calibration"]["beta"], rel=1e-5)
+    assert [json.loads(x)["step"] for x in (two / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(x)["step"] for x in (one / "metrics.jsonl").read_text().splitlines()]

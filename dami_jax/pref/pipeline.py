@@ -14,17 +14,28 @@ out_dir/work) holds the resumable state: rollouts.jsonl, features.npz and Orbax
 checkpoints (one directory per training settings, so retraining with new
 settings reuses the rollouts). Rerunning the same command after an
 interruption continues every stage where it stopped.
+
+Under several processes (dami_jax/distributed.py) every process runs `run`: the
+rollouts' units and the final check's problems are split across them, the
+features come from process 0 (its cache) to all, and the reward model trains
+on one mesh over every process's devices (pref/train.py). Process 0 alone
+writes out_dir and the caches in work_dir; Orbax's checkpoints are written by
+all processes together, so `work_dir` must be a directory every process sees
+(one disk, or an NFS share mounted at the same path on every host).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
 
+import jax
 import numpy as np
 
+from dami_jax import distributed
 from dami_jax.config import ConfigError
 from dami_jax.eval.benchmarks import Problem
 from dami_jax.eval.grading import grade
@@ -82,7 +93,14 @@ def math_grader(tokenizer, problems: list[Problem]):
 
 
 def cached_features(pair, prompts, cfg: PrefConfig, path: str, mesh=None) -> np.ndarray:
-    """h(q) of every prompt, computed once and reused while (pair, prompts, FEATURE_FIELDS) match."""
+    """h(q) of every prompt, computed once and reused while (pair, prompts, FEATURE_FIELDS) match:
+    process 0 reads or computes (and caches) them, every process receives them (a small cost
+    next to the rollouts')."""
+    feats = _cached_features(pair, prompts, cfg, path, mesh) if distributed.is_writer() else None
+    return distributed.broadcast_array(feats, (len(prompts), pair.cfg.hidden_size), np.float32)
+
+
+def _cached_features(pair, prompts, cfg: PrefConfig, path: str, mesh) -> np.ndarray:
     key = f"{pair_fingerprint(pair)}:{prompts_digest(prompts)}:{cfg.fingerprint(FEATURE_FIELDS)}"
     if os.path.isfile(path):
         with np.load(path) as z:
@@ -117,19 +135,28 @@ def rollout_summary(ro) -> dict:
 
 
 def policy_check(pair, pair_cfg: PairConfig, policies: dict, problems: list[Problem]) -> dict:
-    """Greedy accuracy, mean tokens and mean λ of each policy on the problems (graded as the eval grades)."""
-    from dami_jax.policies.execute import answer
-
+    """Greedy accuracy, mean tokens and mean λ of each policy on the problems (graded as the eval
+    grades); under several processes each answers its shard, whole engine batches as the eval deals them."""
     prompts = eval_prompts(pair, pair_cfg, problems)
     rows = {}
     for name, policy in policies.items():
-        out, chosen = answer(pair, policy, prompts, pair_cfg.max_new_tokens, sampling=Greedy(),
-                             **pair_cfg.engine_size())
-        texts = [pair.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_lists()]
-        correct = [grade(t, p.gold).correct for t, p in zip(texts, problems)]
-        rows[name] = {"accuracy": float(np.mean(correct)), "mean_tokens": float(np.mean(out.lengths)),
-                      "lam_mean": float(np.mean(chosen.lam))}
+        graded = functools.partial(_graded, pair, pair_cfg, policy, problems, prompts)
+        correct, tokens, lam = zip(*distributed.map_sharded(graded, list(range(len(problems))),
+                                                            block=pair_cfg.batch_size))
+        rows[name] = {"accuracy": float(np.mean(correct)), "mean_tokens": float(np.mean(tokens)),
+                      "lam_mean": float(np.mean(lam))}
     return rows
+
+
+def _graded(pair, pair_cfg: PairConfig, policy, problems, prompts, mine: list[int]) -> list[tuple[bool, int, float]]:
+    """(correct, tokens, λ) of the problems `mine`, answered greedily."""
+    from dami_jax.policies.execute import answer
+
+    out, chosen = answer(pair, policy, [prompts[i] for i in mine], pair_cfg.max_new_tokens, sampling=Greedy(),
+                         **pair_cfg.engine_size())
+    texts = [pair.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_lists()]
+    return [(grade(t, problems[i].gold).correct, int(n), float(lam))
+            for i, t, n, lam in zip(mine, texts, out.lengths, chosen.lam)]
 
 
 def evaluate(pair, pair_cfg: PairConfig, policy, problems: list[Problem]) -> dict:
@@ -160,27 +187,33 @@ def calibrate(model, meta: dict, data: PrefData, ro, target_drop: float):
                           ro.lams, target_drop)
 
 
-def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None, progress: bool = True) -> dict:
+def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None, progress: bool = True,
+        task: Task | None = None) -> dict:
     """The whole pipeline (module docstring); `mesh` is the reward model's training mesh
-    (default: cfg.mesh_data devices on the data axis). Returns the report."""
+    (default: cfg.mesh_data devices on the data axis, every process's); `task`: load_task(cfg),
+    if the caller checked it already. Returns the report (on every process)."""
     t0 = time.perf_counter()
-    task = load_task(cfg)
+    task = task or load_task(cfg)
     work = work_dir or os.path.join(out_dir, "work")
-    os.makedirs(work, exist_ok=True)
-    os.makedirs(out_dir, exist_ok=True)
+    writer = distributed.is_writer()
+    say = print if writer else _silent
+    if writer:
+        os.makedirs(work, exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
     pair_cfg = task.pair_cfg
     pair = open_pair(pair_cfg)
-    pair_mesh = None if tuple(pair_cfg.mesh) == (1, 1, 1) else make_mesh(*pair_cfg.mesh)  # open_pair's mesh
+    pair_mesh = (None if tuple(pair_cfg.mesh) == (1, 1, 1)  # open_pair's mesh: this process's devices
+                 else make_mesh(*pair_cfg.mesh, devices=jax.local_devices()))
     data, ro = build_data(pair, pair_cfg, task.problems, cfg, work, pair_mesh, progress)
-    print(f"rollouts: {len(task.problems)} prompts ({cfg.prompts.name}) x {len(ro.lams)} λ x {cfg.n_samples} "
-          f"samples; preference pairs: {len(data.train)} train, {len(data.heldout)} held-out "
-          f"({len(data.heldout_queries)} queries) [{time.perf_counter() - t0:.0f} s]")
+    say(f"rollouts: {len(task.problems)} prompts ({cfg.prompts.name}) x {len(ro.lams)} λ x {cfg.n_samples} "
+        f"samples; preference pairs: {len(data.train)} train, {len(data.heldout)} held-out "
+        f"({len(data.heldout_queries)} queries) [{time.perf_counter() - t0:.0f} s]")
     ckpt = os.path.join(work, f"checkpoints-{cfg.fingerprint(TRAIN_FIELDS)}")  # new settings: a new run
     result = train_reward_model(cfg, data, ckpt, mesh=mesh,
                                 metrics_path=os.path.join(out_dir, "metrics.jsonl"), progress=progress)
     m = result.metrics
-    print(f"held-out pair accuracy {m['heldout_acc']}, loss {m['heldout_loss']} over {m['heldout_pairs']} pairs; "
-          f"mean λ {m['lam_mean']:.3f} [{time.perf_counter() - t0:.0f} s]")
+    say(f"held-out pair accuracy {m['heldout_acc']}, loss {m['heldout_loss']} over {m['heldout_pairs']} pairs; "
+        f"mean λ {m['lam_mean']:.3f} [{time.perf_counter() - t0:.0f} s]")
     meta = {"fingerprint": pair_fingerprint(pair), "hidden_layer": cfg.hidden_layer, "pooling": cfg.pooling,
             "probe_tokens": cfg.probe_tokens, "inference_points": cfg.inference_points,
             "feature_batch": cfg.feature_batch, "beta": 0.0,
@@ -190,15 +223,22 @@ def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None
         cal = calibrate(result.model, meta, data, ro, cfg.target_drop)
         meta["beta"], meta["beta_calibration"] = cal.beta, dataclasses.asdict(cal)
         report["beta_calibration"] = meta["beta_calibration"]
-        print(f"β = {cal.beta:.4g} for a drop <= {cal.target_drop}: held-out accuracy {cal.accuracy:.3f} "
-              f"(λ=1: {cal.reference_accuracy:.3f}), mean λ {cal.mean_lam:.3f}, "
-              f"{cal.mean_tokens:.1f} tokens (λ=1: {cal.reference_tokens:.1f})")
-    save_reward_model(result.model, out_dir, meta)
-    if task.eval_problems:
-        report["eval"] = evaluate(pair, pair_cfg, PrefPolicy.from_dir(out_dir, pair), task.eval_problems)
-        print_eval(report["eval"])
+        say(f"β = {cal.beta:.4g} for a drop <= {cal.target_drop}: held-out accuracy {cal.accuracy:.3f} "
+            f"(λ=1: {cal.reference_accuracy:.3f}), mean λ {cal.mean_lam:.3f}, "
+            f"{cal.mean_tokens:.1f} tokens (λ=1: {cal.reference_tokens:.1f})")
+    if writer:
+        save_reward_model(result.model, out_dir, meta)
+    if task.eval_problems:  # the model as saved (float32 params), held by every process
+        report["eval"] = evaluate(pair, pair_cfg, PrefPolicy(result.model, meta, out_dir), task.eval_problems)
+        if writer:
+            print_eval(report["eval"])
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {out_dir}/reward_model.json, params.npz, report.json [{report['seconds']:.0f} s]")
+    if writer:
+        with open(os.path.join(out_dir, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    say(f"wrote {out_dir}/reward_model.json, params.npz, report.json [{report['seconds']:.0f} s]")
     return report
+
+
+def _silent(*args, **kwargs) -> None:
+    """print's stand-in on the processes other than 0."""
