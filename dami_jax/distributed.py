@@ -72,6 +72,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     _join(address, n, i, initialization_timeout=max(1, int(deadline - time.monotonic())))
 
 
+def shutdown() -> None:
+    """Leave the other processes now (JAX does it at exit, but a process killed by a signal never
+    exits normally, and the others then lose their coordinator); waits until every process leaves."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
 def _join(*args, **kwargs) -> None:
     import jax
 

@@ -1,4 +1,4 @@
-"""Several processes: `dami eval`, `dami calibrate`, `dami generate`, `dami train-pref` and Pref rollouts
+"""Several processes: `dami eval`, `dami calibrate`, `dami generate`, `dami train-pref`, `dami serve` and Pref rollouts
 on 2 processes × 4 CPU devices (gloo collectives, loopback coordinator) give what one process gives,
 process 0 alone writes, and a killed run resumes.
 
@@ -263,3 +263,64 @@ def test_two_processes_train_pref_like_one(tmp_path):
     assert reports[0]["beta_calibration"]["beta"] == pytest.approx(reports[1]["beta_calibration"]["beta"], rel=1e-5)
     assert [json.loads(x)["step"] for x in (two / "metrics.jsonl").read_text().splitlines()] == [
         json.loads(x)["step"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wait_for_health(procs, url: str, timeout: int = 600) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in procs:
+            assert p.poll() is None, f"a server process exited:\n{p.communicate()[0][-3000:]}"
+        try:
+            return httpx.get(url + "/health", timeout=5).json()
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, f"no answer from {url} within {timeout} s"
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_two_processes_serve_like_one():
+    """Process 0 serves HTTP and deals requests to both processes' engines (2 rows each); greedy answers
+    and Conf's λ are what one process computes; stopping process 0 stops process 1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import openai
+
+    from dami_jax.eval.pairs import open_pair, toy_pair_config
+    from dami_jax.eval.problem_sets import toy_problems
+    from dami_jax.generate.chat import chat_prompt
+    from dami_jax.pair import generate_pair
+    from dami_jax.policies import build_policy
+
+    port = _free_port()
+    procs = _launch(lambda i: ["serve", "--pair", "toy", "--port", str(port), "warmup=false", "max_rows=2"])
+    questions = [p.question for p in toy_problems(6, seed=5)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert _wait_for_health(procs, url)["processes"] == 2
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+        def ask(question):
+            return client.chat.completions.create(model="dami-conf", messages=[{"role": "user", "content": question}],
+                                                  max_tokens=24, temperature=0, extra_body={"return_token_ids": True})
+
+        with ThreadPoolExecutor(len(questions)) as pool:
+            answers = list(pool.map(ask, questions))
+        health = httpx.get(url + "/health", timeout=5).json()
+    finally:
+        procs[0].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]  # process 1 returns once process 0 stops
+    # uvicorn ends a graceful shutdown by re-raising the signal that asked for it
+    assert procs[0].returncode in (0, -signal.SIGTERM) and procs[1].returncode == 0, "\n".join(o[-3000:] for o in outs)
+    assert "Application shutdown complete" in outs[0], outs[0][-3000:]
+    assert health["requests_per_process"][0] >= 1 and health["requests_per_process"][1] >= 1, health
+    pair = open_pair(toy_pair_config())
+    conf = build_policy(answers[0].model_extra["policy"], pair)  # the served spec: conf with the toy calibration
+    for question, r in zip(questions, answers):
+        prompt = chat_prompt(pair.tokenizer, question)
+        lam = r.model_extra["lambda"]
+        assert lam == pytest.approx(float(conf([prompt], pair).lam[0]), abs=1e-6), question
+        ref = generate_pair(pair, [prompt], lam, 24, max_rows=2)
+        assert r.choices[0].token_ids == ref.token_lists()[0], question

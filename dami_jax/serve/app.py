@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from dami_jax import distributed
 from dami_jax.config import ConfigError
 from dami_jax.eval.pairs import MissingPairFile, PairConfig, check_policy, open_pair, toy_pair_config
 from dami_jax.policies.base import build_policy
@@ -48,8 +49,8 @@ class Server:
             raise ConfigError("the server needs a tokenizer with a chat template (load_pair(..., tokenizer=...))")
         self.pair, self.tokenizer = pair, pair.tokenizer
         self.metrics = Metrics()
-        self.engine = Engine(pair, cfg.max_queue, self.metrics, **cfg.engine_kwargs(pair.cfg))
         self.policies = self._servable(specs, self._load)
+        self.engine = Engine(pair, cfg.max_queue, self.metrics, self.policies.values(), **cfg.engine_kwargs(pair.cfg))
         self.default_model = cfg.default_model
         if self.default_model not in self.policies:
             self.default_model = next(iter(self.policies))
@@ -93,7 +94,14 @@ class Server:
         self.engine.start()
 
     def stop(self) -> None:
-        self.engine.stop()
+        self.engine.stop()  # the other processes stop following
+        distributed.shutdown()  # uvicorn ends by re-raising its signal: leave them before that
+
+    def follow(self) -> None:
+        """Every process but 0: step this process's engine with process 0's until it stops."""
+        if self.cfg.warmup:
+            self.engine.warmup()
+        self.engine.follow()
 
 
 class Guard:
@@ -231,8 +239,8 @@ def create_app(cfg: ServeConfig, pair=None, server: Server | None = None,
     @app.get("/health")
     async def health():
         e = server.engine
-        return {"status": "ok", "max_rows": e.max_rows, "active": e.active(), "queue": e.queue_depth(),
-                "pages_free": e.pages_free()}
+        return {"status": "ok", "processes": e.processes, "requests_per_process": e.requests_per_process,
+                "max_rows": e.max_rows, "active": e.active(), "queue": e.queue_depth(), "pages_free": e.pages_free()}
 
     @app.get("/metrics")
     async def metrics():

@@ -1,20 +1,26 @@
-"""The server's engine: one `dj.Engine` (paged KV cache, continuous batching), driven by a thread.
+"""The server's engine: a thread that feeds the workers (serve/worker.py) and hands out their tokens.
 
-A background thread owns the dj.Engine and so every device call. Requests wait in a
-bounded FIFO; whenever rows are free, the waiting requests that fit move into the engine
-as one group: their λ is resolved (explicit, or one policy call per policy for the
-group), and each of a request's n choices becomes one engine request in delta mode (its
-own λ) with row id row_base + choice, so its samples follow `generate`'s (seed, row,
-step) keys. A request under a thinking budget (`budget:<n>`) carries the engine's
-`ThinkingBudget`, the rule of `generate_budget`. The thread steps the engine while it
-has work and after each step hands every choice the tokens it gained.
+Requests wait in a bounded FIFO on process 0. Each tick the thread:
+- cancels the choices whose client is gone, timed out or hit a stop string;
+- deals the waiting requests that fit, in order, to the process with the most free rows (one
+  process: all to its own worker); a request's n choices stay on one process;
+- has every worker apply its share and step its engine once (a step or a burst);
+- hands each choice the tokens it gained, and the ends.
+Each of a request's n choices is one engine request in delta mode (its own λ) with row id
+row_base + choice, so its samples follow `generate`'s (seed, row, step) keys. A request
+under a thinking budget (`budget:<n>`) carries the engine's `ThinkingBudget`.
 
-Pages: the server lets the engine preempt by recompute (reserve=False). A row holds pages
-for the tokens it has, not for all of its max_tokens, so more rows fit a KV budget (`kv_gb`),
-and a row that finds the pool full goes back to the queue and is recomputed with its tokens
-kept (greedy tokens unchanged up to the rounding of a recomputed prefill against decode).
-An online server wants that capacity. Offline runs (engine/offline.py) reserve pages up
-front instead, so that a row's numbers never depend on what else is running.
+Several processes (`dami serve` under jax.distributed): every process holds its own copy of
+the pair on its own chips; process 0 alone serves HTTP and runs this thread; the others run
+`follow`, which applies the ticks process 0 broadcasts and sends back their reports (JSON
+through JAX's collectives). While idle, process 0 sends an empty tick every `HEARTBEAT_S`, so
+no process waits in a collective for long.
+
+Pages: a row holds pages for the tokens it has, not for all of its max_tokens, so more rows
+fit a KV budget (`kv_gb`); a row that finds the pool full goes back to its engine's queue and
+is recomputed with its tokens kept (greedy tokens unchanged up to the rounding of a
+recomputed prefill against decode). Offline runs (engine/offline.py) reserve pages up front
+instead, so that a row's numbers never depend on what else is running.
 
 Tokens go to each request's asyncio queue as lists of events:
 ("token", index, id), ("finish", index, reason), ("error", message), where
@@ -27,48 +33,50 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
+import itertools
 import threading
 import time
 
+from dami_jax import distributed
 from dami_jax.config import ConfigError
-from dami_jax.engine.engine import Engine as PagedEngine
-from dami_jax.engine.scheduler import ThinkingBudget
-from dami_jax.generate.sampling import Greedy, Sample
-from dami_jax.serve.request import GenRequest, QueueFull, push_all, resolve_lambdas
+from dami_jax.serve.request import GenRequest, QueueFull, push_all
+from dami_jax.serve.worker import Worker, spec_of
 
-log = logging.getLogger("dami_jax.serve")
+HEARTBEAT_S = 10.0
 
 
-@dataclasses.dataclass
-class _Choice:
+@dataclasses.dataclass(eq=False)
+class _Dealt:
+    """A request in some worker's engine."""
+
     req: GenRequest
-    choice: int
-    emitted: int = 0  # tokens delivered
+    process: int
+    running: set  # its choices not ended nor cancelled
 
 
 class Engine:
-    """The serving loop over dj.Engine(pair, **engine_kwargs) (ServeConfig.engine_kwargs)."""
+    """The serving loop over one Worker per process (the worker's arguments: `Worker`)."""
 
-    def __init__(self, pair, max_queue: int, metrics=None, **engine_kwargs):
-        self.pair, self.max_queue, self.metrics = pair, max_queue, metrics
-        self.engine_kwargs = engine_kwargs
-        self.engine = self._new_engine()
-        self.max_rows, self.context = self.engine.sched.max_rows, self.engine.sched.context
-        alloc = self.engine.sched.alloc
+    def __init__(self, pair, max_queue: int, metrics=None, policies=(), **engine_kwargs):
+        self.max_queue, self.metrics = max_queue, metrics
+        self.worker = Worker(pair, policies, **engine_kwargs)
+        sched = self.worker.engine.sched
+        self.max_rows, self.context = sched.max_rows, sched.context
+        alloc = sched.alloc
         if alloc.pages_needed(self.context) > alloc.num_usable:
             raise ConfigError(
                 f"a KV pool of {alloc.num_usable} usable pages of {alloc.page_size} tokens "
-                f"({self.engine.pool_bytes / 1e9:.3g} GB) cannot hold one sequence of max_seq_len = {self.context} "
-                f"tokens ({alloc.pages_needed(self.context)} pages): raise kv_gb or lower max_seq_len")
-        self.choices: dict[int, _Choice] = {}  # engine request id -> the choice it generates
+                f"({self.worker.engine.pool_bytes / 1e9:.3g} GB) cannot hold one sequence of max_seq_len = "
+                f"{self.context} tokens ({alloc.pages_needed(self.context)} pages): raise kv_gb or lower max_seq_len")
+        self.processes = distributed.process_count()
+        self.stats = [{"free_rows": self.max_rows, "active": 0, "pages_free": alloc.num_free}] * self.processes
+        self.dealt: dict[int, _Dealt] = {}  # request key -> where it runs
+        self.requests_per_process = [0] * self.processes  # requests dealt so far
+        self.keys = itertools.count()
         self.pending: collections.deque[GenRequest] = collections.deque()
         self.cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-
-    def _new_engine(self) -> PagedEngine:
-        return PagedEngine(self.pair, reserve=False, **self.engine_kwargs)
 
     # -- client side (any thread) -------------------------------------------
     def submit(self, reqs: list[GenRequest]) -> None:
@@ -88,11 +96,11 @@ class Engine:
         return len(self.pending)
 
     def active(self) -> int:
-        """Choices in the engine (running, or waiting there after a preemption)."""
-        return len(self.choices)
+        """Choices in the engines (running, or waiting there after a preemption)."""
+        return sum(s["active"] for s in self.stats)
 
     def pages_free(self) -> int:
-        return self.engine.sched.alloc.num_free
+        return sum(s["pages_free"] for s in self.stats)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="dami-engine", daemon=True)
@@ -107,113 +115,117 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile every shape of the engine's ladder, so the first requests do not wait for it."""
-        self.engine.warmup()
+        self.worker.engine.warmup()
 
-    # -- engine thread ----------------------------------------------------------
+    # -- processes other than 0 -------------------------------------------------
+    def follow(self) -> None:
+        """Apply process 0's ticks until it stops (every process but 0 runs this instead of HTTP)."""
+        me = distributed.process_index()
+        while True:
+            tick = distributed.broadcast_json(None)
+            if tick is None:
+                return
+            distributed.all_gather_json(self.worker.apply(tick[me]))
+
+    # -- engine thread (process 0) ----------------------------------------------
     def _run(self) -> None:
         while True:
             with self.cv:
-                while not self._stop and not self.pending and not self.choices:
-                    self.cv.wait()
+                while not self._stop and not self.pending and not self.dealt:
+                    if not self.cv.wait(HEARTBEAT_S if self.processes > 1 else None):
+                        break  # idle too long: a tick with no work, so the others are not left waiting
                 if self._stop:
                     break
-            try:
-                self._drop_cancelled()
-                self._admit()
-                if self.choices:
-                    self._step()
-            except Exception as e:  # a bug must not kill the server: fail the requests involved
-                log.exception("engine step failed")
-                self._fail_all(f"engine error: {e}")
-                self.engine = self._new_engine()  # its pools may have been donated to the failed call
+            self._deliver(self._exchange(self._plan()))
+        self._exchange(None)  # the others stop following
         self._fail_all("server shutting down")
 
-    def _fail_all(self, message: str) -> None:
-        reqs = {id(c.req): c.req for c in self.choices.values()}
-        push_all([(r, [("error", message)]) for r in reqs.values()])
-        for rid in self.choices:
-            self.engine.cancel(rid)
-        self.choices.clear()
+    def _exchange(self, tick: list[dict] | None) -> list[dict]:
+        """Every process's report on its share of `tick` (None: stop the others)."""
+        if self.processes > 1:
+            distributed.broadcast_json(tick)
+        if tick is None:
+            return []
+        return distributed.all_gather_json(self.worker.apply(tick[0]))
 
-    def _drop_cancelled(self) -> None:
-        """Cancel in the engine the choices whose client is gone, timed out or hit a stop string."""
-        for rid, c in list(self.choices.items()):
-            if c.req.cancelled or c.choice in c.req.done_choices:
-                self.engine.cancel(rid)
-                del self.choices[rid]
-
-    def _admit(self) -> None:
-        """Move the waiting requests whose choices fit the free rows into the engine."""
-        sched = self.engine.sched
-        free = self.max_rows - len(sched.running) - len(sched.waiting)
-        group = []
+    def _plan(self) -> list[dict]:
+        """Each process's work this tick: cancellations, then the waiting requests that fit, in order."""
+        tick = [{"cancel": [], "admit": []} for _ in range(self.processes)]
+        free = [s["free_rows"] for s in self.stats]
+        for key, d in list(self.dealt.items()):
+            gone = d.running if d.req.cancelled else d.running & d.req.done_choices
+            for choice in sorted(gone):
+                tick[d.process]["cancel"].append([key, choice])
+                d.running.discard(choice)
+                free[d.process] += 1
+            if not d.running:
+                del self.dealt[key]
         with self.cv:
-            while self.pending and (self.pending[0].cancelled or self.pending[0].n <= free):
-                r = self.pending.popleft()
-                if not r.cancelled:
-                    group.append(r)
-                    free -= r.n
+            while self.pending:
+                r = self.pending[0]
+                p = max(range(self.processes), key=lambda i: free[i])  # ties: the lowest id
+                if not r.cancelled and r.n > free[p]:
+                    break
+                self.pending.popleft()
+                if r.cancelled:
+                    continue
+                key = next(self.keys)
+                tick[p]["admit"].append(spec_of(key, r))
+                self.dealt[key] = _Dealt(r, p, set(range(r.n)))
+                self.requests_per_process[p] += 1
+                free[p] -= r.n
         self._gauge()
-        if not group:
-            return
-        for r, lam in zip(group, resolve_lambdas(group, self.pair)):
-            if lam is None or r.cancelled:  # the policy failed (the request has its error), or gone
-                continue
-            r.lam_used = lam
-            rids = []
-            try:
-                budget = None if r.thinking_budget is None else self._budget(r.thinking_budget)
-                sampling = Greedy() if r.temperature <= 0 else Sample(r.temperature, r.top_k, r.top_p)
-                for j in range(r.n):
-                    rids.append(self.engine.submit(r.prompt, r.max_tokens, lam=lam, sampling=sampling, seed=r.seed,
-                                                   stop_tokens=r.stop_ids, row_id=r.row_base + j, budget=budget))
-            except Exception as e:  # refused (e.g. a budget without `</think>`): this request only
-                for rid in rids:
-                    self.engine.cancel(rid)
-                r.push([("error", f"request refused: {e}")])
-                continue
-            self.choices.update((rid, _Choice(r, j)) for j, rid in enumerate(rids))
-            if self.metrics is not None:
-                self.metrics.admitted(r, lam)
+        return tick
 
-    def _budget(self, tokens: int) -> ThinkingBudget:
-        from dami_jax.policies.budget import think_end_ids
-
-        end_id, forced = think_end_ids(self.pair.tokenizer)
-        return ThinkingBudget(tokens, end_id, tuple(forced))
-
-    def _step(self) -> None:
-        """One engine step (or burst); deliver every choice's new tokens, and the ends."""
-        sched = self.engine.sched
-        steps, preemptions = self.engine.stats["steps"], sched.preemptions
-        ended = {}
-        for req in self.engine.step():
-            self.engine.poll(req.rid)  # the engine keeps finished requests for `poll`: take them
-            ended[req.rid] = req
-        live = {req.rid: req for req in sched.running}
+    def _deliver(self, reports: list[dict]) -> None:
+        """Hand out every report's tokens and ends, λ and refusals; update the gauges."""
         now, delivered, batches = time.perf_counter(), 0, {}
-        for rid, c in list(self.choices.items()):
-            req = ended.get(rid) or live.get(rid)  # neither: waiting after a preemption
-            if req is None or (len(req.generated) == c.emitted and rid not in ended):
-                continue
-            events = batches.setdefault(id(c.req), (c.req, []))[1]
-            idx = c.req.row_base + c.choice  # the choice's index in the response
-            events += [("token", idx, t) for t in req.generated[c.emitted:]]
-            delivered += len(req.generated) - c.emitted
-            c.emitted = len(req.generated)
-            if c.req.t_first is None:
-                c.req.t_first = now
-                if self.metrics is not None:
-                    self.metrics.first_token(c.req)
-            if rid in ended:
-                events.append(("finish", idx, req.finish_reason))
-                del self.choices[rid]
+        for p, report in enumerate(reports):
+            self.stats[p] = report["stats"]
+            if report["failed"]:
+                self._fail_all(report["failed"], process=p)
+            for key, message in report["refused"].items():
+                d = self.dealt.pop(int(key), None)
+                if d is not None:
+                    d.req.push([("error", message)])
+            for key, lam in report["lam"].items():
+                d = self.dealt.get(int(key))
+                if d is not None:
+                    d.req.lam_used = lam
+                    if self.metrics is not None:
+                        self.metrics.admitted(d.req, lam)
+            for key, choice, tokens, finish in report["events"]:
+                d = self.dealt.get(key)
+                if d is None or choice not in d.running:  # cancelled meanwhile: nobody reads it
+                    continue
+                events = batches.setdefault(id(d.req), (d.req, []))[1]
+                idx = d.req.row_base + choice  # the choice's index in the response
+                events += [("token", idx, t) for t in tokens]
+                delivered += len(tokens)
+                if d.req.t_first is None and tokens:
+                    d.req.t_first = now
+                    if self.metrics is not None:
+                        self.metrics.first_token(d.req)
+                if finish is not None:
+                    events.append(("finish", idx, finish))
+                    d.running.discard(choice)
+                    if not d.running:
+                        del self.dealt[key]
         push_all(list(batches.values()))
         if self.metrics is not None:
-            self.metrics.step(len(live) + len(ended), self.max_rows, self.engine.stats["steps"] - steps)
+            stats = [r["stats"] for r in reports]
+            self.metrics.step(sum(s["rows"] for s in stats), self.max_rows * self.processes,
+                              max(s["steps"] for s in stats))
             self.metrics.tokens(delivered)
-            self.metrics.pages(sched.alloc.num_free, sched.alloc.num_usable - sched.alloc.num_free,
-                               sched.preemptions - preemptions)
+            self.metrics.pages(sum(s["pages_free"] for s in stats), sum(s["pages_used"] for s in stats),
+                               sum(s["preemptions"] for s in stats))
+
+    def _fail_all(self, message: str, process: int | None = None) -> None:
+        """Send an error to every dealt request (of one process, or all) and forget them."""
+        gone = {k: d for k, d in self.dealt.items() if process is None or d.process == process}
+        push_all([(d.req, [("error", message)]) for d in gone.values()])
+        for key in gone:
+            del self.dealt[key]
 
     def _gauge(self) -> None:
         if self.metrics is not None:

@@ -1,4 +1,9 @@
-"""`python serve.py [--pair toy|PAIR.yaml] [--set K=V] [--config FILE] [--host H] [--port P] [--api-key K] [key=value ...]`."""
+"""`python serve.py [--pair toy|PAIR.yaml] [--set K=V] [--config FILE] [--host H] [--port P] [--api-key K] [key=value ...]`.
+
+Under several processes (the flags of dami_jax.distributed, or a TPU VM pod slice) every
+process loads its own copy of the pair; process 0 serves HTTP and the others step their
+engines with it (serve/engine.py) until it stops.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 import os
 import sys
 
-from dami_jax import compilation_cache
+from dami_jax import compilation_cache, distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api-key", help="Bearer key clients must send (default $DAMI_API_KEY)")
     p.add_argument("--log-level", default="info")
     p.add_argument("overrides", nargs="*", help="ServeConfig overrides, e.g. max_rows=16 temperature=0.6")
+    distributed.add_process_args(p)
     return p.parse_args(argv)
 
 
@@ -51,7 +57,11 @@ def main(argv=None) -> None:
         cfg = load_serve_config(args.config, overrides)
         cfg.check_bind()  # before loading anything
         pair_cfg = load_pair_config(args.pair, args.set)
+        distributed.init_from_args(args)  # before the policies: checking a pref policy reads its model onto a device
         app = create_app(cfg, pair_cfg=pair_cfg)  # checks every policy spec, then loads the pair
     except (InputError, FileNotFoundError) as e:  # a bad file or field, no servable policy, ...
         _fail(str(e))
+    if not distributed.is_writer():
+        app.server.follow()
+        return
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=5)

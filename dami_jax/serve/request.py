@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
-
-log = logging.getLogger("dami_jax.serve")
 
 
 class QueueFull(RuntimeError):
@@ -71,24 +68,3 @@ def _put_all(items) -> None:
     for req, events in items:
         req.events.put_nowait(events)
 
-
-def resolve_lambdas(group: list[GenRequest], pair) -> list[float | None]:
-    """Explicit λ, else one policy call per distinct policy over its requests' prompts.
-    A policy that fails sends its requests an error and leaves their λ None."""
-    out: list[float | None] = [r.lam for r in group]
-    by_policy: dict[int, list[int]] = {}
-    for i, r in enumerate(group):
-        if r.lam is None:
-            by_policy.setdefault(id(r.policy), []).append(i)
-    for idx in by_policy.values():
-        policy = group[idx[0]].policy
-        try:
-            lam = policy([group[i].prompt for i in idx], pair).lam
-        except Exception as e:
-            log.exception("policy %r failed", getattr(policy, "spec", policy))
-            for i in idx:
-                group[i].push([("error", f"policy {getattr(policy, 'spec', '?')} failed: {e}")])
-            continue
-        for i, v in zip(idx, lam):
-            out[i] = round(float(v), 6)  # float32 0.8 reads 0.8
-    return out
