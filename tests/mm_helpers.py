@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import os
+import struct
+import zlib
 
 import numpy as np
 
@@ -77,3 +79,12 @@ def png_bytes(image, format: str = "PNG") -> bytes:
 def data_url(image_or_bytes, mime: str = "image/png") -> str:
     data = image_or_bytes if isinstance(image_or_bytes, bytes) else png_bytes(image_or_bytes)
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width × height over almost no data (a decompression bomb's start)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")

@@ -4,13 +4,10 @@ tiny processor offline)."""
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 import pytest
 
-from mm_helpers import data_url, png_bytes, random_image, save_tiny_processor
+from mm_helpers import data_url, png_bytes, png_header_only, random_image, save_tiny_processor
 
 from dami_jax.errors import InputError
 from dami_jax.multimodal import (
@@ -160,15 +157,6 @@ def test_segment_ids_number_each_frame_and_mark_padding():
 
 # --- decoding with limits -----------------------------------------------------------------
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width × height (a decompression bomb's first bytes)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
 def test_every_source_kind_decodes_to_the_same_rgb_image(tmp_path):
     image = random_image(20, 30)
     path = tmp_path / "x.png"
@@ -200,7 +188,7 @@ BAD_IMAGES = [  # (name, source, words in the message)
     ("truncated png", png_bytes(random_image(40, 40))[:300], "not a readable image"),
     ("too many bytes", png_bytes(random_image(60, 60)), "the limit is 4000 bytes"),
     ("too many pixels", png_bytes(random_image(101, 100).convert("1")), "10100 pixels; the limit is 10000 pixels"),
-    ("bomb header", _png_header_only(5000, 5000), "25000000 pixels; the limit is 10000 pixels"),
+    ("bomb header", png_header_only(5000, 5000), "25000000 pixels; the limit is 10000 pixels"),
     ("bad data url", "data:image/png;base64,!!!notbase64", "not valid base64"),
     ("not an image data url", "data:text/plain;base64,aGk=", "data:image/<type>;base64"),
     ("data url too long", "data:image/png;base64," + "A" * 8000, "the limit is 4000 bytes"),
@@ -221,7 +209,7 @@ def test_bad_images_raise_an_input_error_naming_the_limit(name, source, words):
 
 def test_pil_own_bomb_guard_is_reported_as_a_bomb():
     with pytest.raises(ImageError, match="decompression bomb"):
-        load_image(_png_header_only(100_000, 100_000), ImageLimits(max_pixels=10**11))
+        load_image(png_header_only(100_000, 100_000), ImageLimits(max_pixels=10**11))
 
 
 def test_image_count_limit():
