@@ -172,7 +172,8 @@ def test_missing_field_error_names_field_and_row(tmp_path):
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown benchmark 'gsm9k'; known: \['aime24', 'aime25', 'amc23', 'gsm8k', 'math500', 'mathverse'"):
+    with pytest.raises(ValueError, match=r"unknown benchmark 'gsm9k'; known: \['aime24', 'aime25', 'amc23', 'gsm8k', "
+                                         r"'math500', 'mathverse'"):
         B.load_benchmark("gsm9k")
     with pytest.raises(FileNotFoundError, match="benchmark file not found"):
         B.load_benchmark(str(tmp_path / "nope.jsonl"))

@@ -87,7 +87,8 @@ def mathverse(tmp_path_factory):
     }
     features = {k: S for k in columns}
     features["image"] = IMG
-    readme = "---\nconfigs:\n- config_name: testmini\n  data_files:\n  - split: testmini\n    path: testmini.parquet\n---\n"
+    readme = ("---\nconfigs:\n- config_name: testmini\n  data_files:\n  - split: testmini\n"
+              "    path: testmini.parquet\n---\n")
     return _write_hub_copy(tmp_path_factory.mktemp("MathVerse"), columns, features, "testmini.parquet", readme)
 
 

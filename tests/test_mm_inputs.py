@@ -69,7 +69,8 @@ def test_encode_chats_equals_the_processor_on_the_decoded_images(processor, tmp_
 
 
 def test_image_tokens_and_their_type_ids(processor):
-    features = encode_chats(processor, [_user(_image(random_image(70, 100)), _text("hi"), _image(random_image(64, 64)))])
+    chat = _user(_image(random_image(70, 100)), _text("hi"), _image(random_image(64, 64)))
+    features = encode_chats(processor, [chat])
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     ids, types = features["input_ids"][0], features["mm_token_type_ids"][0]
     assert (ids == image_pad).sum() == (24 + 16) // 4  # t·h·w / merge² per image
