@@ -4,6 +4,8 @@ tiny processor offline)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,15 @@ def test_a_string_content_and_a_system_message_pass_unchanged(processor):
 def test_malformed_messages_are_refused(processor, bad, words):
     with pytest.raises(InputError, match=words):
         encode_chats(processor, [bad])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision present: videos work")
+def test_video_without_torchvision_is_a_clear_error(processor):
+    frames = np.zeros((4, 64, 64, 3), np.uint8)
+    with pytest.raises(InputError, match="video input needs torchvision"):
+        encode_chats(processor, [_user({"type": "video", "video": frames}, _text("what happens?"))])
+    with pytest.raises(InputError, match="a video part needs a 'video' field"):
+        encode_chats(processor, [_user({"type": "video"})])
 
 
 def test_image_count_is_limited_per_conversation(processor):

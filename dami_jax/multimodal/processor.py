@@ -89,7 +89,9 @@ def split_media(messages: list[dict], limits: ImageLimits, fetch: Fetch | None =
                 sources.append(part["image"])
                 parts.append({"type": "image"})
             elif kind == "video":
-                videos.append(part.get("video"))
+                if part.get("video") is None:
+                    raise InputError(f"{where}[{i}].content[{j}]: a video part needs a 'video' field (its frames)")
+                videos.append(part["video"])
                 parts.append({"type": "video"})
             elif kind == "text":
                 parts.append(part)
