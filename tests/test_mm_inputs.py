@@ -19,11 +19,10 @@ from dami_jax.multimodal import (
     load_image,
     load_images,
     load_processor,
-    pad_patches,
+    num_patches,
     patch_bucket,
     patch_ladder,
     prompt_ids,
-    segment_ids,
     vision_kwargs,
 )
 from dami_jax.multimodal.buckets import PATCH_LADDER
@@ -128,7 +127,7 @@ def test_image_count_is_limited_per_conversation(processor):
 # --- buckets ------------------------------------------------------------------------------
 
 def test_patch_ladder():
-    assert PATCH_LADDER[0] == 256 and PATCH_LADDER[-1] == 65536
+    assert PATCH_LADDER[0] == 64 and PATCH_LADDER[-1] == 1 << 20
     assert all(s % 4 == 0 for s in PATCH_LADDER)
     assert all(1 < b / a <= 1.5 for a, b in zip(PATCH_LADDER, PATCH_LADDER[1:]))
     assert patch_ladder(16, 64) == (16, 24, 32, 48, 64)
@@ -139,32 +138,22 @@ def test_patch_ladder():
         patch_bucket(18, (16, 24, 32))
     with pytest.raises(InputError, match="increasing multiples"):
         patch_bucket(8, (16, 10))
+    with pytest.raises(InputError, match="smallest a multiple of 4"):
+        patch_ladder(6, 64)
 
 
-def test_images_of_different_sizes_share_one_padded_shape(processor):
-    shapes, ladder = set(), (64, 128, 256)
+def test_images_of_different_sizes_share_a_bucket(processor):
+    buckets = set()
     for h, w in ((64, 64), (70, 100), (96, 128)):  # 16, 24 and 48 patches
         features = encode_chats(processor, [_user(_image(random_image(h, w)), _text("x"))])
-        padded = vision_kwargs(features, ladder)
-        n = features["pixel_values"].shape[0]
-        np.testing.assert_array_equal(padded["pixel_values"][:n], features["pixel_values"])
-        assert not padded["pixel_values"][n:].any()
-        np.testing.assert_array_equal(padded["image_grid_thw"], features["image_grid_thw"])  # unchanged
-        shapes.add(padded["pixel_values"].shape)
-    assert shapes == {(64, 1536)}
-    assert vision_kwargs(features, None)["pixel_values"].shape == (48, 1536)
-
-
-def test_pad_patches_checks_the_rows_against_the_grid():
-    with pytest.raises(InputError, match="do not match the grid"):
-        pad_patches(np.zeros((12, 3)), [[1, 4, 4]], (16, 32))
-
-
-def test_segment_ids_number_each_frame_and_mark_padding():
-    ids = segment_ids([[1, 2, 4], [2, 2, 2]], 20)
-    assert ids.tolist() == [0] * 8 + [1] * 4 + [2] * 4 + [-1] * 4
-    with pytest.raises(InputError, match="smaller than"):
-        segment_ids([[1, 4, 4]], 8)
+        pixels = vision_kwargs(features)
+        assert sorted(pixels) == ["image_grid_thw", "pixel_values"]
+        np.testing.assert_array_equal(pixels["pixel_values"], features["pixel_values"])  # unpadded, as HF's
+        n = num_patches(pixels["image_grid_thw"])
+        assert n == len(pixels["pixel_values"]) and n in (16, 24, 48)
+        buckets.add(patch_bucket(n))
+    assert buckets == {64}
+    assert vision_kwargs(encode_chats(processor, [_user(_text("text only"))])) == {}
 
 
 # --- decoding with limits -----------------------------------------------------------------

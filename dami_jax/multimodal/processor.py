@@ -13,7 +13,8 @@ this module only feeds it safely decoded images:
 Messages follow transformers' chat format: `content` is a string or a list of
 parts `{"type": "text", "text": ...}`, `{"type": "image", "image": source}`
 (any source `images.load_image` takes) or `{"type": "video", "video": frames}`.
-`pad_features` then pads the patch rows to a bucket (see `buckets`).
+`vision_kwargs` picks the model's pixel keywords out of the features; the
+model pads the patch rows to a bucket (see `buckets`).
 
 Without torchvision, transformers 5 cannot build Qwen3-VL's video processor, and
 with it the whole processor; `load_processor` then builds it from its parts with
@@ -27,7 +28,6 @@ import os
 import numpy as np
 
 from dami_jax.errors import InputError
-from dami_jax.multimodal.buckets import PATCH_LADDER, pad_patches
 from dami_jax.multimodal.images import Fetch, ImageError, ImageLimits, load_images
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -128,14 +128,10 @@ def prompt_ids(features: dict) -> list[list[int]]:
     return [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
 
 
-def vision_kwargs(features: dict, ladder=PATCH_LADDER) -> dict[str, np.ndarray]:
-    """The vision keywords of `dj.generate` / `dj.forward` (`pixel_values`, `image_grid_thw`, and the
-    video pair), patch rows padded to a bucket of `ladder` (None: unpadded)."""
-    out = {k: features[k] for k in VISION_KEYS if k in features}
-    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        if pixels in out and ladder is not None:
-            out[pixels] = pad_patches(out[pixels], out[grid], ladder)
-    return out
+def vision_kwargs(features: dict) -> dict[str, np.ndarray]:
+    """The pixel keywords of `dj.generate` / `dj.forward` in `features` (`pixel_values`,
+    `image_grid_thw`, and the video pair), as the processor made them."""
+    return {k: features[k] for k in VISION_KEYS if k in features}
 
 
 __all__ = ["ImageError", "build_processor", "encode_chats", "load_processor", "prompt_ids", "split_media",
