@@ -216,11 +216,11 @@ def chat_prompt_ids(server, body: ChatRequest, images: list = ()) -> list[int]:
 
 
 def _vision_prompt_ids(server, body: ChatRequest, images: list) -> list[int]:
-    if getattr(server.pair, "processor", None) is None:
+    if getattr(server.pair.cfg, "vl", None) is None:  # ModelConfig.vl: the vision config of a Qwen3-VL pair
         raise ApiError(400, "this server's model pair has no vision tower: image_url parts need a vision-language "
                        "pair (Qwen3-VL); send text only", "messages", code="vision_not_supported")
-    # A vision pair's processor makes the prompt (dami_jax.multimodal.encode_chats); the engine's rows
-    # do not carry pixel inputs yet, so the request stops here rather than answer without its images.
+    # A vision pair's processor makes the prompt (dami_jax.multimodal.encode_chats); the serving engine's
+    # rows do not carry pixel inputs yet, so the request stops here rather than answer without its images.
     raise ApiError(501, "image input is checked but not yet answered: the serving engine does not take "
                    "pixel inputs", "messages", type="server_error", code="vision_not_wired")
 
