@@ -61,7 +61,13 @@ def mathvista(tmp_path_factory):
         "answer": ["60°", "4", "3"],
         "question_type": ["multi_choice", "free_form", "multi_choice"],
         "answer_type": ["text", "integer", "text"],
-        "query": ["...", "...", "..."],
+        "query": [  # the official prompt: a hint, the question, its options
+            "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n"
+            "Question: Which angle is larger?\nChoices:\n(A) 30°\n(B) 60°",
+            "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, "
+            "3, at the end.\nQuestion: How many bars are there?",
+            "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n"
+            "Question: Find y.\nChoices:\n(A) 1\n(B) 2\n(C) 3"],
     }
     features = {"pid": S, "question": S, "image": S, "decoded_image": IMG, "choices": datasets.Sequence(S),
                 "unit": S, "precision": datasets.Value("float64"), "answer": S, "question_type": S,
@@ -123,6 +129,15 @@ def test_mathvista_local_copy_loads_through_the_hub_path(mathvista, tmp_path):
     for problem, image in zip(problems, IMAGES):
         assert len(problem.images) == 1 and isinstance(problem.images[0], bytes)  # encoded, decoded later
         np.testing.assert_array_equal(_pixels(problem.images[0]), np.asarray(image))
+
+
+def test_mathvista_with_its_official_query_prompt(mathvista, tmp_path):
+    """A field map override: the `query` as the question, its options read back out of it."""
+    fields = B.FieldMap("query", "answer", "pid", images="decoded_image", choices="query")
+    mc, free, digits = B.load_benchmark("mathvista", data_path=mathvista, fields=fields, cache_dir=str(tmp_path))
+    assert mc.choices == ("30°", "60°") and mc.gold == "B" and mc.question.startswith("Hint: ")
+    assert free.choices == () and free.gold == "4"
+    assert digits.choices == ("1", "2", "3") and digits.gold == "C"
 
 
 def test_mathverse_reads_the_options_from_the_question(mathverse, tmp_path):
