@@ -159,7 +159,8 @@ def test_gsm8k_fixture_through_builtin_field_map(tmp_path):
 
 
 def test_builtin_benchmarks_cover_the_issue():
-    assert B.known_benchmarks() == ["aime24", "aime25", "amc23", "gsm8k", "math500"]
+    assert B.known_benchmarks() == ["aime24", "aime25", "amc23", "gsm8k", "math500", "mathverse", "mathvision",
+                                    "mathvista"]
     assert B.BENCHMARKS["gsm8k"].path == "openai/gsm8k" and B.BENCHMARKS["gsm8k"].config == "main"
     assert B.BENCHMARKS["math500"].path == "HuggingFaceH4/MATH-500"
 
@@ -171,7 +172,8 @@ def test_missing_field_error_names_field_and_row(tmp_path):
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown benchmark 'gsm9k'; known: \['aime24', 'aime25', 'amc23', 'gsm8k', 'math500'\]"):
+    with pytest.raises(ValueError, match=r"unknown benchmark 'gsm9k'; known: \['aime24', 'aime25', 'amc23', 'gsm8k', "
+                                         r"'math500', 'mathverse'"):
         B.load_benchmark("gsm9k")
     with pytest.raises(FileNotFoundError, match="benchmark file not found"):
         B.load_benchmark(str(tmp_path / "nope.jsonl"))

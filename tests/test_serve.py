@@ -20,6 +20,7 @@ import pytest
 import dami_jax as dj
 from dami_jax.models import qwen3
 from dami_jax.pair import generate_pair, load_pair
+from mm_helpers import data_url, png_bytes, png_header_only, random_image
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -30,6 +31,7 @@ CONTEXT = 512
 BUDGET = 5
 POOL_PAGES = 40  # usable KV pages of 16 tokens: one CONTEXT-long sequence (32) fits; four 220-token rows do not
 QUESTIONS = ["3+4*7", "9-2", "1+1+1+1", "8*8-3", "2*3", "5-5+5"]
+IMAGE_LIMITS = dict(max_images=2, max_image_bytes=20_000, max_image_pixels=10_000)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def served(pair, calibration):
                 "dami-conf": f"conf:{calibration}", "dami-routing": f"routing:0.5:{calibration}", "dami-pref": "pref",
                 "dami-budget": f"budget:{BUDGET}"}
     cfg = ServeConfig(**_engine_knobs(pair), max_queue=64, policies=policies, max_body_bytes=64 << 10,
-                      optional=("dami-pref",))
+                      optional=("dami-pref",), **IMAGE_LIMITS)
     app = create_app(cfg, pair=pair)
     server, thread, url = _start(app)
     yield app.server, url
@@ -513,3 +515,138 @@ def test_incremental_detokenization_equals_full_decode(kind):
                 assert text.text == full, (ids[: i + 1], text.text, full)
                 checked += 1
     assert checked >= total // 2  # not vacuous: most prefixes end on a whole character
+
+
+# --- images (OpenAI image_url parts) ---------------------------------------------------------------
+
+def _image_message(*urls, text="what is in the picture?"):
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": [{"type": "text", "text": text}, *parts]}]
+
+
+def test_an_image_request_on_a_text_only_pair_is_refused_with_400(client, served):
+    with pytest.raises(openai.BadRequestError, match="no vision tower") as e:
+        client.chat.completions.create(model="dami-instruct", messages=_image_message(data_url(random_image(16, 16))))
+    assert e.value.status_code == 400 and e.value.body["code"] == "vision_not_supported"
+    assert _chat(client, "9-2", max_tokens=2, temperature=0).choices[0].finish_reason  # still serving
+    text_parts = [{"role": "user", "content": [{"type": "text", "text": "9-"}, {"type": "text", "text": "2"}]}]
+    r = client.chat.completions.create(model="dami-instruct", messages=text_parts, max_tokens=3, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    alone = _chat(client, "9-2", model="dami-instruct", max_tokens=3, temperature=0)
+    assert r.choices[0].token_ids == alone.choices[0].token_ids  # text parts join into one string
+
+
+_SMALL = data_url(random_image(8, 8))
+BAD_IMAGES = [  # (name, image URLs, words in the message)
+    ("not base64", ["data:image/png;base64,@@@@"], "not valid base64"),
+    ("not an image", [data_url(b"these bytes are no image")], "not a readable image"),
+    ("truncated", [data_url(png_bytes(random_image(40, 40))[:200])], "not a readable image"),
+    ("too many bytes", [data_url(random_image(90, 90))], "the limit is 20000 bytes"),
+    ("too many pixels", [data_url(random_image(101, 100).convert("1"))], "the limit is 10000 pixels"),
+    ("bomb", [data_url(png_header_only(5000, 5000))], "25000000 pixels; the limit is 10000 pixels"),
+    ("pil bomb guard", [data_url(png_header_only(100_000, 100_000))], "decompression bomb"),
+    ("remote url", ["https://example.com/cat.png"], "does not fetch image URLs"),
+    ("other scheme", ["file:///etc/passwd"], "scheme 'file' is not supported"),
+    ("too many images", [_SMALL] * 3, "3 images in the request; this server takes at most 2"),
+]
+
+
+@pytest.mark.parametrize("name, urls, words", BAD_IMAGES, ids=[b[0] for b in BAD_IMAGES])
+def test_bad_images_get_400_and_the_server_stays_up(client, served, name, urls, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="dami-instruct", messages=_image_message(*urls), max_tokens=2)
+    assert e.value.status_code == 400 and words in e.value.body["message"], e.value.body
+    assert e.value.body["param"] == "messages" and e.value.body["code"] in ("invalid_image", "too_many_images")
+    assert httpx.get(served[1] + "/health").json()["status"] == "ok"
+
+
+def test_an_unknown_content_part_is_a_422(served):
+    body = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}}]}]}
+    r = httpx.post(served[1] + "/v1/chat/completions", json=body)
+    assert r.status_code == 422 and "messages.0.content" in r.json()["error"]["param"]
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    """A local HTTP server: /ok.png (a small PNG), /big.png (over the byte limit), /slow.png
+    (answers after 2 s), /away (redirects to an ftp: URL, which urllib itself would follow)."""
+    import http.server
+
+    ok, big = png_bytes(random_image(8, 8)), png_bytes(random_image(120, 120))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/x.png")
+                self.end_headers()
+                return
+            if self.path == "/slow.png":
+                time.sleep(2)
+            data = big if self.path == "/big.png" else ok
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.handle_error = lambda request, address: None  # the client that timed out closed its socket
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_remote_images_are_fetched_only_when_enabled(image_host):
+    from dami_jax.serve import ServeConfig
+    from dami_jax.serve.images import request_images
+    from dami_jax.serve.schemas import ApiError, ChatRequest
+
+    def fetched(path, **cfg):
+        body = ChatRequest.model_validate({"messages": _image_message(image_host + path)})
+        return request_images(body, ServeConfig(**IMAGE_LIMITS, **cfg))
+
+    with pytest.raises(ApiError, match="does not fetch image URLs"):
+        fetched("/ok.png")
+    on = dict(fetch_images=True, fetch_timeout_s=0.5)
+    images = fetched("/ok.png", **on)
+    assert len(images) == 1 and images[0].size == (8, 8) and images[0].mode == "RGB"
+    for path, words in (("/big.png", "bytes; the limit is 20000 bytes"), ("/slow.png", "timed out after 0.5 s"),
+                        ("/away", r"only http\(s\) is followed")):
+        with pytest.raises(ApiError, match=words) as e:
+            fetched(path, **on)
+        assert e.value.status == 400 and e.value.code == "invalid_image"
+    body = ChatRequest.model_validate({"messages": _image_message("http://127.0.0.1:1/x.png")})  # nobody listens
+    with pytest.raises(ApiError, match="could not be fetched"):
+        request_images(body, ServeConfig(**IMAGE_LIMITS, **on))
+
+
+def test_image_limits_in_the_config():
+    from dami_jax.config import ConfigError
+    from dami_jax.serve import ServeConfig
+
+    cfg = ServeConfig()
+    assert (cfg.max_images, cfg.fetch_images) == (4, False)
+    limits = ServeConfig(max_image_bytes=5000, max_image_pixels=100).image_limits()
+    assert (limits.max_bytes, limits.max_pixels) == (5000, 100)
+    with pytest.raises(ConfigError, match="fetch_timeout_s must be > 0"):
+        ServeConfig(fetch_timeout_s=0)
+
+
+def test_a_vision_pair_is_told_the_engine_does_not_take_images_yet():
+    """Until the serving engine carries pixel inputs, a vision pair's image request stops with 501
+    (never answered as if it had no image); a text pair's gets the 400 above."""
+    import types
+
+    from dami_jax.serve import api
+    from dami_jax.serve.schemas import ApiError, ChatRequest
+
+    body = ChatRequest.model_validate({"messages": _image_message(_SMALL)})
+    for vl, status, code in ((object(), 501, "vision_not_wired"), (None, 400, "vision_not_supported")):
+        server = types.SimpleNamespace(pair=types.SimpleNamespace(cfg=types.SimpleNamespace(vl=vl)))
+        with pytest.raises(ApiError) as e:
+            api.chat_prompt_ids(server, body, [random_image(8, 8)])
+        assert (e.value.status, e.value.code) == (status, code)

@@ -7,6 +7,7 @@ Heavy dependencies load lazily: `datasets` on the first hub benchmark,
 
 from dami_jax.eval.benchmarks import (
     BENCHMARKS,
+    CHOICE_INSTRUCTION,
     DEFAULT_INSTRUCTION,
     FieldMap,
     HubBenchmark,
@@ -16,9 +17,20 @@ from dami_jax.eval.benchmarks import (
     load_benchmark,
     load_jsonl,
     math_prompt,
+    problem_messages,
+    problem_prompt,
     rows_to_problems,
 )
-from dami_jax.eval.grading import THINK_END, Grade, answer_text, grade, has_thinking, parse_gold, split_thinking
+from dami_jax.eval.grading import (
+    THINK_END,
+    Grade,
+    answer_text,
+    grade,
+    grade_choice,
+    has_thinking,
+    parse_gold,
+    split_thinking,
+)
 from dami_jax.eval.metrics import (
     RECORD_FIELDS,
     majority_vote,
@@ -35,9 +47,10 @@ from dami_jax.eval.plots import pareto_front, pareto_plot
 from dami_jax.eval.records import RecordStore, make_record, record_key, rescore
 
 __all__ = [
-    "BENCHMARKS", "DEFAULT_INSTRUCTION", "FieldMap", "HubBenchmark", "Problem", "extract_gsm8k_answer",
-    "known_benchmarks", "load_benchmark", "load_jsonl", "math_prompt", "rows_to_problems",
-    "THINK_END", "Grade", "answer_text", "grade", "has_thinking", "parse_gold", "split_thinking",
+    "BENCHMARKS", "CHOICE_INSTRUCTION", "DEFAULT_INSTRUCTION", "FieldMap", "HubBenchmark", "Problem",
+    "extract_gsm8k_answer", "known_benchmarks", "load_benchmark", "load_jsonl", "math_prompt", "problem_messages",
+    "problem_prompt", "rows_to_problems",
+    "THINK_END", "Grade", "answer_text", "grade", "grade_choice", "has_thinking", "parse_gold", "split_thinking",
     "RECORD_FIELDS", "majority_vote", "mean_accuracy", "pass_at_k", "speedup", "summarize",
     "summarize_by_policy", "thinking_share", "token_stats", "tokens_per_second",
     "pareto_front", "pareto_plot", "RecordStore", "make_record", "record_key", "rescore",

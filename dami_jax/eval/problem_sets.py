@@ -7,6 +7,8 @@ needs on top (a train split, a field map, a size):
     {name: toy, limit: 600, seed: 1234}    # 600 toy problems of another seed
     {name: gsm8k, split: train}            # GSM8K's train split (the eval uses test)
     {name: data/train.jsonl, fields: {question: problem, answer: solution, id: null}}
+    {name: mathvista, path: data/MathVista}  # a local copy of a hub benchmark, read as the hub one
+    {name: data/figures.jsonl, fields: {images: image, choices: options}}  # image paths beside the file
 
 `ProblemSet.of(value)` reads a string or a mapping (unknown keys and options
 that do not apply to the source are errors); `load_problem_set` loads it.
@@ -30,6 +32,7 @@ class ProblemSet:
     limit: int | None = None  # the first rows (toy: how many problems, default 300)
     fields: FieldMap | None = None  # .jsonl (or hub override): which fields hold question, answer, id
     seed: int | None = None  # toy only: the problems' seed (default the eval's)
+    path: str | None = None  # hub benchmarks: a local copy (its directory) read in place of the hub id
 
     def __post_init__(self):
         where = f"problem set {self.name!r}"
@@ -43,6 +46,8 @@ class ProblemSet:
             raise ConfigError(f"{where}: seed applies to the toy problems only")
         if self.split is not None and not is_hub:
             raise ConfigError(f"{where}: split applies to hub benchmarks {sorted(BENCHMARKS)} only")
+        if self.path is not None and not is_hub:
+            raise ConfigError(f"{where}: path (a local copy of a hub benchmark) applies to {sorted(BENCHMARKS)} only")
         if self.fields is not None and is_toy:
             raise ConfigError(f"{where}: the toy problems take no field map")
         if not (is_toy or is_hub or self.name.endswith(".jsonl")):
@@ -58,7 +63,7 @@ class ProblemSet:
             return cls(value)
         if isinstance(value, dict):
             return from_dict(cls, value, where=where)
-        raise ConfigError(f"{where}: expected a name or a mapping {{name, split, limit, fields, seed}}, "
+        raise ConfigError(f"{where}: expected a name or a mapping {{name, split, limit, fields, seed, path}}, "
                           f"got {value!r}")
 
 
@@ -74,4 +79,4 @@ def load_problem_set(spec) -> list[Problem]:
     spec = ProblemSet.of(spec)
     if spec.name == TOY:
         return toy_problems(spec.limit or 300, TOY_SEED if spec.seed is None else spec.seed)
-    return load_benchmark(spec.name, limit=spec.limit, fields=spec.fields, split=spec.split)
+    return load_benchmark(spec.name, limit=spec.limit, fields=spec.fields, split=spec.split, data_path=spec.path)

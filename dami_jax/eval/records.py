@@ -30,15 +30,16 @@ def record_key(record: Mapping[str, Any]) -> tuple:
 
 def make_record(
     policy: str, id: str, sample: int, output: str, gold: str, tokens: int, *,
-    mode: str = "strict", timeout_s: int | None = 5, **extra: Any,
+    mode: str = "strict", timeout_s: int | None = 5, choices=(), **extra: Any,
 ) -> dict[str, Any]:
     """Grade one output and build its record (extra fields such as `lam` or
-    `finish_reason` are kept)."""
-    g = grading.grade(output, gold, mode=mode, timeout_s=timeout_s)
+    `finish_reason` are kept). A multiple-choice problem's `choices` are graded
+    against and stored, so `rescore` grades it the same way."""
+    g = grading.grade(output, gold, mode=mode, timeout_s=timeout_s, choices=choices)
     return {
         "policy": policy, "id": id, "sample": int(sample), "gold": gold, "output": output,
         "tokens": int(tokens), "correct": g.correct, "gradable": g.gradable, "pred": g.pred,
-        "think": grading.has_thinking(output), **extra,
+        "think": grading.has_thinking(output), **({"choices": list(choices)} if choices else {}), **extra,
     }
 
 
@@ -62,7 +63,7 @@ def rescore(
             gold = r["gold"]
         else:
             raise ValueError(f"record {i} (id={r.get('id')!r}) has no 'gold' field and no entry in golds")
-        g = grading.grade(r["output"], gold, mode=mode, timeout_s=timeout_s)
+        g = grading.grade(r["output"], gold, mode=mode, timeout_s=timeout_s, choices=r.get("choices") or ())
         out.append({**r, "gold": gold, "correct": g.correct, "gradable": g.gradable, "pred": g.pred,
                     "think": grading.has_thinking(r["output"])})
     return out

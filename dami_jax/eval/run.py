@@ -24,7 +24,8 @@ import time
 from tqdm.auto import tqdm
 
 from dami_jax import distributed
-from dami_jax.eval.benchmarks import Problem, load_benchmark, math_prompt
+from dami_jax.errors import InputError
+from dami_jax.eval.benchmarks import Problem, load_benchmark, problem_prompt
 from dami_jax.eval.metrics import summarize_by_policy
 from dami_jax.eval.pairs import PairConfig, expand_policy
 from dami_jax.eval.records import RecordStore, make_record
@@ -53,8 +54,11 @@ def load_problems(name: str, limit: int | None) -> list[Problem]:
 
 def eval_prompts(pair, pair_cfg: PairConfig, problems: list[Problem]) -> list[list[int]]:
     """The token ids each problem is asked with (chat template, and the math instruction if set)."""
-    return [chat_prompt(pair.tokenizer, math_prompt(p.question) if pair_cfg.math_instruction else p.question)
-            for p in problems]
+    with_images = [p.id for p in problems if p.images]
+    if with_images:  # the processor's features need the vision keywords of the engine (issue 18)
+        raise InputError(f"problems {with_images[:3]}{' ...' if len(with_images) > 3 else ''} have images; "
+                         "`dami eval` runs text-only problems until the engine takes image inputs")
+    return [chat_prompt(pair.tokenizer, problem_prompt(p, pair_cfg.math_instruction)) for p in problems]
 
 
 def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str], *, samples: int = 1,
@@ -118,8 +122,8 @@ def _answer_records(pair, pair_cfg, policy, spec, sample, problems, prompts, kw,
 
 def _records(pair, spec, sample, problems, out, chosen):
     texts = [pair.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_lists()]
-    return [make_record(spec, p.id, sample, text, p.gold, int(out.lengths[j]), lam=float(chosen.lam[j]),
-                        finish_reason=out.finish_reasons[j])
+    return [make_record(spec, p.id, sample, text, p.gold, int(out.lengths[j]), choices=p.choices,
+                        lam=float(chosen.lam[j]), finish_reason=out.finish_reasons[j])
             for j, (p, text) in enumerate(zip(problems, texts))]
 
 

@@ -204,12 +204,25 @@ class Flow:
         yield end + "data: [DONE]\n\n"
 
 
-def chat_prompt_ids(server, body: ChatRequest) -> list[int]:
+def chat_prompt_ids(server, body: ChatRequest, images: list = ()) -> list[int]:
+    """The prompt's token ids; `images`: the request's decoded images (serve.images.request_images)."""
+    if images:
+        return _vision_prompt_ids(server, body, images)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
         return chat_prompt(server.tokenizer, messages)
     except Exception as e:  # the template refused the conversation
         raise ApiError(400, f"messages: the chat template failed: {e}", "messages") from None
+
+
+def _vision_prompt_ids(server, body: ChatRequest, images: list) -> list[int]:
+    if getattr(server.pair.cfg, "vl", None) is None:  # ModelConfig.vl: the vision config of a Qwen3-VL pair
+        raise ApiError(400, "this server's model pair has no vision tower: image_url parts need a vision-language "
+                       "pair (Qwen3-VL); send text only", "messages", code="vision_not_supported")
+    # A vision pair's processor makes the prompt (dami_jax.multimodal.encode_chats); the serving engine's
+    # rows do not carry pixel inputs yet, so the request stops here rather than answer without its images.
+    raise ApiError(501, "image input is checked but not yet answered: the serving engine does not take "
+                   "pixel inputs", "messages", type="server_error", code="vision_not_wired")
 
 
 def completion_prompt_ids(server, body: CompletionRequest) -> list[list[int]]:

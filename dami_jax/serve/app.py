@@ -24,6 +24,7 @@ from dami_jax.policies.base import build_policy
 from dami_jax.serve import api
 from dami_jax.serve.config import ServeConfig
 from dami_jax.serve.engine import Engine
+from dami_jax.serve.images import request_images
 from dami_jax.serve.metrics import Metrics
 from dami_jax.serve.schemas import ApiError, ChatRequest, CompletionRequest, error_body, parse_body
 
@@ -204,7 +205,8 @@ def create_app(cfg: ServeConfig, pair=None, server: Server | None = None,
 
     async def generate(request: Request, schema, chat: bool):
         body = parse_body(schema, await request.body(), server.cfg.max_n, server.engine.max_rows)
-        prompts = [api.chat_prompt_ids(server, body)] if chat else api.completion_prompt_ids(server, body)
+        images = await asyncio.to_thread(request_images, body, server.cfg) if chat and body.image_urls() else []
+        prompts = [api.chat_prompt_ids(server, body, images)] if chat else api.completion_prompt_ids(server, body)
         flow = api.Flow(server, body, prompts, chat)
         flow.submit()
         timeout = server.cfg.request_timeout_s

@@ -38,8 +38,16 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # Bearer key; required when host is not a loopback address
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # images arrive inline (base64): raise it with max_image_bytes
     request_timeout_s: float = 300.0
+    # Images (OpenAI `image_url` parts; answered by a pair with a vision tower): data: URLs only,
+    # unless fetch_images lets the server download http(s) URLs (it then reaches any host the
+    # client names: enable it only where that is wanted).
+    max_images: int = 4  # per request
+    max_image_bytes: int = 8 << 20  # encoded size of one image
+    max_image_pixels: int = 16_000_000  # width × height of one image, checked before decoding it
+    fetch_images: bool = False
+    fetch_timeout_s: float = 10.0  # per fetched image
     # Engine: one dj.Engine (paged KV cache, continuous batching); names and defaults are dj.Engine's.
     max_rows: int = 32  # rows (choices) generating at once
     max_tokens_per_step: int = 256  # tokens one step feeds: decode rows, then prefill chunks of prompts
@@ -76,6 +84,10 @@ class ServeConfig:
             (self.max_queue >= 0, "max_queue must be >= 0"),
             (self.max_n >= 1, "max_n must be >= 1"),
             (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
+            (self.max_images >= 0, "max_images must be >= 0 (0: no image input)"),
+            (self.max_image_bytes >= 1, "max_image_bytes must be >= 1"),
+            (self.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
+            (self.fetch_timeout_s > 0, "fetch_timeout_s must be > 0"),
             (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be >= 0"),
@@ -92,6 +104,13 @@ class ServeConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"ServeConfig: {msg}")
+
+    def image_limits(self):
+        """The limits each request's images are decoded under (dami_jax.multimodal.ImageLimits)."""
+        from dami_jax.multimodal.images import ImageLimits
+
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                           max_images=max(self.max_images, 1))
 
     def context(self, model_cfg) -> int:
         """Tokens per sequence: max_seq_len, or the model's context (at most 4096), never past the model's."""

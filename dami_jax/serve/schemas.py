@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,14 +49,33 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageUrl(_Strict):
+    url: str  # a data: URL (base64), or http(s) when the server fetches images (ServeConfig.fetch_images)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted, not used: the processor sizes images
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[Part], None] = None
 
     def text(self) -> str:
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's image parts, in order."""
+        return [p.image_url.url for p in self.content or () if isinstance(p, ImagePart)]
 
 
 class StreamOptions(_Strict):
@@ -87,6 +106,9 @@ class _Common(_Strict):
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
+
+    def image_urls(self) -> list[str]:
+        return [url for m in self.messages for url in m.image_urls()]
 
 
 class CompletionRequest(_Common):
