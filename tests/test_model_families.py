@@ -27,6 +27,7 @@ from dami_jax.interpolate import interpolate
 from dami_jax.pair import PairMismatchError, TokenizerMismatchWarning, generate_pair, load_pair
 from dami_jax.policies import ConfConfig, ConfPolicy, calibrate_conf, score_prompts
 from dami_jax.pref.features import prompt_features
+from dami_jax.schedule import module_kind
 from helpers import TINY_FAMILIES, hf_config, leaves, left_pad, random_prompts
 
 ATOL_F32 = 1e-4  # DESIGN 2.3
@@ -91,6 +92,9 @@ def test_config_and_mapping_table_match_hf(tiny_hf, name):
     assert bool(cfg.rope_scaling) == llama
     hf_names = set(ckpt.hf.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     assert {n for leaf in leaf_table(cfg) for n in leaf.hf_names} == hf_names
+    for leaf in leaf_table(cfg):  # a λ schedule counts a bias with its module (attn or mlp)
+        if leaf.path[-1] == "bias":
+            assert module_kind(leaf.path) == leaf.path[-3], leaf.path
     params = ckpt.params()
     assert ("bias" in params["layers"][0]["attn"]["q_proj"]) == cfg.qkv_bias
     assert ("q_norm" in params["layers"][0]["attn"]) is False
