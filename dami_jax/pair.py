@@ -75,7 +75,8 @@ _WHY = {
 
 def check_same_architecture(a: ModelConfig, b: ModelConfig, names=("instruct", "thinking")) -> None:
     fa, fb = a.architecture_fields(), b.architecture_fields()
-    for key in sorted(fa, key=lambda k: k not in _WHY):  # the family and vocabulary first: the likely cause
+    first = list(_WHY)  # the family, then the vocabulary: the likeliest cause, named first
+    for key in sorted(fa, key=lambda k: first.index(k) if k in first else len(first)):
         if fa[key] != fb[key]:
             raise PairMismatchError(
                 f"{names[0]} and {names[1]} differ in {key}: {fa[key]!r} vs {fb[key]!r}; "
