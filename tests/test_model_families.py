@@ -23,6 +23,7 @@ import dami_jax as dj
 from dami_jax.checkpoint.hf import leaf_table
 from dami_jax.cli import main
 from dami_jax.config import ConfigError
+from dami_jax.generate.decode import generate_lockstep
 from dami_jax.interpolate import interpolate
 from dami_jax.pair import PairMismatchError, TokenizerMismatchWarning, generate_pair, load_pair
 from dami_jax.policies import ConfConfig, ConfPolicy, calibrate_conf, score_prompts
@@ -124,14 +125,13 @@ def test_llama3_scaling_is_what_matches(tiny_hf):
     assert _max_diff_to_hf(ckpt.hf, plain, ckpt.params(), prompts) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "llama"])
-def test_convert_round_trip_and_scanned_layers(tiny_hf, tmp_path, name):
+def test_convert_round_trip_and_scanned_layers(tiny_hf, tmp_path):
     """`dami convert` (Orbax) keeps the family's config and every leaf (biases included); the scanned
     layer loop over stacked params gives the unrolled logits."""
     from dami_jax.checkpoint import store
     from dami_jax.models.qwen3 import stack_layers
 
-    ckpt = tiny_hf(name)
+    ckpt = tiny_hf("llama")  # every bias
     conv = store.save_params(ckpt.cfg, ckpt.params(), tmp_path / "conv", source=ckpt.path)
     assert dj.ModelConfig.from_hf(conv) == ckpt.cfg
     back, want = leaves(dj.load_hf(conv, progress=False)), leaves(ckpt.params())
@@ -169,11 +169,12 @@ def test_biased_llama_on_a_mesh(tiny_hf):
 @pytest.fixture(scope="module", params=PAIRS)
 def fp(request, tiny_hf):
     """The pair, its HF checkpoints, prompts (one past llama3's pretraining context) and the Instruct
-    model's greedy tokens on the engine (shared by the HF parity and Conf tests: one compile)."""
+    model's greedy tokens in lock step (shared by the HF parity and Conf tests: one compile; the engine
+    runs the pair in test_delta_equals_merged)."""
     ci, ct = tiny_hf(request.param, 0), tiny_hf(request.param, 1)
     pair = load_pair(ci.path, ct.path, tokenizer="none")
     prompts = random_prompts(pair.cfg.vocab_size, [5, 40, 3, 12], seed=1)
-    greedy = dj.generate(pair.cfg, pair.instruct, prompts, NEW)
+    greedy = generate_lockstep(pair.cfg, pair.instruct, prompts, NEW)
     return types.SimpleNamespace(name=request.param, pair=pair, instruct=ci, thinking=ct, prompts=prompts,
                                  greedy=greedy)
 
@@ -221,7 +222,7 @@ def test_dami_merge_and_export_load_in_transformers(fp, tmp_path):
     with open(tmp_path / "export" / "config.json") as f:
         assert json.load(f)["model_type"] == fp.pair.cfg.family
     assert dj.ModelConfig.from_hf(tmp_path / "export") == fp.pair.cfg
-    ours = dj.generate(fp.pair.cfg, theta, fp.prompts, NEW).token_lists()  # fp.greedy's compiled engine
+    ours = generate_lockstep(fp.pair.cfg, theta, fp.prompts, NEW).token_lists()  # fp.greedy's compile
     for out in ("merged", "export"):
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float32,
                                                   attn_implementation="eager").eval()
