@@ -1,9 +1,9 @@
 """Configuration as data: the model architecture config and YAML run configs.
 
 `ModelConfig` is the frozen description of a Qwen3 / Qwen3-MoE, Qwen2 (Qwen2.5,
-R1-Distill-Qwen) or Llama 3 architecture, built from a Hugging Face `config.json`. Fields that would change the model's
-semantics in a way we do not implement are refused, never silently ignored.
-It holds the architecture only (it is a static jit argument): the generation
+R1-Distill-Qwen) or Llama 3 architecture, built from a Hugging Face `config.json`.
+Fields that would change the model's semantics in a way we do not implement are
+refused, never silently ignored. It holds the architecture only (it is a static jit argument): the generation
 ids (EOS/BOS/PAD), which differ between an Instruct and a Thinking checkpoint
 of one architecture, are a separate `GenerationIds`.
 
@@ -98,6 +98,8 @@ class ModelConfig:
             raise ConfigError(f"family={self.family!r}: expected one of {list(FAMILIES)}")
         if self.num_experts and self.family != "qwen3":
             raise ConfigError(f"family={self.family!r} has no MoE variant here (num_experts={self.num_experts})")
+        if (self.attention_bias or self.mlp_bias) and self.family != "llama":
+            raise ConfigError(f"attention_bias / mlp_bias are Llama options, not {self.family!r} ones")
         if self.rope_scaling:
             if len(self.rope_scaling) != len(LLAMA3_ROPE_FIELDS):
                 raise ConfigError(f"rope_scaling={self.rope_scaling}: expected the llama3 values "

@@ -346,3 +346,15 @@ def test_differing_special_tokens_warn_with_their_ids(tiny_hf, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", TokenizerMismatchWarning)
         load_pair(inst, same, tokenizer="none")
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(family="mistral"), r"family='mistral': expected one of \['qwen3', 'qwen2', 'llama'\]"),
+    (dict(family="qwen2", attention_bias=True), r"attention_bias / mlp_bias are Llama options, not 'qwen2'"),
+    (dict(family="llama", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8), r"no MoE variant"),
+    (dict(family="llama", rope_scaling=(8.0, 1.0)), r"expected the llama3 values"),
+])
+def test_inconsistent_model_config_refused(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        dj.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                       head_dim=8, **fields)
