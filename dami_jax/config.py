@@ -30,6 +30,7 @@ SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForC
 # q/k RMSNorms (and MoE variants), qwen2 biases on q/k/v, llama optional biases (attention_bias: q, k,
 # v and o; mlp_bias) and llama3 RoPE scaling.
 FAMILIES = ("qwen3", "qwen2", "llama")
+_FAMILY_OPTIONS = ("family", "attention_bias", "mlp_bias", "rope_scaling")
 LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -140,9 +141,14 @@ class ModelConfig:
         )
 
     def architecture_fields(self) -> dict[str, Any]:
-        """Fields that fix shapes and semantics (not the context length or execution fields)."""
+        """Fields that fix shapes and semantics (not the context length or execution fields). The
+        family options appear only when they differ from Qwen3's, so a Qwen3 config's fields, and the
+        pair fingerprints of calibrations and reward models made before the options existed, are
+        unchanged."""
         skip = {"max_position_embeddings", "layout", "scan_layers", "paged_attention"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        qwen3 = {f.name: f.default for f in dataclasses.fields(self) if f.name in _FAMILY_OPTIONS}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in skip and not (k in qwen3 and v == qwen3[k])}
 
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "ModelConfig":

@@ -358,3 +358,15 @@ def test_inconsistent_model_config_refused(fields, match):
     with pytest.raises(ConfigError, match=match):
         dj.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
                        head_dim=8, **fields)
+
+
+def test_family_options_leave_qwen3_architecture_fields_alone():
+    """A Qwen3 config's architecture fields, hashed into the fingerprints of shipped calibrations and
+    reward models (policies.base.pair_fingerprint), do not gain the family options; other families'
+    do, so two families never compare equal."""
+    base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                head_dim=8)
+    options = {"family", "attention_bias", "mlp_bias", "rope_scaling"}
+    assert not options & set(dj.ModelConfig(**base).architecture_fields())
+    llama = dj.ModelConfig(**base, family="llama", mlp_bias=True).architecture_fields()
+    assert llama["family"] == "llama" and llama["mlp_bias"] is True
