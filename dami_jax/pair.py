@@ -75,9 +75,9 @@ _WHY = {
 
 def check_same_architecture(a: ModelConfig, b: ModelConfig, names=("instruct", "thinking")) -> None:
     fa, fb = dataclasses.asdict(a), dataclasses.asdict(b)
-    compared = a.architecture_fields().keys() | b.architecture_fields().keys()
-    first = list(_WHY)  # the family, then the vocabulary: the likeliest cause, named first
-    for key in sorted((k for k in fa if k in compared), key=lambda k: first.index(k) if k in first else len(first)):
+    keys = [k for k in fa if k in a.architecture_fields() or k in b.architecture_fields()]
+    keys.sort(key=lambda k: list(_WHY).index(k) if k in _WHY else len(_WHY))  # the likeliest causes first
+    for key in keys:
         if fa[key] != fb[key]:
             raise PairMismatchError(
                 f"{names[0]} and {names[1]} differ in {key}: {fa[key]!r} vs {fb[key]!r}; "
