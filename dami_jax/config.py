@@ -1,9 +1,9 @@
-"""Configuration as data: the Qwen3 architecture config and YAML run configs.
+"""Configuration as data: the model architecture config and YAML run configs.
 
-`ModelConfig` is the frozen description of a Qwen3 / Qwen3-MoE architecture,
-built from a Hugging Face `config.json`. Fields that would change the model's
-semantics in a way we do not implement are refused, never silently ignored.
-It holds the architecture only (it is a static jit argument): the generation
+`ModelConfig` is the frozen description of a Qwen3 / Qwen3-MoE, Qwen2 (Qwen2.5,
+R1-Distill-Qwen) or Llama 3 architecture, built from a Hugging Face `config.json`.
+Fields that would change the model's semantics in a way we do not implement are
+refused, never silently ignored. It holds the architecture only (it is a static jit argument): the generation
 ids (EOS/BOS/PAD), which differ between an Instruct and a Thinking checkpoint
 of one architecture, are a separate `GenerationIds`.
 
@@ -24,7 +24,14 @@ import yaml
 
 from dami_jax.errors import InputError
 
-SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                         "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+# What sets the families apart, all of it options of the one decoder (models/qwen3.py): qwen3 has
+# q/k RMSNorms (and MoE variants), qwen2 biases on q/k/v, llama optional biases (attention_bias: q, k,
+# v and o; mlp_bias) and llama3 RoPE scaling.
+FAMILIES = ("qwen3", "qwen2", "llama")
+_FAMILY_OPTIONS = ("family", "attention_bias", "mlp_bias", "rope_scaling")
+LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 class ConfigError(InputError):
@@ -51,6 +58,11 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Family options (FAMILIES); rope_scaling: llama3 RoPE's LLAMA3_ROPE_FIELDS values, () for plain RoPE.
+    family: str = "qwen3"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_scaling: tuple[float, ...] = ()
     # Execution, not architecture (static under jit, not exported to HF):
     # layout "cpu" (XLA:CPU-tuned cache and dots), "readable" (einsums, (B, S, K, H)
     # cache) or "auto" (cpu on the CPU backend, else readable; models/kv_cache.resolve_layout);
@@ -83,6 +95,20 @@ class ModelConfig:
                 raise ConfigError("moe_intermediate_size must be > 0 for a MoE model")
         if self.decoder_sparse_step < 1:
             raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family={self.family!r}: expected one of {list(FAMILIES)}")
+        if self.num_experts and self.family != "qwen3":
+            raise ConfigError(f"family={self.family!r} has no MoE variant here (num_experts={self.num_experts})")
+        if (self.attention_bias or self.mlp_bias) and self.family != "llama":
+            raise ConfigError(f"attention_bias / mlp_bias are Llama options, not {self.family!r} ones")
+        if self.rope_scaling:
+            if len(self.rope_scaling) != len(LLAMA3_ROPE_FIELDS):
+                raise ConfigError(f"rope_scaling={self.rope_scaling}: expected the llama3 values "
+                                  f"{LLAMA3_ROPE_FIELDS}")
+            factor, low, high, _ = self.rope_scaling
+            if not (factor > 0 and 0 < low < high):
+                raise ConfigError(f"llama3 rope scaling needs factor > 0 and 0 < low_freq_factor < "
+                                  f"high_freq_factor, got {dict(zip(LLAMA3_ROPE_FIELDS, self.rope_scaling))}")
 
     @property
     def is_moe(self) -> bool:
@@ -90,7 +116,21 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
-        return "qwen3_moe" if self.is_moe else "qwen3"
+        return "qwen3_moe" if self.is_moe else self.family
+
+    @property
+    def qk_norm(self) -> bool:
+        """RMSNorm on each query and key head (Qwen3)."""
+        return self.family == "qwen3"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on the q, k and v projections (always in Qwen2, attention_bias in Llama)."""
+        return self.family == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
 
     def is_moe_layer(self, layer: int) -> bool:
         """Same rule as transformers' Qwen3MoeDecoderLayer."""
@@ -101,9 +141,14 @@ class ModelConfig:
         )
 
     def architecture_fields(self) -> dict[str, Any]:
-        """Fields that fix shapes and semantics (not the context length or execution fields)."""
+        """Fields that fix shapes and semantics (not the context length or execution fields). The
+        family options appear only when they differ from Qwen3's, so a Qwen3 config's fields, and the
+        pair fingerprints of calibrations and reward models made before the options existed, are
+        unchanged."""
         skip = {"max_position_embeddings", "layout", "scan_layers", "paged_attention"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        qwen3 = {f.name: f.default for f in dataclasses.fields(self) if f.name in _FAMILY_OPTIONS}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in skip and not (k in qwen3 and v == qwen3[k])}
 
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "ModelConfig":
@@ -129,15 +174,20 @@ class ModelConfig:
 
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{where}: hidden_act={raw['hidden_act']!r} unsupported; expected 'silu'")
-        if raw.get("attention_bias", False):
-            raise ConfigError(f"{where}: attention_bias=true is not supported (Qwen3 uses none)")
+        family = "qwen3" if model_type == "qwen3_moe" else model_type
+        if family != "llama":  # Qwen2's q/k/v biases are implied by its model_type, not this field
+            for key in ("attention_bias", "mlp_bias"):
+                if raw.get(key, False):
+                    raise ConfigError(f"{where}: {key}=true is not supported for model_type={model_type!r} "
+                                      "(only Llama checkpoints carry it)")
         if raw.get("use_sliding_window", False):
-            raise ConfigError(f"{where}: use_sliding_window=true is not supported")
+            raise ConfigError(f"{where}: use_sliding_window=true is not supported: sliding-window attention is "
+                              "not implemented (Qwen2.5 and the R1-Distill-Qwen checkpoints ship with it off)")
         layer_types = raw.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
             raise ConfigError(f"{where}: layer_types {sorted(set(layer_types))} unsupported; only 'full_attention'")
 
-        rope_theta = _rope_theta(raw, where)
+        rope_theta, rope_scaling = _rope(raw, where)
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         num_experts = int(raw.get("num_experts", raw.get("num_local_experts", 0)) or 0)
@@ -161,6 +211,10 @@ class ModelConfig:
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
             mlp_only_layers=tuple(int(i) for i in (raw.get("mlp_only_layers") or ())),
+            family=family,
+            attention_bias=bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            rope_scaling=rope_scaling,
         )
 
     def to_hf_dict(self, dtype: str = "float32", generation_ids: GenerationIds | None = None) -> dict[str, Any]:
@@ -179,10 +233,11 @@ class ModelConfig:
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": self.rope_parameters(),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": False,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
             "use_sliding_window": False,
             "torch_dtype": dtype,
             "dtype": dtype,
@@ -198,6 +253,14 @@ class ModelConfig:
                 mlp_only_layers=list(self.mlp_only_layers),
             )
         return out
+
+    def rope_parameters(self) -> dict[str, Any]:
+        """transformers' `rope_parameters` of this config."""
+        if not self.rope_scaling:
+            return {"rope_type": "default", "rope_theta": self.rope_theta}
+        scaling = dict(zip(LLAMA3_ROPE_FIELDS, self.rope_scaling))
+        scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+        return {"rope_type": "llama3", "rope_theta": self.rope_theta, **scaling}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,9 +319,10 @@ def _read_json(path: str) -> dict:
     return raw
 
 
-def _rope_theta(raw: dict, where: str) -> float:
-    """rope theta from `rope_theta` or the `rope_parameters`/`rope_scaling` dict (transformers 5)."""
-    theta = raw.get("rope_theta")
+def _rope(raw: dict, where: str) -> tuple[float, tuple[float, ...]]:
+    """RoPE theta and llama3 scaling (LLAMA3_ROPE_FIELDS, or () for plain RoPE) from `rope_theta`
+    and the `rope_parameters` (transformers 5) or `rope_scaling` (the hub's Llama 3.1 files) dict."""
+    theta, scaling = raw.get("rope_theta"), ()
     for key in ("rope_parameters", "rope_scaling"):
         params = raw.get(key)
         if not params:
@@ -266,12 +330,22 @@ def _rope_theta(raw: dict, where: str) -> float:
         if not isinstance(params, dict):
             raise ConfigError(f"{where}: {key} must be a dict, got {type(params).__name__}")
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
+        if rope_type not in ("default", "llama3"):
             raise ConfigError(
-                f"{where}: {key}.rope_type={rope_type!r} is not supported; only 'default' RoPE"
+                f"{where}: {key}.rope_type={rope_type!r} is not supported; only 'default' and 'llama3' RoPE"
             )
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"{where}: {key}.partial_rotary_factor={params['partial_rotary_factor']} is not "
+                              "supported; RoPE over the whole head only")
         theta = params.get("rope_theta", theta)
-    return float(theta if theta is not None else 10000.0)
+        if rope_type == "llama3":
+            # As transformers: the pretraining context defaults to max_position_embeddings.
+            given = {"original_max_position_embeddings": raw.get("max_position_embeddings"), **params}
+            missing = [f for f in LLAMA3_ROPE_FIELDS if given.get(f) is None]
+            if missing:
+                raise ConfigError(f"{where}: {key} of rope_type 'llama3' lacks {missing}")
+            scaling = tuple(float(given[f]) for f in LLAMA3_ROPE_FIELDS)
+    return float(theta if theta is not None else 10000.0), scaling
 
 
 def _resolve_config_json(path: str | os.PathLike) -> str:

@@ -12,7 +12,9 @@ prompts as rows of one engine, each with its λ.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import warnings
 
 import numpy as np
 
@@ -29,6 +31,10 @@ from dami_jax.schedule import Schedule
 
 class PairMismatchError(InputError):
     """The two checkpoints are not the same architecture."""
+
+
+class TokenizerMismatchWarning(UserWarning):
+    """The two checkpoints' tokenizers give some special-token ids different strings."""
 
 
 @dataclasses.dataclass
@@ -61,19 +67,63 @@ class ModelPair:
         return ids
 
 
+_WHY = {
+    "family": "DAMI interpolates two checkpoints of one model family",
+    "vocab_size": "the vocabularies must be the same size: embedding and lm_head rows are interpolated one to one",
+}
+
+
 def check_same_architecture(a: ModelConfig, b: ModelConfig, names=("instruct", "thinking")) -> None:
-    fa, fb = a.architecture_fields(), b.architecture_fields()
-    for key in fa:
+    fa, fb = dataclasses.asdict(a), dataclasses.asdict(b)
+    keys = [k for k in fa if k in a.architecture_fields() or k in b.architecture_fields()]
+    keys.sort(key=lambda k: list(_WHY).index(k) if k in _WHY else len(_WHY))  # the likeliest causes first
+    for key in keys:
         if fa[key] != fb[key]:
             raise PairMismatchError(
                 f"{names[0]} and {names[1]} differ in {key}: {fa[key]!r} vs {fb[key]!r}; "
-                "DAMI interpolates two checkpoints of one architecture"
+                + _WHY.get(key, "DAMI interpolates two checkpoints of one architecture")
             )
+
+
+def added_tokens(model_dir: str) -> dict[int, str]:
+    """The added (special and template) tokens of a model directory's tokenizer, id -> string, from
+    tokenizer_config.json's `added_tokens_decoder` or else tokenizer.json's `added_tokens`; {} when
+    the directory has neither."""
+    config, full = os.path.join(model_dir, "tokenizer_config.json"), os.path.join(model_dir, "tokenizer.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            decoder = json.load(f).get("added_tokens_decoder") or {}
+        if decoder:
+            return {int(i): tok["content"] for i, tok in decoder.items()}
+    if os.path.isfile(full):
+        with open(full) as f:
+            return {tok["id"]: tok["content"] for tok in json.load(f).get("added_tokens") or ()}
+    return {}
+
+
+def warn_added_tokens_differ(dirs: dict[str, str], used: str) -> list[int]:
+    """Warn, naming the ids, where the two tokenizers map an added token id to different strings
+    (R1-Distill models reuse their base's special ids for their own template tokens). Returns
+    those ids; none when either directory has no tokenizer files."""
+    a, b = added_tokens(dirs["instruct"]), added_tokens(dirs["thinking"])
+    if not a or not b:
+        return []
+    ids = sorted(i for i in a.keys() | b.keys() if a.get(i) != b.get(i))
+    if ids:
+        shown = ", ".join(f"{i}: {a.get(i)!r} vs {b.get(i)!r}" for i in ids[:8])
+        more = f" and {len(ids) - 8} more" if len(ids) > 8 else ""
+        warnings.warn(
+            f"the instruct and thinking tokenizers map {len(ids)} special token id(s) differently "
+            f"(instruct vs thinking): {shown}{more}. The pair tokenizes with one of them "
+            f"(tokenizer={used!r}), so the other model reads these ids as its own tokens.",
+            TokenizerMismatchWarning, stacklevel=3)
+    return ids
 
 
 def load_pair(instruct: str | os.PathLike, thinking: str | os.PathLike, dtype="float32", mesh=None,
               tokenizer: str = "thinking", schedule: Schedule | None = None) -> ModelPair:
-    """Load both checkpoints (HF or converted), refusing mismatched architectures.
+    """Load both checkpoints (HF or converted), refusing mismatched architectures (two families,
+    vocabularies of two sizes, ...) and warning where the two tokenizers' special tokens differ.
 
     tokenizer: "thinking" (default: its tokenizer and chat template), "instruct",
     a path, or "none".
@@ -81,6 +131,7 @@ def load_pair(instruct: str | os.PathLike, thinking: str | os.PathLike, dtype="f
     dirs = {"instruct": resolve_model_dir(instruct), "thinking": resolve_model_dir(thinking)}
     cfg_i, cfg_t = ModelConfig.from_hf(dirs["instruct"]), ModelConfig.from_hf(dirs["thinking"])
     check_same_architecture(cfg_i, cfg_t)
+    warn_added_tokens_differ(dirs, tokenizer)
     params_i = load_hf(dirs["instruct"], dtype=dtype, mesh=mesh, cfg=cfg_i)
     params_t = load_hf(dirs["thinking"], dtype=dtype, mesh=mesh, cfg=cfg_t)
     tok = None

@@ -42,7 +42,7 @@ def module_kind(path: tuple) -> str:
     if "router" in path:
         return "router"
     if "mlp" in path:
-        return "mlp" if last == "kernel" else "experts"
+        return "mlp" if last in ("kernel", "bias") else "experts"
     raise ValueError(f"unknown param path {path}")
 
 

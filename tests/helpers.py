@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: tiny Qwen3 / Qwen3-MoE architectures, random HF models,
+"""Helpers shared by the tests: tiny Qwen3 / Qwen3-MoE (and Qwen2, Llama) architectures, random HF models,
 padding, random prompts and flat views of params trees. Fixtures live in conftest.py.
 """
 
@@ -49,17 +49,43 @@ TINY = {
     ),
 }
 
+# The other families (tests/test_model_families.py). Qwen2: q/k/v biases, no q/k norms, head_dim =
+# hidden / heads. Llama: attention and MLP biases (or none), llama3 RoPE scaling whose pretraining
+# context (32) the tests' prompts run well past, so all three of its frequency bands matter.
+_LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=32)
+TINY_FAMILIES = {
+    "qwen2": dict(
+        model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0,
+    ),
+    "qwen2_tied": dict(
+        model_type="qwen2", vocab_size=160, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500.0,
+        rms_norm_eps=1e-5,
+    ),
+    "llama": dict(
+        model_type="llama", vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        attention_bias=True, mlp_bias=True, rope_theta=10000.0, rope=_LLAMA3,
+    ),
+    "llama_tied": dict(
+        model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=50000.0,
+        rope={**_LLAMA3, "factor": 4.0, "high_freq_factor": 2.0},
+    ),
+}
+
 
 def hf_config(name: str, **overrides):
-    """A transformers Qwen3Config / Qwen3MoeConfig for the tiny architecture `name`."""
-    from transformers import Qwen3Config, Qwen3MoeConfig
+    """A transformers config (Qwen3Config, Qwen2Config, LlamaConfig, ...) for the tiny architecture `name`."""
+    from transformers import AutoConfig
 
-    spec = {**_COMMON, **TINY[name], **overrides}
+    spec = {**_COMMON, **{**TINY, **TINY_FAMILIES}[name], **overrides}
     model_type = spec.pop("model_type")
-    theta = spec.pop("rope_theta")
-    spec["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-    cls = Qwen3MoeConfig if model_type == "qwen3_moe" else Qwen3Config
-    return cls(**spec)
+    rope = spec.pop("rope", {"rope_type": "default"})
+    spec["rope_parameters"] = {**rope, "rope_theta": spec.pop("rope_theta")}
+    return AutoConfig.for_model(model_type, **spec)
 
 
 def perturb_(model, seed: int) -> None:

@@ -329,9 +329,9 @@ def test_no_weights_at_all(tiny_hf, tmp_path):
 def test_unknown_architecture(tiny_hf, tmp_path):
     bad = _copy(tiny_hf("dense_gqa"), tmp_path)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(dj.ConfigError, match=r"config\.json: model_type='llama' is not supported"):
+    with pytest.raises(dj.ConfigError, match=r"config\.json: model_type='mistral' is not supported"):
         dj.load_hf(bad, progress=False)
 
 

@@ -11,7 +11,9 @@ first dimension:
 
 MoE expert kernels are `transposed` ((in, out) per expert, the layout
 `ragged_dot` takes) and stacked along a leading expert axis. `split=None`
-means the shapes are equal. The same table drives import (`load_hf`) and
+means the shapes are equal. A row marked `needs` exists only when that option
+of the config holds (q/k norms in Qwen3, biases in Qwen2 and Llama), so the
+families share one table. The same table drives import (`load_hf`) and
 export (`save_hf`).
 """
 
@@ -45,6 +47,7 @@ class Row:
     ours: tuple[str, ...]  # with "{l}" for the layer
     split: int | None = None  # leading axes of our (per-expert) array that form HF's rows
     transposed: bool = False  # ours is HF's matrix transposed (then reshaped)
+    needs: str | None = None  # the ModelConfig option (a bool) this tensor exists under
 
 
 _ATTN = [
@@ -52,8 +55,12 @@ _ATTN = [
     Row("model.layers.{l}.self_attn.k_proj.weight", ("layers", "{l}", "attn", "k_proj", "kernel"), split=2),
     Row("model.layers.{l}.self_attn.v_proj.weight", ("layers", "{l}", "attn", "v_proj", "kernel"), split=2),
     Row("model.layers.{l}.self_attn.o_proj.weight", ("layers", "{l}", "attn", "o_proj", "kernel")),
-    Row("model.layers.{l}.self_attn.q_norm.weight", ("layers", "{l}", "attn", "q_norm", "scale")),
-    Row("model.layers.{l}.self_attn.k_norm.weight", ("layers", "{l}", "attn", "k_norm", "scale")),
+    Row("model.layers.{l}.self_attn.q_proj.bias", ("layers", "{l}", "attn", "q_proj", "bias"), needs="qkv_bias"),
+    Row("model.layers.{l}.self_attn.k_proj.bias", ("layers", "{l}", "attn", "k_proj", "bias"), needs="qkv_bias"),
+    Row("model.layers.{l}.self_attn.v_proj.bias", ("layers", "{l}", "attn", "v_proj", "bias"), needs="qkv_bias"),
+    Row("model.layers.{l}.self_attn.o_proj.bias", ("layers", "{l}", "attn", "o_proj", "bias"), needs="o_bias"),
+    Row("model.layers.{l}.self_attn.q_norm.weight", ("layers", "{l}", "attn", "q_norm", "scale"), needs="qk_norm"),
+    Row("model.layers.{l}.self_attn.k_norm.weight", ("layers", "{l}", "attn", "k_norm", "scale"), needs="qk_norm"),
     Row("model.layers.{l}.input_layernorm.weight", ("layers", "{l}", "input_norm", "scale")),
     Row("model.layers.{l}.post_attention_layernorm.weight", ("layers", "{l}", "post_attn_norm", "scale")),
 ]
@@ -61,6 +68,9 @@ _DENSE_MLP = [
     Row("model.layers.{l}.mlp.gate_proj.weight", ("layers", "{l}", "mlp", "gate_proj", "kernel")),
     Row("model.layers.{l}.mlp.up_proj.weight", ("layers", "{l}", "mlp", "up_proj", "kernel")),
     Row("model.layers.{l}.mlp.down_proj.weight", ("layers", "{l}", "mlp", "down_proj", "kernel")),
+    Row("model.layers.{l}.mlp.gate_proj.bias", ("layers", "{l}", "mlp", "gate_proj", "bias"), needs="mlp_bias"),
+    Row("model.layers.{l}.mlp.up_proj.bias", ("layers", "{l}", "mlp", "up_proj", "bias"), needs="mlp_bias"),
+    Row("model.layers.{l}.mlp.down_proj.bias", ("layers", "{l}", "mlp", "down_proj", "bias"), needs="mlp_bias"),
 ]
 _MOE_MLP = [
     Row("model.layers.{l}.mlp.gate.weight", ("layers", "{l}", "mlp", "router", "kernel")),
@@ -107,7 +117,8 @@ def leaf_table(cfg: ModelConfig) -> list[Leaf]:
     for layer in range(cfg.num_layers):
         rows = _ATTN + (_MOE_MLP if cfg.is_moe_layer(layer) else _DENSE_MLP)
         for row in rows:
-            leaves.append(_leaf(row, layer, cfg.num_experts))
+            if row.needs is None or getattr(cfg, row.needs):
+                leaves.append(_leaf(row, layer, cfg.num_experts))
     if not cfg.tie_word_embeddings:
         leaves.append(_leaf(_LM_HEAD, None))
     return leaves

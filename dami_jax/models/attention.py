@@ -96,13 +96,13 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, delta: bool, dtype, rngs: nnx.Rngs | None, layout: str):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(delta=delta, dtype=dtype, rngs=rngs, layout=layout)
-        self.q_proj = Linear("BTD,NHD->BTNH", (n, h), (d,), **kw)
-        self.k_proj = Linear("BTD,KHD->BTKH", (k, h), (d,), **kw)
-        self.v_proj = Linear("BTD,KHD->BTKH", (k, h), (d,), **kw)
-        self.o_proj = Linear("BTNH,DNH->BTD", (d,), (n, h), **kw)  # HF's (D, N·H)
-        self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
-        self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
-        self.rope_theta = cfg.rope_theta
+        self.q_proj = Linear("BTD,NHD->BTNH", (n, h), (d,), bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear("BTD,KHD->BTKH", (k, h), (d,), bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear("BTD,KHD->BTKH", (k, h), (d,), bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear("BTNH,DNH->BTD", (d,), (n, h), bias=cfg.o_bias, **kw)  # HF's (D, N·H)
+        self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
+        self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
         self.layout = layout
         self.paged_kernel = cfg.paged_attention
 
@@ -111,8 +111,11 @@ class Attention(nnx.Module):
         `kv` (k, v) written at slot `index`, or this chunk's own without a cache.
         Paged (the engine's step): `index` is a RaggedBatch, x the flat batch (T, 1, D) and
         `kv` this layer's pools (k_pool, v_pool), returned updated."""
-        q_btnh = rope(self.q_norm(self.q_proj(x_btd, lam), lam), pos_bt, self.rope_theta)
-        k_btkh = rope(self.k_norm(self.k_proj(x_btd, lam), lam), pos_bt, self.rope_theta)
+        q_btnh, k_btkh = self.q_proj(x_btd, lam), self.k_proj(x_btd, lam)
+        if self.q_norm is not None:
+            q_btnh, k_btkh = self.q_norm(q_btnh, lam), self.k_norm(k_btkh, lam)
+        q_btnh = rope(q_btnh, pos_bt, self.rope_theta, self.rope_scaling)
+        k_btkh = rope(k_btkh, pos_bt, self.rope_theta, self.rope_scaling)
         v_btkh = self.v_proj(x_btd, lam)
         q_btnh, k_btkh, v_btkh = (constrain(a, ACTIVATIONS.heads) for a in (q_btnh, k_btkh, v_btkh))
         if isinstance(index, RaggedBatch):

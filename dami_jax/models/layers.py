@@ -1,4 +1,4 @@
-"""Building blocks of the Qwen3 decoder: linear maps, norms, embedding, RoPE, MLP and MoE.
+"""Building blocks of the decoder (Qwen3, Qwen2, Llama): linear maps, norms, embedding, RoPE, MLP and MoE.
 
 Every block accepts plain weights or delta-mode weights, whose leaves lead with
 a (Θ_I, Δ) axis of 2; a row b of a delta batch computes with Θ_I + λ_b·Δ
@@ -55,6 +55,7 @@ def param(shape, dtype, delta, rngs, init):
 
 normal = nnx.initializers.normal(0.02)
 _ones = nnx.initializers.ones
+_zeros = nnx.initializers.zeros
 
 
 class RMSNorm(nnx.Module):
@@ -73,7 +74,8 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = einsum(spec, x, W), W stored (*out_shape, prod(in_shape)) like HF's weight.
+    """y = einsum(spec, x, W) (+ b), W stored (*out_shape, prod(in_shape)) and b (prod(out_shape),)
+    like HF's weight and bias.
 
     `spec` names the axes of x (B, T, *in), of W viewed as (*out, *in) and of y
     (B, T, *out), e.g. 'BTD,NHD->BTNH'. The cpu layout applies W as one 2-D
@@ -84,19 +86,28 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, spec: str, out_shape, in_shape, *, delta: bool, dtype, rngs: nnx.Rngs | None,
-                 layout: str):
+                 layout: str, bias: bool = False):
         self.spec, self.layout = spec, layout
         self.out_shape, self.in_shape = tuple(out_shape), tuple(in_shape)
         self.kernel = param((*self.out_shape, math.prod(self.in_shape)), dtype, delta, rngs, normal)
+        self.bias = param((math.prod(self.out_shape),), dtype, delta, rngs, _zeros) if bias else None
 
     def __call__(self, x: jax.Array, lam: jax.Array | None) -> jax.Array:
         w = self.kernel[...]
         lead = w.shape[: w.ndim - len(self.out_shape) - 1]  # (2,) in delta mode
         if self.layout == "readable":
-            return delta_einsum(self.spec, x, w.reshape(*lead, *self.out_shape, *self.in_shape), lam)
-        b, t = x.shape[:2]
-        y = matmul_t(x.reshape(b, t, -1), w.reshape(*lead, -1, w.shape[-1]), lam)  # free reshapes
-        return y.reshape(b, t, *self.out_shape)
+            y = delta_einsum(self.spec, x, w.reshape(*lead, *self.out_shape, *self.in_shape), lam)
+        else:
+            b, t = x.shape[:2]
+            y = matmul_t(x.reshape(b, t, -1), w.reshape(*lead, -1, w.shape[-1]), lam)  # free reshapes
+            y = y.reshape(b, t, *self.out_shape)
+        if self.bias is None:
+            return y
+        bias = self.bias[...]
+        if lam is None:
+            return y + bias.reshape(self.out_shape)
+        bias_bo = bias[0] + row_lam(lam, 2, bias.dtype) * bias[1]  # each row's Θ_I + λ_b·Δ
+        return y + bias_bo.reshape(bias_bo.shape[0], 1, *self.out_shape)
 
 
 class Embed(nnx.Module):
@@ -118,10 +129,24 @@ class Embed(nnx.Module):
         return matmul_t(x_btd, self.embedding[...], lam)
 
 
-def rope(x_btnh: jax.Array, pos_bt: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF's rotate_half convention (halves, not interleaved)."""
+def llama3_inv_freq(inv_freq: jax.Array, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_context: float) -> jax.Array:
+    """Llama 3.1's RoPE scaling of the frequencies: a wavelength longer than
+    original_context / low_freq_factor is stretched `factor` times, one shorter than
+    original_context / high_freq_factor kept, and those between blended linearly in
+    original_context / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    keep = jnp.clip((original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor), 0, 1)
+    return (1 - keep) * inv_freq / factor + keep * inv_freq
+
+
+def rope(x_btnh: jax.Array, pos_bt: jax.Array, theta: float, scaling: tuple[float, ...] = ()) -> jax.Array:
+    """Rotary embedding, HF's rotate_half convention (halves, not interleaved); `scaling`: the
+    llama3 values (ModelConfig.rope_scaling), () for plain RoPE."""
     h = x_btnh.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if scaling:
+        inv_freq = llama3_inv_freq(inv_freq, *scaling)
     freqs = pos_bt.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x_btnh.dtype), jnp.sin(emb).astype(x_btnh.dtype)
@@ -131,10 +156,10 @@ def rope(x_btnh: jax.Array, pos_bt: jax.Array, theta: float) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    def __init__(self, d: int, f: int, **kw):
-        self.gate_proj = Linear("BTD,FD->BTF", (f,), (d,), **kw)
-        self.up_proj = Linear("BTD,FD->BTF", (f,), (d,), **kw)
-        self.down_proj = Linear("BTF,DF->BTD", (d,), (f,), **kw)
+    def __init__(self, d: int, f: int, bias: bool = False, **kw):
+        self.gate_proj = Linear("BTD,FD->BTF", (f,), (d,), bias=bias, **kw)
+        self.up_proj = Linear("BTD,FD->BTF", (f,), (d,), bias=bias, **kw)
+        self.down_proj = Linear("BTF,DF->BTD", (d,), (f,), bias=bias, **kw)
 
     def __call__(self, x_btd, lam):
         h_btf = jax.nn.silu(self.gate_proj(x_btd, lam)) * self.up_proj(x_btd, lam)

@@ -1,4 +1,5 @@
-"""Qwen3 dense and MoE decoder in Flax NNX, numerically matching HF transformers.
+"""Qwen3 dense and MoE decoder in Flax NNX, numerically matching HF transformers; with the
+config's family options (config.FAMILIES) it is also the Qwen2 and the Llama 3 decoder.
 
 Params are a plain nested dict (the pure-dict form of the NNX state):
 
@@ -8,11 +9,14 @@ Params are a plain nested dict (the pure-dict form of the NNX state):
     layers/{i}/attn/k_proj/kernel      (K, H, D)     K key/value heads (GQA)
     layers/{i}/attn/v_proj/kernel      (K, H, D)
     layers/{i}/attn/o_proj/kernel      (D, N·H)
-    layers/{i}/attn/q_norm/scale       (H,)
+    layers/{i}/attn/q_norm/scale       (H,)          qwen3 only (cfg.qk_norm)
     layers/{i}/attn/k_norm/scale       (H,)
+    layers/{i}/attn/{q,k,v}_proj/bias  (N·H,), (K·H,)  cfg.qkv_bias (qwen2; llama's attention_bias)
+    layers/{i}/attn/o_proj/bias        (D,)          cfg.o_bias (llama's attention_bias)
     layers/{i}/post_attn_norm/scale    (D,)
     layers/{i}/mlp/{gate,up}_proj/kernel   (F, D)      dense layer
     layers/{i}/mlp/down_proj/kernel        (D, F)
+    layers/{i}/mlp/*_proj/bias             (F,), (D,)  cfg.mlp_bias (llama)
     layers/{i}/mlp/router/kernel           (E, D)      MoE layer
     layers/{i}/mlp/{gate,up}_proj          (E, D, F)   stacked experts (ragged_dot's layout)
     layers/{i}/mlp/down_proj               (E, F, D)
@@ -73,7 +77,7 @@ class DecoderLayer(nnx.Module):
             self.mlp = MoE(d, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
                            cfg.norm_topk_prob, **kw)
         else:
-            self.mlp = MLP(d, cfg.intermediate_size, **kw)
+            self.mlp = MLP(d, cfg.intermediate_size, bias=cfg.mlp_bias, **kw)
 
     def __call__(self, x_btd, pos_bt, allowed_bts, kv, index, lam):
         with jax.named_scope("attn"):

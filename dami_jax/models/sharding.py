@@ -41,6 +41,8 @@ class ShardingConfig:
     def role_spec(self, path: tuple[str, ...]) -> P:
         """The spec of a param (by its path), written for its plain (non-delta) rank."""
         name = "/".join(str(p) for p in path)
+        if path[-1] == "bias":  # (out,): split as its kernel's output axis
+            return P(self.role_spec((*path[:-1], "kernel"))[0])
         if path[-1] == "scale":
             return self.norm
         if name.startswith("embed/"):
