@@ -388,7 +388,9 @@ def _add_analyze_parser(sub) -> None:
         add_pair_arguments(q)
         q.add_argument("--out", default="runs/analyze", help=f"{name.replace('-', '_')}.json and figures")
         q.add_argument("--bench", default="toy", help="comma-separated benchmarks (as dami eval --bench)")
-        q.add_argument("--limit", type=_positive_int, default=None, help="first N problems of each benchmark")
+        limit = 48 if name == "barrier" else None  # barrier: 11 λ × 5 paths × 2 text sets of forward passes
+        q.add_argument("--limit", type=_positive_int, default=limit,
+                       help=f"first N problems of each benchmark (default {limit or 'all'})")
         q.add_argument("--lams", **lams)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--no-progress", action="store_true")

@@ -159,7 +159,7 @@ def test_a_non_monotone_curve_reports_its_worst_drop_below_the_running_maximum()
     rep = frontier_report(_curve(acc), tol=0.03)
     assert rep["monotone"]["accuracy"] == {"monotone": False, "worst_drop": pytest.approx(0.05), "at": pytest.approx(0.6)}
     assert monotone([1, 2, 2, 3])["monotone"] and not monotone([1, 2, 1.99])["monotone"]
-    assert monotone([1, 2, 1.99], tol=0.01)["monotone"]
+    assert monotone([1, 2, 1.99], tol=0.02)["monotone"]
 
 
 def test_hull_chord_and_stage_helpers_on_small_cases():
@@ -190,3 +190,146 @@ def test_per_query_continuity_counts_monotone_queries_and_their_switch():
     assert by_id["b"]["switch_to"] == "wrong" and by_id["c"]["switch_lam"] is None and by_id["c"]["think_lam"] == 1.0
     with pytest.raises(InputError, match="every query at every λ"):
         query_continuity(rows[:-1])
+
+
+# ---------------------------------------------------------------------------
+# The λ-vmapped delta-mode passes against the merged model, on the shipped toy pair.
+
+@pytest.fixture(scope="module")
+def toy():
+    import jax
+
+    from dami_jax.eval.pairs import open_pair, toy_pair_config
+    from dami_jax.eval.run import eval_prompts, load_problems
+    from dami_jax.generate.decode import left_pad
+    from dami_jax.models.qwen3 import hidden_states
+
+    pair_cfg = toy_pair_config()
+    pair = open_pair(pair_cfg)
+    prompts = eval_prompts(pair, pair_cfg, load_problems("toy", 5))
+    tokens, mask = left_pad(prompts, max(map(len, prompts)))
+    return pair, prompts, tokens, mask, jax.jit(hidden_states, static_argnums=(0, 4))
+
+
+def test_every_layer_from_one_pass_equals_each_layer_alone(toy):
+    pair, _, tokens, mask, hidden = toy
+    every = np.asarray(hidden(pair.cfg, pair.instruct, tokens, mask, None))
+    assert every.shape == (pair.cfg.num_layers + 1, *tokens.shape, pair.cfg.hidden_size)
+    for layer in (1, pair.cfg.num_layers):  # a decoder layer's output, and the last one after the final norm
+        np.testing.assert_allclose(every[layer], hidden(pair.cfg, pair.instruct, tokens, mask, layer),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_states_along_lambda_equal_the_merged_models(toy):
+    from dami_jax.analysis.states import layer_states
+    from dami_jax.interpolate import interpolate
+
+    pair, prompts, tokens, mask, hidden = toy
+    lams = [0.0, 0.3, 1.0]
+    real = mask.astype(bool)
+    per_token = layer_states(pair, prompts, lams, pooling="tokens", batch=4, progress=False)  # 2 batches
+    pooled = layer_states(pair, prompts, lams, pooling="mean", batch=8, progress=False)
+    assert per_token.shape == (3, pair.cfg.num_layers + 1, real.sum(), pair.cfg.hidden_size)
+    for k, lam in enumerate(lams):
+        merged = np.asarray(hidden(pair.cfg, interpolate(pair.instruct, pair.thinking, lam), tokens, mask, None))
+        np.testing.assert_allclose(per_token[k], merged[:, real], atol=2e-4, rtol=1e-4)
+        mean = (merged * mask[None, :, :, None]).sum(2) / mask.sum(1)[None, :, None]
+        np.testing.assert_allclose(pooled[k], mean, atol=2e-4, rtol=1e-4)
+
+
+def test_nll_along_a_path_equals_the_merged_models(toy):
+    from dami_jax.analysis.barrier import mean_nll
+    from dami_jax.analysis.paths import path_schedule
+    from dami_jax.interpolate import interpolate
+    from dami_jax.models.qwen3 import forward
+
+    pair, prompts, tokens, mask, _ = toy
+    texts = [(p[:-3], p[-3:]) for p in prompts]  # score each prompt's last 3 tokens after the rest
+    lams = [0.0, 0.5, 1.0]
+    schedule = path_schedule("attn", pair.cfg.num_layers)
+    got = mean_nll(pair, texts, lams, schedule=schedule, batch=2, lam_chunk=2, progress=False)
+    for k, lam in enumerate(lams):
+        params = interpolate(pair.instruct, pair.thinking, lam, schedule=schedule)
+        logits = np.asarray(forward(pair.cfg, params, tokens[:, :-1], mask[:, :-1]), np.float64)  # left-padded
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = [-logp[b, -3 + j, tokens[b, -3 + j]] for b in range(len(prompts)) for j in range(3)]
+        assert got[k] == pytest.approx(np.mean(nll), rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# `dami analyze`: every subcommand once on the toy pair, input checked before the pair loads.
+
+def _read(out, name):
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_dami_analyze_each_subcommand_on_the_toy_pair(tmp_path, capsys):
+    """One test, so the four share one process's compiled programs where their shapes agree."""
+    from dami_jax.cli import main
+
+    out = str(tmp_path)
+    common = ["--lams", "0,0.5,1", "--out", out, "--no-progress"]
+    assert main(["analyze", "frontier", "--limit", "12", *common]) == 0
+    rep = _read(out, "frontier.json")["benchmarks"]["toy"]
+    assert [p["lam"] for p in rep["points"]] == [0.0, 0.5, 1.0]
+    assert rep["continuity"]["n_queries"] == 12 and len(rep["continuity"]["queries"]) == 12
+    assert rep["points"][-1]["think_share"] == 1.0 and rep["points"][0]["think_share"] == 0.0  # the toy's endpoints
+    assert os.path.getsize(os.path.join(out, "frontier_toy.png")) > 0
+
+    records = os.path.join(out, "sweep", "records_toy.jsonl")
+    before = os.path.getmtime(records)
+    assert main(["analyze", "think-ratio", "--limit", "12", *common]) == 0  # reuses OUT/sweep
+    assert os.path.getmtime(records) == before
+    ratio = _read(out, "think_ratio.json")
+    assert ratio["benchmarks"]["toy"]["1"]["think_share"] == 1.0
+    assert sorted(ratio["difficulty"]["toy"]) == [f"k{k}" for k in range(1, 7)]
+    assert sum(c["1"]["n"] for c in ratio["difficulty"]["toy"].values()) == 12
+    assert "thinking share (mean tokens) by λ" in capsys.readouterr().out
+
+    assert main(["analyze", "cka", "--limit", "6", *common]) == 0
+    rep = _read(out, "cka.json")
+    assert rep["n"] == 6 and rep["layers"] == 5
+    for form in ("biased", "debiased"):
+        np.testing.assert_allclose(np.array(rep[form]["vs_instruct"])[:, 0], 1.0, atol=1e-5)  # [layer][λ]
+        np.testing.assert_allclose(np.array(rep[form]["vs_thinking"])[:, -1], 1.0, atol=1e-5)
+
+    assert main(["analyze", "barrier", "--limit", "6", "--paths", "full,attn", *common]) == 0
+    rep = _read(out, "barrier.json")
+    for texts in ("thinking", "instruct"):
+        paths = rep["texts"][texts]["paths"]
+        assert paths["full"]["loss_0"] == pytest.approx(paths["attn"]["loss_0"], rel=1e-6)  # λ = 0 is Θ_I on any path
+        for p in paths.values():
+            assert p["barrier"] == pytest.approx(max(p["excess"])) and p["barrier"] >= 0
+            assert p["excess"][0] == p["excess"][-1] == 0.0
+    # each model reads its own answers better than the other model does
+    assert rep["texts"]["thinking"]["paths"]["full"]["loss_1"] < rep["texts"]["thinking"]["paths"]["full"]["loss_0"]
+    assert rep["texts"]["instruct"]["paths"]["full"]["loss_0"] < rep["texts"]["instruct"]["paths"]["full"]["loss_1"]
+    assert {"cka_biased.png", "cka_debiased.png", "barrier.png", "think_ratio_toy.png"} <= set(os.listdir(out))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cka", "--lams", "0.2,0.5,1"], "--lams must include 0 and 1"),
+    (["barrier", "--paths", "full,bogus"], "unknown path 'bogus'"),
+    (["barrier", "--texts", "{bad}"], "line 1: expected a non-empty string 'text'"),
+    (["cka", "--bench", "nosuch"], "unknown benchmark 'nosuch'"),
+    (["frontier", "--lams", "0,1"], "--lams must include 0 and 1 and one λ between"),
+    (["think-ratio", "--run", "/no/such/run"], "/no/such/run: no such run directory or records file"),
+    (["frontier", "--run", "{empty}"], "no records_<bench>.jsonl"),
+])
+def test_analyze_checks_its_input_before_the_pair_loads(argv, message, tmp_path, monkeypatch, capsys):
+    from dami_jax.cli import main
+    from dami_jax.eval import pairs
+
+    def refuse(pair_cfg):
+        raise AssertionError("the pair was loaded before the input was checked")
+
+    monkeypatch.setattr(pairs, "open_pair", refuse)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1"}\n')
+    files = {"bad": str(tmp_path / "bad.jsonl"), "empty": str(tmp_path)}
+    assert main(["analyze", *[a.format(**files) for a in argv], "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err

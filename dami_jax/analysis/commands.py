@@ -198,17 +198,16 @@ def _tokenized(pair, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
 
 
 def _generated(pair, pair_cfg, problems, max_new_tokens: int | None, seed: int) -> dict[str, list]:
-    """The Thinking model's (λ = 1) and the Instruct model's (λ = 0) greedy answers: {name: texts}."""
+    """The Thinking model's (λ = 1) and the Instruct model's (λ = 0) greedy answers, generated as rows
+    of one engine: {name: [(prompt, answer) token lists]}."""
     from dami_jax.eval.run import eval_prompts
-    from dami_jax.pair import generate_pair
+    from dami_jax.pair import sweep
 
     prompts = eval_prompts(pair, pair_cfg, problems)
-    out = {}
-    for name, lam in (("thinking", 1.0), ("instruct", 0.0)):
-        gen = generate_pair(pair, prompts, lam, max_new_tokens or pair_cfg.max_new_tokens, seed=seed,
-                            **pair_cfg.engine_size())
-        out[name] = list(zip(prompts, gen.token_lists()))
-    return out
+    thinking, instruct = sweep(pair, prompts, [1.0, 0.0], max_new_tokens or pair_cfg.max_new_tokens, seed=seed,
+                               **pair_cfg.engine_size())
+    return {name: list(zip(prompts, gen.token_lists())) for name, gen in (("thinking", thinking),
+                                                                          ("instruct", instruct))}
 
 
 def barrier(args) -> None:
