@@ -396,7 +396,7 @@ def _add_analyze_parser(sub) -> None:
         q.add_argument("--no-progress", action="store_true")
         if name in ("frontier", "think-ratio"):
             q.add_argument("--run", default=None, help="a sweep/eval run directory or records .jsonl to read "
-                           "(default: sweep the pair into OUT/sweep, reused by a rerun)")
+                           "(default: sweep the pair on --bench/--limit/--lams into OUT/sweep, reused by a rerun)")
         if name == "frontier":
             q.add_argument("--tol", type=_number_in(0, 1), default=0.01,
                            help="noise allowance of the verdicts, in accuracy (tokens: that share of the largest)")

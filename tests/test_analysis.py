@@ -257,6 +257,26 @@ def test_nll_along_a_path_equals_the_merged_models(toy):
         assert got[k] == pytest.approx(np.mean(nll), rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_states_and_nll_on_an_8_device_mesh_equal_one_devices(toy):
+    import dataclasses
+
+    from dami_jax.analysis.barrier import mean_nll
+    from dami_jax.analysis.batching import mesh_of
+    from dami_jax.analysis.states import layer_states
+    from dami_jax.eval.pairs import open_pair, toy_pair_config
+
+    pair, prompts, _, _, _ = toy
+    sharded = open_pair(dataclasses.replace(toy_pair_config(), mesh=(-1, 1, 1)))  # batch over 8 data shards
+    assert mesh_of(sharded.delta).shape["data"] == 8
+    lams = [0.0, 0.5, 1.0]
+    np.testing.assert_allclose(layer_states(sharded, prompts, lams, progress=False),
+                               layer_states(pair, prompts, lams, progress=False), atol=2e-5, rtol=1e-5)
+    texts = [(p[:-3], p[-3:]) for p in prompts]
+    np.testing.assert_allclose(mean_nll(sharded, texts, lams, progress=False), mean_nll(pair, texts, lams, progress=False),
+                               rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # `dami analyze`: every subcommand once on the toy pair, input checked before the pair loads.
 

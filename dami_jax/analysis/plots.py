@@ -66,12 +66,14 @@ def frontier_plot(report: dict, continuity: dict, path: str, title: str = "") ->
 
 
 def cka_heatmaps(maps: dict[str, tuple[list[str], np.ndarray]], path: str, title: str = "") -> str:
-    """One (layer × λ) heatmap per entry of maps ({title: (column labels, (columns, layers) array)})."""
+    """One (layer × λ) heatmap per entry of maps ({title: (column labels, (columns, layers) array)}),
+    on one colour scale from the lowest value (down to a multiple of 0.05) to 1."""
+    low = min(float(np.nanmin(np.asarray(grid))) for _, grid in maps.values())
+    vmin = min(np.floor(low * 20) / 20, 0.95)
     fig, axes = _figure(4 * len(maps), 3.4, len(maps))
     for ax, (name, (labels, grid)) in zip(axes, maps.items()):
         grid = np.asarray(grid)
-        im = ax.imshow(grid.T, origin="lower", aspect="auto", vmin=min(0.0, float(np.nanmin(grid))), vmax=1.0,
-                       cmap="viridis")
+        im = ax.imshow(grid.T, origin="lower", aspect="auto", vmin=vmin, vmax=1.0, cmap="viridis")
         ax.set_xticks(range(grid.shape[0]), labels, fontsize=6, rotation=90)
         ax.set(xlabel="λ", ylabel="layer (0: embeddings)", title=name)
         ax.title.set_fontsize(8)

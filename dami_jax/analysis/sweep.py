@@ -73,6 +73,6 @@ def run_sweep(pair, pair_cfg, benches: dict, lams: list[float], out_dir: str, *,
             texts = [pair.tokenizer.decode(ids, skip_special_tokens=True) for ids in gen.token_lists()]
             store.extend(make_record(specs[lam], p.id, 0, text, p.gold, int(n), lam=lam, finish_reason=reason)
                          for p, text, n, reason in zip(problems, texts, gen.lengths, gen.finish_reasons))
-        wanted = set(specs.values())
-        out[bench] = [r for r in store.load() if r["policy"] in wanted and r["sample"] == 0]
+        wanted, ids = set(specs.values()), {p.id for p in problems}  # not other λ or problems of an earlier run
+        out[bench] = [r for r in store.load() if r["policy"] in wanted and r["id"] in ids and r["sample"] == 0]
     return out
