@@ -212,12 +212,19 @@ def toy():
 
 
 def test_every_layer_from_one_pass_equals_each_layer_alone(toy):
+    import dataclasses
+
+    from dami_jax.models import qwen3
+
     pair, _, tokens, mask, hidden = toy
     every = np.asarray(hidden(pair.cfg, pair.instruct, tokens, mask, None))
     assert every.shape == (pair.cfg.num_layers + 1, *tokens.shape, pair.cfg.hidden_size)
     for layer in (1, pair.cfg.num_layers):  # a decoder layer's output, and the last one after the final norm
         np.testing.assert_allclose(every[layer], hidden(pair.cfg, pair.instruct, tokens, mask, layer),
                                    atol=1e-5, rtol=1e-5)
+    scanned = dataclasses.replace(pair.cfg, scan_layers=True)  # the layers' outputs as the scan's ys
+    np.testing.assert_allclose(hidden(scanned, qwen3.stack_layers(pair.instruct), tokens, mask, None), every,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_states_along_lambda_equal_the_merged_models(toy):
