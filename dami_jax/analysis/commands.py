@@ -90,10 +90,12 @@ def _print_frontier(bench: str, rep: dict) -> None:
           f"{mono['accuracy']['worst_drop']:.3f} at λ={mono['accuracy']['at']:g}), tokens {mono['tokens']['monotone']}, "
           f"think share {mono['think_share']['monotone']}; convex {rep['convex']} (max hull gap "
           f"{rep['max_hull_gap']:.3f}); middle λ above/below chord {rep['middle_above_chord']}/"
-          f"{rep['middle_below_chord']}; stages {rep['stages']}")
+          f"{rep['middle_below_chord']}; stages (thinking share reached at λ) "
+          f"{ {k: None if v is None else round(v, 3) for k, v in rep['stages'].items()} }")
     print(f"per query: correctness monotone {cont['correct_monotone']:.3f} (non-decreasing "
           f"{cont['correct_nondecreasing']:.3f}), length monotone {cont['length_monotone']:.3f} (non-decreasing "
-          f"{cont['length_nondecreasing']:.3f}); changes of correctness {cont['changes']}")
+          f"{cont['length_nondecreasing']:.3f}); queries changing correctness 0 / 1 / >1 times: "
+          f"{' / '.join(f'{v:.3f}' for v in cont['changes'].values())}")
 
 
 def think_ratio(args) -> None:
