@@ -1,4 +1,4 @@
-"""The `dami` command: convert, merge, generate, demo, sweep, eval, train-pref, serve, ...
+"""The `dami` command: convert, merge, generate, demo, sweep, eval, analyze, train-pref, serve, ...
 
 Each subcommand is a small function over the library; heavy imports happen
 inside them so `dami --help` is instant.
@@ -357,12 +357,63 @@ def build_parser() -> argparse.ArgumentParser:
     distributed.add_process_args(p)
     p.set_defaults(func=_train_pref)
 
+    _add_analyze_parser(sub)
+
     # No option prefix: every argument, --help included, goes on to serve.py's own parser.
     p = sub.add_parser("serve", help="OpenAI-compatible server (= python serve.py; see dami serve --help)",
                        add_help=False, prefix_chars="\0")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of serve.py")
     p.set_defaults(func=_serve)
     return parser
+
+
+def _analyze(args) -> None:
+    from dami_jax.analysis import commands
+
+    getattr(commands, args.analysis.replace("-", "_"))(args)
+
+
+def _add_analyze_parser(sub) -> None:
+    """`dami analyze frontier|cka|barrier|think-ratio`: the pilot study (dami_jax/analysis)."""
+    p = sub.add_parser("analyze", help="pilot study: frontier, CKA along λ, loss barrier, thinking ratio")
+    kinds = p.add_subparsers(dest="analysis", required=True)
+    lams = dict(type=_lam_grid, default=[round(0.1 * i, 1) for i in range(11)],
+                help="comma-separated λ grid holding 0 and 1 (default 0,0.1,...,1)")
+    helps = {"frontier": "monotonicity, convexity, chord and hull, thinking stages, per-query continuity",
+             "think-ratio": "thinking share and length by λ, benchmark and difficulty",
+             "cka": "linear CKA of hidden states along λ vs Θ(0), Θ(1) and the next λ, per layer",
+             "barrier": "mean NLL of texts along λ (whole model, attention, MLP, layer halves) and the barrier"}
+    for name, help_text in helps.items():
+        q = kinds.add_parser(name, help=help_text)
+        add_pair_arguments(q)
+        q.add_argument("--out", default="runs/analyze", help=f"{name.replace('-', '_')}.json and figures")
+        q.add_argument("--bench", default="toy", help="comma-separated benchmarks (as dami eval --bench)")
+        limit = 48 if name == "barrier" else None  # barrier: 11 λ × 5 paths × 2 text sets of forward passes
+        q.add_argument("--limit", type=_positive_int, default=limit,
+                       help=f"first N problems of each benchmark (default {limit or 'all'})")
+        q.add_argument("--lams", **lams)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--no-progress", action="store_true")
+        if name in ("frontier", "think-ratio"):
+            q.add_argument("--run", default=None, help="a sweep/eval run directory or records .jsonl to read "
+                           "(default: sweep the pair on --bench/--limit/--lams into OUT/sweep, reused by a rerun)")
+        if name == "frontier":
+            q.add_argument("--tol", type=_number_in(0, 1), default=0.01,
+                           help="noise allowance of the verdicts, in accuracy (tokens: that share of the largest)")
+        if name == "cka":
+            q.add_argument("--pooling", choices=["mean", "last", "tokens"], default="mean",
+                           help="one input per prompt (mean or last token) or per token")
+            q.add_argument("--batch", type=_positive_int, default=64, help="prompts per forward pass")
+        if name == "barrier":
+            q.add_argument("--paths", default="full,attn,mlp,early,late",
+                           help="full, attn, mlp, early, late (layer halves) or schedule YAML files")
+            q.add_argument("--texts", default=None, help="JSONL of {prompt, response} or {text} rows (default: "
+                           "the Thinking and Instruct models' greedy answers to --bench)")
+            q.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the pair config's")
+            q.add_argument("--batch", type=_positive_int, default=16, help="texts per forward pass")
+            q.add_argument("--lam-chunk", type=_positive_int, default=None,
+                           help="λ per forward pass (default all; the logits of each are held at once)")
+        q.set_defaults(func=_analyze)
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:

@@ -132,20 +132,21 @@ class Qwen3(nnx.Module):
         x_btd = constrain(self.embed(tokens_bt, lam), ACTIVATIONS.batch)
         return x_btd, pos_bt, allowed_keys(key_valid, q_slot), key_valid, index
 
-    def _decoder(self, x_btd, pos_bt, allowed_bts, kv, index, lam, count: int):
-        """x after the first `count` decoder layers, and their keys/values (per layer, or
-        stacked when scanned): the updated cache or pools kv (ks, vs), or each chunk's own
-        when kv is None."""
+    def _decoder(self, x_btd, pos_bt, allowed_bts, kv, index, lam, count: int, every: bool = False):
+        """x after the first `count` decoder layers (with `every`: (count + 1, B, T, D), the input
+        and each layer's output), and their keys/values (per layer, or stacked when scanned):
+        the updated cache or pools kv (ks, vs), or each chunk's own when kv is None."""
         args = (pos_bt, allowed_bts)
         if not self.scan:
-            ks, vs = [], []
+            ks, vs, xs = [], [], [x_btd]
             for i in range(count):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 with jax.named_scope(f"layer_{i}"):
                     x_btd, (k, v) = self.layers[i](x_btd, *args, layer_kv, index, lam)
                 ks.append(k)
                 vs.append(v)
-            return x_btd, tuple(ks), tuple(vs)
+                xs.append(x_btd)
+            return (jnp.stack(xs) if every else x_btd), tuple(ks), tuple(vs)
 
         graphdef, stacked = nnx.split(self.layers)
         axis = 0 if lam is None else 1  # the layer axis comes after delta mode's (Θ_I, Δ)
@@ -154,10 +155,12 @@ class Qwen3(nnx.Module):
             i, kv = xs
             weights = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, axis, keepdims=False), stacked)
             with jax.named_scope("layer"):
-                return nnx.merge(graphdef, weights)(x_btd, *args, kv, index, lam)
+                x_btd, kv = nnx.merge(graphdef, weights)(x_btd, *args, kv, index, lam)
+            return x_btd, (kv, x_btd if every else None)
 
-        x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (jnp.arange(count), kv))
-        return x_btd, ks, vs
+        x0_btd = x_btd
+        x_btd, ((ks, vs), x_lbtd) = jax.lax.scan(body, x_btd, (jnp.arange(count), kv))
+        return (jnp.concatenate([x0_btd[None], x_lbtd]) if every else x_btd), ks, vs
 
     def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False):
         x_btd, pos_bt, allowed_bts, key_valid, index = self._inputs(tokens_bt, mask_bt, cache, lam)
@@ -187,10 +190,14 @@ class Qwen3(nnx.Module):
         logits_btv = self.embed.attend(x_btd, lam_r) if self.tied else self.lm_head(x_btd, lam_r)
         return logits_btv[:, 0].astype(jnp.float32), (ks, vs)
 
-    def hidden(self, tokens_bt, mask_bt, layer: int, lam=None):
+    def hidden(self, tokens_bt, mask_bt, layer: int | None, lam=None):
         """(B, T, D) hidden states after `layer` decoder layers, no cache; layer num_layers
-        includes the final norm (HF output_hidden_states numbering). Runs only what it needs."""
+        includes the final norm (HF output_hidden_states numbering). Runs only what it needs.
+        layer None: all of them from one pass, (num_layers + 1, B, T, D)."""
         x_btd, pos_bt, allowed_bts, _, index = self._inputs(tokens_bt, mask_bt, None, lam)
+        if layer is None:
+            x_lbtd, _, _ = self._decoder(x_btd, pos_bt, allowed_bts, None, index, lam, self.num_layers, every=True)
+            return x_lbtd.at[-1].set(self.final_norm(x_lbtd[-1], lam))
         x_btd, _, _ = self._decoder(x_btd, pos_bt, allowed_bts, None, index, lam, layer)
         return self.final_norm(x_btd, lam) if layer == self.num_layers else x_btd
 
@@ -317,11 +324,12 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return layer % (num_layers + 1)
 
 
-def hidden_states(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, layer: int, lam=None) -> jax.Array:
+def hidden_states(cfg: ModelConfig, params: Params, tokens_bt, mask_bt, layer: int | None, lam=None) -> jax.Array:
     """(B, T, D) hidden states (not jitted), numbered as HF's output_hidden_states: 0 is the
     embedding output, i the output of decoder layer i, num_layers (or -1) the last layer's
-    output after the final norm. Only the layers up to `layer` run."""
-    layer = resolve_layer(layer, cfg.num_layers)
+    output after the final norm. Only the layers up to `layer` run. layer None: every one of
+    them from one pass, (num_layers + 1, B, T, D)."""
+    layer = None if layer is None else resolve_layer(layer, cfg.num_layers)
     return _model(cfg, params, lam).hidden(tokens_bt, mask_bt, layer, lam=lam)
 
 
