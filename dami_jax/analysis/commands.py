@@ -56,7 +56,7 @@ def _sweeps(args) -> tuple[str, dict[str, list[dict]]]:
 
 
 def _write(args, name: str, report: dict, started: float) -> None:
-    from dami_jax.analysis.output import write_json
+    from dami_jax.files import write_json
 
     report["seconds"] = round(time.perf_counter() - started, 1)
     path = write_json(os.path.join(args.out, f"{name}.json"), report)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import os
 import time
 
@@ -31,6 +30,7 @@ from dami_jax.eval.pairs import PairConfig, expand_policy
 from dami_jax.eval.records import RecordStore, make_record
 from dami_jax.generate.chat import chat_prompt
 from dami_jax.generate.sampling import THINKING_DEFAULT, Greedy
+from dami_jax.files import write_json
 
 SAVE_EVERY = 4  # engine-fulls of prompts per saved chunk: a straggler tail per save buys resumability
 REFERENCE = "static:1"  # speed-up and token ratios are against the Thinking model
@@ -169,8 +169,7 @@ def _plot(bench: str, rows: list[dict], out_dir: str) -> None:
 
 
 def _write_results(out_dir: str, rows: list[dict]) -> None:
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    write_json(os.path.join(out_dir, "results.json"), rows, indent=2)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -13,6 +13,7 @@ import os
 from dami_jax.config import ConfigError, from_dict
 from dami_jax.policies.base import pair_fingerprint
 from dami_jax.policies.conf_config import ConfConfig, load_conf_config
+from dami_jax.files import write_json
 
 VERSION = 1
 
@@ -38,12 +39,10 @@ class Calibration:
         object.__setattr__(self, "_checked", key)
 
     def save(self, path: str | os.PathLike) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         data = {"version": VERSION, "method": self.method, "mu": self.mu, "tau": self.tau,
                 "fingerprint": self.fingerprint, "conf": dataclasses.asdict(self.conf),
                 "n": len(self.scores), "scores": list(self.scores)}
-        with open(path, "w") as f:
-            json.dump(data, f, indent=1)
+        write_json(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":

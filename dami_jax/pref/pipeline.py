@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -53,6 +52,7 @@ from dami_jax.pref.preferences import preference_pairs, split_by_query
 from dami_jax.pref.rollouts import collect_rollouts, prompts_digest
 from dami_jax.pref.reward_model import save_reward_model
 from dami_jax.pref.train import PrefData, train_reward_model
+from dami_jax.files import write_json
 
 
 @dataclasses.dataclass
@@ -234,8 +234,7 @@ def run(cfg: PrefConfig, out_dir: str, work_dir: str | None = None, *, mesh=None
             print_eval(report["eval"])
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if writer:
-        with open(os.path.join(out_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(os.path.join(out_dir, "report.json"), report)
     say(f"wrote {out_dir}/reward_model.json, params.npz, report.json [{report['seconds']:.0f} s]")
     return report
 
