@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from dami_jax.toyworld import MAX_NEW_TOKENS, PAIR_DIRS, default_pair_dirs
+from dami_jax.toyworld import MAX_NEW_TOKENS, default_pair_dirs
 from dami_jax.toyworld import language as L
 
 HELD_OUT_SEED = 20261127  # training draws from other seeds
@@ -116,6 +116,7 @@ def run_demo(out_dir: str | None = None, pair_dir: str | None = None, per_k: int
              seed: int = HELD_OUT_SEED, world: str = "v1") -> list[dict]:
     """The sweep on `pair_dir`, by default the shipped pair of `world` (v1 or v2)."""
     from dami_jax.pair import load_pair
+    from dami_jax.toyworld import PAIR_DIRS
 
     if world not in PAIR_DIRS:
         raise ValueError(f"unknown toy world {world!r}; expected one of {sorted(PAIR_DIRS)}")
