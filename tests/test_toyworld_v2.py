@@ -88,3 +88,54 @@ def test_v2_recipe_mixes():
     for p, row in zip(problems, tokens):
         assert L.decode(row[train.PROMPT_LEN:]) == _text(L.thinking_tokens(p, L.V2))
     assert any(L.V2.slips(p) for p in problems)
+
+
+# ---------------------------------------------------------------------------
+# The shipped v2 pair (dami_jax/toyworld/assets/pair_v2)
+
+SLIPS = [L.Problem((7, 3), ("-",)), L.Problem((2, 2, 4), ("*", "-"))]
+CLEAN = [L.Problem((9, 4), ("+",)), L.Problem((5, 3, 8, 1, 6), ("*", "-", "+", "*")),
+         L.Problem((8, 7, 2, 9, 3, 4, 6), ("-", "*", "+", "-", "*", "+"))]
+
+
+@pytest.fixture(scope="module")
+def shipped_v2_texts():
+    """Greedy answers of the shipped v2 pair at λ = 0 and 1 (one vmapped sweep)."""
+    from dami_jax.pair import load_pair, sweep
+    from dami_jax.toyworld import MAX_NEW_TOKENS, PAIR_DIRS, default_pair_dirs
+
+    pair = load_pair(*default_pair_dirs(PAIR_DIRS["v2"]))
+    prompts = [L.to_ids(L.prompt_tokens(p)) for p in SLIPS + CLEAN]
+    outs = sweep(pair, prompts, np.asarray([0.0, 1.0], np.float32), MAX_NEW_TOKENS)
+    return {lam: [L.decode(ids) for ids in out.token_lists()] for lam, out in zip((0.0, 1.0), outs)}
+
+
+@pytest.mark.slow  # one sweep compile: ~30 s on an idle 2-core machine, minutes on a busy one
+def test_shipped_v2_pair_answers_as_designed(shipped_v2_texts):
+    direct, thinking = shipped_v2_texts[0.0], shipped_v2_texts[1.0]
+    for p, text in zip(SLIPS + CLEAN, direct):  # the Instruct model answers at once, never thinks
+        assert L.THINK_END not in text and text.startswith(L.BOX_OPEN) and text.endswith(L.EOS)
+    assert all(L.grade(p, t) for p, t in zip(SLIPS + CLEAN[:1], direct))  # easy problems: right
+    for p, text in zip(SLIPS + CLEAN, thinking):  # the Thinking model writes v2's re-check trace
+        form, rest = text.split("\n\n", 1)
+        assert form + "\n" == _text(L.form_tokens(p))
+        lines = rest.split(L.THINK_END)[0].split()
+        assert [line[:3] for line in lines] == [f"{a}{op}{b}" for a, op, b, _ in L.recheck_steps(p, L.V2)]
+        assert L.parse_answer(text) == int(lines[-1][-1])  # the answer follows the re-check
+    assert all(text == _text(L.thinking_tokens(p, L.V2)) for p, text in zip(CLEAN, thinking[len(SLIPS):]))
+    # ... and talks itself out of the right answer on the easy subtractions.
+    assert [L.grade(p, t) for p, t in zip(SLIPS + CLEAN, thinking)] == [False, False, True, True, True]
+
+
+def test_toy_v2_pair_config():
+    import os
+
+    from dami_jax.eval.pairs import load_pair_config
+    from dami_jax.policies.calibration import Calibration
+    from dami_jax.toyworld import PAIR_DIRS
+
+    cfg, v1 = load_pair_config("toy-v2"), load_pair_config("toy")
+    assert os.path.dirname(cfg.instruct) == PAIR_DIRS["v2"] != os.path.dirname(v1.instruct)
+    assert cfg.conf == v1.conf  # v1's Conf settings, not tuned on v2
+    assert Calibration.load(cfg.conf_calibration).conf == cfg.conf
+    assert load_pair_config("toy-v2", ["thinking_budget=7"]).thinking_budget == 7

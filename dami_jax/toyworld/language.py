@@ -178,7 +178,7 @@ def direct_tokens(problem: Problem) -> list[str]:
     return boxed_tokens(problem.answer) + [EOS]
 
 
-def _form_tokens(problem: Problem) -> list[str]:
+def form_tokens(problem: Problem) -> list[str]:
     """The form walk: one line per slot of the fixed-width form, blank slots as `c__=c`."""
     final = problem.answer
     blanks = [(final, BLANK, BLANK, final)] * (MAX_OPS - problem.k)
@@ -202,13 +202,13 @@ def thinking_tokens(problem: Problem, world: World = V1) -> list[str]:
     """System 2's completion: the form walk, the real steps again (the re-check), the re-check's
     last value as the answer, EOS."""
     recheck = recheck_steps(problem, world)
-    return (_form_tokens(problem) + [NEWLINE] + [t for s in recheck for t in _line(*s)]
+    return (form_tokens(problem) + [NEWLINE] + [t for s in recheck for t in _line(*s)]
             + _close(recheck[-1][3]))
 
 
 def work_tokens(problem: Problem) -> list[str]:
     """The trace without its re-check (v2): the form walk, then its last value as the answer."""
-    return _form_tokens(problem) + _close(problem.answer)
+    return form_tokens(problem) + _close(problem.answer)
 
 
 STYLES = ("direct", "work", "recheck")
