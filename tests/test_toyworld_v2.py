@@ -139,3 +139,12 @@ def test_toy_v2_pair_config():
     assert cfg.conf == v1.conf  # v1's Conf settings, not tuned on v2
     assert Calibration.load(cfg.conf_calibration).conf == cfg.conf
     assert load_pair_config("toy-v2", ["thinking_budget=7"]).thinking_budget == 7
+    assert os.path.isfile(os.path.join(cfg.pref_model, "reward_model.json")) and cfg.pref_model != v1.pref_model
+
+
+def test_demo_names_its_worlds(capsys):
+    from dami_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--world", "v3"])
+    assert e.value.code == 2 and "invalid choice: 'v3'" in capsys.readouterr().err
