@@ -26,7 +26,7 @@ from dami_jax.policies.conf_config import ConfConfig
 TOY_PREF_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pref", "assets", "toy")
 # The toy pairs by name: the toy world each is of, and its reward model (v2: configs/pref_toy_v2.yaml).
 TOY_PAIRS = {"toy": "v1", "toy-v2": "v2"}
-TOY_PREF_MODELS = {"v1": TOY_PREF_MODEL, "v2": TOY_PREF_MODEL + "_v2"}
+TOY_PREF_MODELS = {"v1": TOY_PREF_MODEL, "v2": os.path.join(os.path.dirname(TOY_PREF_MODEL), "toy_v2")}
 
 
 class MissingPairFile(ConfigError):
