@@ -14,7 +14,7 @@ import traceback
 
 from dami_jax import compilation_cache, distributed
 from dami_jax.errors import InputError
-from dami_jax.eval.pairs import add_pair_arguments
+from dami_jax.eval.pairs import TOY_PAIRS, add_pair_arguments
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -77,7 +77,7 @@ def _generate(args) -> None:
 def _demo(args) -> None:
     from dami_jax.toyworld.demo import run_demo
 
-    run_demo(args.out, pair_dir=args.pair, per_k=args.per_k)
+    run_demo(args.out, pair_dir=args.pair, per_k=args.per_k, world=args.world)
 
 
 def _toyworld(args) -> None:
@@ -243,10 +243,10 @@ def _calibrate(args) -> None:
     labels = None
     if args.prompts:
         questions, labels = _read_prompts(args.prompts)
-    elif args.pair == "toy":
+    elif args.pair in TOY_PAIRS:
         questions = [p.question for p in toy_benchmark(per_k=50, seed=args.seed)]
     else:
-        raise InputError("--prompts FILE is required for a pair other than 'toy'")
+        raise InputError("--prompts FILE is required for a pair other than 'toy' or 'toy-v2'")
     distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
     wrap = math_prompt if pair_cfg.math_instruction else (lambda q: q)
@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="static λ sweep on the shipped toy Instruct/Thinking pair")
     p.add_argument("--out", default=None, help="write sweep.json and pareto.png here")
-    p.add_argument("--pair", default=None, help="a toy pair directory (default: the shipped one)")
+    p.add_argument("--world", choices=["v1", "v2"], default="v1",
+                   help="the toy world whose shipped pair runs (v2: docs/toyworld_v2.md)")
+    p.add_argument("--pair", default=None, help="a toy pair directory (default: the world's shipped one)")
     p.add_argument("--per-k", type=int, default=20, help="held-out problems per difficulty k")
     p.set_defaults(func=_demo)
 

@@ -1,4 +1,4 @@
-"""Which model pair a command runs: a small YAML config (configs/pair_*.yaml), or `toy`.
+"""Which model pair a command runs: a small YAML config (configs/pair_*.yaml), or `toy` / `toy-v2`.
 
     instruct: Qwen/Qwen3-4B-Instruct-2507
     thinking: Qwen/Qwen3-4B-Thinking-2507
@@ -24,6 +24,9 @@ from dami_jax.policies.conf_config import ConfConfig
 
 # The reward model shipped for the toy pair (written by train_pref.py on configs/pref_toy.yaml).
 TOY_PREF_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pref", "assets", "toy")
+# The toy pairs by name: the toy world each is of, and its reward model (v2: configs/pref_toy_v2.yaml).
+TOY_PAIRS = {"toy": "v1", "toy-v2": "v2"}
+TOY_PREF_MODELS = {"v1": TOY_PREF_MODEL, "v2": os.path.join(os.path.dirname(TOY_PREF_MODEL), "toy_v2")}
 
 
 class MissingPairFile(ConfigError):
@@ -65,31 +68,34 @@ class PairConfig:
         return Sample(self.temperature, self.top_k, self.top_p)
 
 
-def toy_pair_config() -> PairConfig:
-    """The shipped toy pair with its shipped calibration and reward model.
+def toy_pair_config(world: str = "v1") -> PairConfig:
+    """The shipped toy pair of `world` (v1, the default, or v2) with its shipped calibration and
+    reward model.
 
     Its Conf settings are the toy's own: the ambiguity signal alone (w_D = 0; JS was weak there,
-    configs/policy_conf.yaml) and the ρ, τ its shipped calibration was made with."""
-    from dami_jax.toyworld import MAX_NEW_TOKENS, PAIR_DIR, default_pair_dirs
+    configs/policy_conf.yaml) and the ρ, τ its shipped calibration was made with (v2: v1's, unchanged)."""
+    from dami_jax.toyworld import MAX_NEW_TOKENS, PAIR_DIRS, default_pair_dirs
 
-    instruct, thinking = default_pair_dirs()
+    if world not in PAIR_DIRS:
+        raise ConfigError(f"unknown toy world {world!r}; expected one of {sorted(PAIR_DIRS)}")
+    instruct, thinking = default_pair_dirs(PAIR_DIRS[world])
     # T = 0.3: the toy eval decodes greedily, so sampling stays closer to greedy than Qwen's 0.6 (measured
     # for Pref rollouts: the 4 samples of a (q, λ) agree 62% of the time at T = 0.3 vs 54% at 0.6).
     return PairConfig(instruct, thinking, dtype="float32", max_new_tokens=MAX_NEW_TOKENS, batch_size=300,
-                      conf_calibration=os.path.join(PAIR_DIR, "conf_calibration.json"),
-                      pref_model=TOY_PREF_MODEL, thinking_budget=48, math_instruction=False, temperature=0.3,
+                      conf_calibration=os.path.join(PAIR_DIRS[world], "conf_calibration.json"),
+                      pref_model=TOY_PREF_MODELS[world], thinking_budget=48, math_instruction=False, temperature=0.3,
                       conf=ConfConfig(w_entropy=1.0, w_js=0.0, rho=0.7, tau_per_iqr=0.1))
 
 
 def load_pair_config(spec: str, overrides: list[str] = ()) -> PairConfig:
-    """`toy` or a YAML path, plus dotted overrides (`conf.rho=0.7`, `mesh=[1,2,4]`)."""
-    if spec == "toy":
+    """`toy`, `toy-v2` or a YAML path, plus dotted overrides (`conf.rho=0.7`, `mesh=[1,2,4]`)."""
+    if spec in TOY_PAIRS:
         if overrides:
-            base = dataclasses.asdict(toy_pair_config())
+            base = dataclasses.asdict(toy_pair_config(TOY_PAIRS[spec]))
             from dami_jax.config import apply_overrides, from_dict
 
-            return from_dict(PairConfig, apply_overrides(base, list(overrides)), where="toy pair")
-        return toy_pair_config()
+            return from_dict(PairConfig, apply_overrides(base, list(overrides)), where=f"{spec} pair")
+        return toy_pair_config(TOY_PAIRS[spec])
     return load_yaml(PairConfig, spec, overrides)
 
 
@@ -154,6 +160,6 @@ def open_pair(pair_cfg: PairConfig):
 def add_pair_arguments(p) -> None:
     """The argparse arguments of every command that loads a pair (eval, sweep, calibrate, generate,
     serve): `--pair` and `--set`, read back by `load_pair_config(args.pair, args.set)`."""
-    p.add_argument("--pair", default="toy", help="'toy' or a pair YAML (configs/pair_*.yaml)")
+    p.add_argument("--pair", default="toy", help="'toy', 'toy-v2' or a pair YAML (configs/pair_*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="pair config override, e.g. dtype=float32 or conf.rho=0.7 (repeatable)")

@@ -2,7 +2,8 @@
 
 Real Qwen weights cannot be used in tests, so dami_jax ships its own pair of
 Hugging Face Qwen3 checkpoints (`assets/pair/{instruct,thinking}`) trained on
-chained mod-10 arithmetic:
+chained mod-10 arithmetic, and a second pair of world v2 (`assets/pair_v2`, a
+Thinking model with room above it: docs/toyworld_v2.md):
 
 - `language`: vocabulary, problems with difficulty k, direct answers and
   thinking traces, `parse_answer` / `grade`;
@@ -22,6 +23,7 @@ import os
 from dami_jax.toyworld.language import Problem, grade, parse_answer, sample_problems
 
 PAIR_DIR = os.path.join(os.path.dirname(__file__), "assets", "pair")
+PAIR_DIRS = {"v1": PAIR_DIR, "v2": os.path.join(os.path.dirname(__file__), "assets", "pair_v2")}  # by world
 MAX_NEW_TOKENS = 96  # the toy pair's generation limit: its longest thinking trace (k = 6) is 80 tokens
 
 
@@ -35,5 +37,5 @@ def default_pair_dirs(root: str | None = None) -> tuple[str, str]:
     return dirs
 
 
-__all__ = ["MAX_NEW_TOKENS", "PAIR_DIR", "Problem", "default_pair_dirs", "grade", "parse_answer",
+__all__ = ["MAX_NEW_TOKENS", "PAIR_DIR", "PAIR_DIRS", "Problem", "default_pair_dirs", "grade", "parse_answer",
            "sample_problems"]

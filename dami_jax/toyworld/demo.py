@@ -113,17 +113,21 @@ def held_out_problems(per_k: int, seed: int = HELD_OUT_SEED):
 
 
 def run_demo(out_dir: str | None = None, pair_dir: str | None = None, per_k: int = 20,
-             seed: int = HELD_OUT_SEED) -> list[dict]:
+             seed: int = HELD_OUT_SEED, world: str = "v1") -> list[dict]:
+    """The sweep on `pair_dir`, by default the shipped pair of `world` (v1 or v2)."""
     from dami_jax.pair import load_pair
+    from dami_jax.toyworld import PAIR_DIRS
 
+    if world not in PAIR_DIRS:
+        raise ValueError(f"unknown toy world {world!r}; expected one of {sorted(PAIR_DIRS)}")
     t0 = time.perf_counter()
-    instruct, thinking = default_pair_dirs(pair_dir)
+    instruct, thinking = default_pair_dirs(pair_dir or PAIR_DIRS[world])
     pair = load_pair(instruct, thinking)
     ks = list(range(1, L.MAX_OPS + 1))
     problems = held_out_problems(per_k, seed)
     grid = [round(x, 2) for x in np.linspace(0, 1, 11)]
     summaries, orc = evaluate_pair(pair, problems, grid, refine_switch=True)
-    print(f"toy pair {os.path.dirname(instruct)}: {len(problems)} held-out problems, "
+    print(f"toy pair ({world}) {os.path.dirname(instruct)}: {len(problems)} held-out problems, "
           f"{per_k} per difficulty k, greedy, max {MAX_NEW_TOKENS} new tokens")
     print_table(summaries, orc, ks)
     print("λ where thinking switches on (think share 0.5), by k: "
@@ -132,11 +136,11 @@ def run_demo(out_dir: str | None = None, pair_dir: str | None = None, per_k: int
     print(f"[{time.perf_counter() - t0:.1f} s]")
     result = summaries + [orc]
     if out_dir:
-        _write(out_dir, result, summaries, orc)
+        _write(out_dir, result, summaries, orc, world)
     return result
 
 
-def _write(out_dir: str, result: list[dict], summaries: list[dict], orc: dict) -> None:
+def _write(out_dir: str, result: list[dict], summaries: list[dict], orc: dict, world: str) -> None:
     from dami_jax.eval.plots import pareto_plot
 
     os.makedirs(out_dir, exist_ok=True)
@@ -144,5 +148,5 @@ def _write(out_dir: str, result: list[dict], summaries: list[dict], orc: dict) -
         json.dump(result, f, indent=2)
     curve = [(s["lam"], s["mean_tokens"], s["accuracy"]) for s in summaries]
     pareto_plot({"oracle": (orc["mean_tokens"], orc["accuracy"])}, curve,
-                os.path.join(out_dir, "pareto.png"), title="toy pair: static λ sweep")
+                os.path.join(out_dir, "pareto.png"), title=f"toy pair ({world}): static λ sweep")
     print(f"wrote {out_dir}/sweep.json and {out_dir}/pareto.png")

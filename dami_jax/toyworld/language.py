@@ -23,6 +23,13 @@ on k). With the verification pass over all slots placed after the k-line work
 instead, its lines read k-dependent positions, and in a trial run that is where
 the small model erred (it copied the wrong operand, then boxed the wrong answer).
 
+A `World` names what differs between toy worlds (docs/toyworld_v2.md). v1 has the
+two styles above. v2 adds a third, `work`: the form walk alone, then `</think>` and
+the answer (43 tokens at every k): the trace without its re-check. And v2's
+re-check slips on easy problems (k <= slip_max_k) whose last operation is a
+subtraction: its last line reads the `-` as `+`, and the answer follows the
+re-check (overthinking that talks itself out of a right answer).
+
 Every token is one string of VOCAB, so token lists map to ids without a
 tokenizer; `tokenizer.py` builds the equivalent Hugging Face tokenizer.
 """
@@ -52,6 +59,33 @@ SPECIAL = (PAD, IM_START, IM_END, UNK)
 VOCAB = WORDS + SPECIAL
 TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 PAD_ID, EOS_ID = TOKEN_ID[PAD], TOKEN_ID[EOS]
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """What differs between toy worlds (their problems and grading are the same)."""
+
+    name: str
+    # The re-check of a problem with k <= slip_max_k whose last op is `-` reads it as `+` (0: never).
+    slip_max_k: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.slip_max_k <= MAX_OPS:
+            raise ValueError(f"world {self.name!r}: slip_max_k must be in 0..{MAX_OPS}, got {self.slip_max_k}")
+
+    def slips(self, problem: Problem) -> bool:
+        return problem.k <= self.slip_max_k and problem.ops[-1] == "-"
+
+
+V1 = World("v1")
+V2 = World("v2", slip_max_k=2)
+WORLDS = {w.name: w for w in (V1, V2)}
+
+
+def get_world(name: str) -> World:
+    if name not in WORLDS:
+        raise ValueError(f"unknown toy world {name!r}; expected one of {sorted(WORLDS)}")
+    return WORLDS[name]
 
 
 def apply_op(a: int, op: str, b: int) -> int:
@@ -144,13 +178,51 @@ def direct_tokens(problem: Problem) -> list[str]:
     return boxed_tokens(problem.answer) + [EOS]
 
 
-def thinking_tokens(problem: Problem) -> list[str]:
-    """System 2's completion: every slot of the form, the real steps again, answer, EOS."""
-    steps, final = problem.steps(), problem.answer
+def form_tokens(problem: Problem) -> list[str]:
+    """The form walk: one line per slot of the fixed-width form, blank slots as `c__=c`."""
+    final = problem.answer
     blanks = [(final, BLANK, BLANK, final)] * (MAX_OPS - problem.k)
-    form = [t for s in steps + blanks for t in _line(*s)]
-    verify = [t for s in steps for t in _line(*s)]
-    return form + [NEWLINE] + verify + [THINK_END, NEWLINE, NEWLINE] + boxed_tokens(final) + [EOS]
+    return [t for s in problem.steps() + blanks for t in _line(*s)]
+
+
+def _close(answer: int) -> list[str]:
+    return [THINK_END, NEWLINE, NEWLINE] + boxed_tokens(answer) + [EOS]
+
+
+def recheck_steps(problem: Problem, world: World = V1) -> list[tuple[int, str, int, int]]:
+    """The re-check's lines: the real steps again, the last one slipped where the world slips."""
+    steps = problem.steps()
+    if world.slips(problem):
+        a, _, b, _ = steps[-1]
+        steps[-1] = (a, "+", b, apply_op(a, "+", b))
+    return steps
+
+
+def thinking_tokens(problem: Problem, world: World = V1) -> list[str]:
+    """System 2's completion: the form walk, the real steps again (the re-check), the re-check's
+    last value as the answer, EOS."""
+    recheck = recheck_steps(problem, world)
+    return (form_tokens(problem) + [NEWLINE] + [t for s in recheck for t in _line(*s)]
+            + _close(recheck[-1][3]))
+
+
+def work_tokens(problem: Problem) -> list[str]:
+    """The trace without its re-check (v2): the form walk, then its last value as the answer."""
+    return form_tokens(problem) + _close(problem.answer)
+
+
+STYLES = ("direct", "work", "recheck")
+
+
+def answer_tokens(problem: Problem, style: str, world: World = V1) -> list[str]:
+    """The completion of one style: `direct`, `work` or `recheck` (= thinking_tokens)."""
+    if style == "direct":
+        return direct_tokens(problem)
+    if style == "work":
+        return work_tokens(problem)
+    if style == "recheck":
+        return thinking_tokens(problem, world)
+    raise ValueError(f"unknown answer style {style!r}; expected one of {STYLES}")
 
 
 def to_ids(tokens: list[str]) -> list[int]:

@@ -10,6 +10,12 @@ Schedule, all determined by one seed:
    on traces only. Both start from the same base: the prototype found that two
    separately trained models do not interpolate; one shared base is essential.
 
+`world` picks the toy world (language.World). v2 (docs/toyworld_v2.md) adds the
+`work` style (a trace without its re-check): the base thinks with a re-check with
+P(recheck | think, k) linear from recheck_min to recheck_max (v1: always), and
+the Instruct fine-tune carries a share of work traces whose opening token has no
+loss (it never chooses to think, but stops after the work if made to think).
+
 The loss covers the assistant part only. Each base batch holds a fixed number of
 direct and of thinking examples (k drawn from P(k | kind)), each kind padded to
 its own length: the same data distribution as a mixed batch, without padding
@@ -38,8 +44,9 @@ from dami_jax.toyworld import language as L
 from dami_jax.toyworld.tokenizer import MODEL_MAX_LENGTH, save_tokenizer
 
 PROMPT_LEN = len(L.prompt_tokens(L.Problem((0, 0), ("+",))))
-DIRECT_LEN = PROMPT_LEN + 4  # \boxed{ d } EOS
-THINK_LEN = PROMPT_LEN + len(L.thinking_tokens(L.Problem((0,) * (L.MAX_OPS + 1), ("+",) * L.MAX_OPS)))
+_LONGEST = L.Problem((0,) * (L.MAX_OPS + 1), ("+",) * L.MAX_OPS)
+# Each style's examples are padded to its longest completion (k = MAX_OPS).
+STYLE_LEN = {style: PROMPT_LEN + len(L.answer_tokens(_LONGEST, style)) for style in L.STYLES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +54,7 @@ class ToyTrainConfig:
     """The shipped recipe (defaults); configs/toyworld.yaml restates it."""
 
     seed: int = 0
+    world: str = "v1"  # language.WORLDS: the traces' re-check (v2: its slip on easy problems)
     # Model: a ~0.8M-parameter Qwen3 with tied embeddings.
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -58,6 +66,14 @@ class ToyTrainConfig:
     # Data: P(think | k) rises linearly from think_min (k=1) to think_max (k=MAX_OPS).
     think_min: float = 0.1
     think_max: float = 0.9
+    # A base thinking example re-checks with P(recheck | think, k) linear from recheck_min to recheck_max,
+    # else it is a work trace (v2); and this share of the Instruct fine-tune is work traces, opening unsupervised.
+    recheck_min: float = 1.0
+    recheck_max: float = 1.0
+    instruct_work_share: float = 0.0
+    # The Thinking fine-tune's k: drawn as its style is in the base (v1), or uniform (v2: it re-checks,
+    # and slips, on easy problems too, so they must be in its data).
+    thinking_uniform_k: bool = False
     batch_size: int = 64
     # Optimisation (AdamW, warmup then cosine decay to 10%, gradient clipping).
     # Sized to ~960 CPU-seconds in all (user+sys; under 10 minutes on 2 idle cores).
@@ -91,35 +107,53 @@ GENERATION_IDS = GenerationIds(eos=(L.EOS_ID,), pad=L.PAD_ID)
 # ---------------------------------------------------------------------------
 # Data
 
-def think_probs(cfg: ToyTrainConfig) -> np.ndarray:
-    """P(think | k) for k = 1..MAX_OPS."""
-    return np.linspace(cfg.think_min, cfg.think_max, L.MAX_OPS)
+def style_probs(cfg: ToyTrainConfig) -> dict[str, np.ndarray]:
+    """The base's P(style | k) for k = 1..MAX_OPS."""
+    think = np.linspace(cfg.think_min, cfg.think_max, L.MAX_OPS)
+    recheck = np.linspace(cfg.recheck_min, cfg.recheck_max, L.MAX_OPS)
+    return {"direct": 1 - think, "work": think * (1 - recheck), "recheck": think * recheck,
+            "uniform": np.ones(L.MAX_OPS)}
 
 
-def encode(problems: list[L.Problem], think: bool) -> tuple[np.ndarray, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """n examples of one answer style per batch, k drawn ∝ the base's P(style | k) (or ∝ the
+    style_probs entry k_from names); open_loss=False leaves the opening token (the choice between
+    thinking and answering) out of the loss."""
+
+    style: str
+    n: int
+    open_loss: bool = True
+    k_from: str | None = None
+
+
+def encode(problems: list[L.Problem], style: str, world: L.World = L.V1,
+           open_loss: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (n, T), loss mask on targets (n, T-1)): the assistant part, EOS included."""
-    length = THINK_LEN if think else DIRECT_LEN
-    answer = L.thinking_tokens if think else L.direct_tokens
+    length = STYLE_LEN[style]
     tokens = np.full((len(problems), length), L.PAD_ID, np.int32)
     for row, p in enumerate(problems):
-        ids = L.to_ids(L.prompt_tokens(p) + answer(p))
+        ids = L.to_ids(L.prompt_tokens(p) + L.answer_tokens(p, style, world))
         tokens[row, : len(ids)] = ids
     targets = tokens[:, 1:]
-    mask = (np.arange(length - 1) >= PROMPT_LEN - 1)[None, :] & (targets != L.PAD_ID)
+    first = PROMPT_LEN - 1 if open_loss else PROMPT_LEN  # target index of the opening token: PROMPT_LEN - 1
+    mask = (np.arange(length - 1) >= first)[None, :] & (targets != L.PAD_ID)
     return tokens, mask
 
 
-def sample_batch(rng: np.random.Generator, n_direct: int, n_think: int, p_think: np.ndarray):
-    """Buckets [(tokens, weights)]; weights sum to 1 over the batch, each kind weighing
-    by its share of examples (token mean within a kind), so four-token direct answers
-    are not drowned by traces twenty times longer."""
-    total, buckets = n_direct + n_think, []
-    for n, think, w in ((n_direct, False, 1 - p_think), (n_think, True, p_think)):
-        if n == 0:
+def sample_batch(rng: np.random.Generator, kinds: list[Kind], probs: dict[str, np.ndarray],
+                 world: L.World = L.V1):
+    """Buckets [(tokens, weights)], one per kind with examples, k drawn from P(k | style) ∝ probs[style];
+    weights sum to 1 over the batch, each kind weighing by its share of examples (token mean within a
+    kind), so four-token direct answers are not drowned by traces twenty times longer."""
+    total, buckets = sum(kind.n for kind in kinds), []
+    for kind in kinds:
+        if kind.n == 0:
             continue
-        ks = rng.choice(np.arange(1, L.MAX_OPS + 1), size=n, p=w / w.sum())
-        tokens, mask = encode([L.sample_problem(rng, int(k)) for k in ks], think)
-        buckets.append((tokens, (mask * (n / total / mask.sum())).astype(np.float32)))
+        w = probs[kind.k_from or kind.style]
+        ks = rng.choice(np.arange(1, L.MAX_OPS + 1), size=kind.n, p=w / w.sum())
+        tokens, mask = encode([L.sample_problem(rng, int(k)) for k in ks], kind.style, world, kind.open_loss)
+        buckets.append((tokens, (mask * (kind.n / total / mask.sum())).astype(np.float32)))
     return buckets
 
 
@@ -170,26 +204,31 @@ def update(mcfg: ModelConfig, spec: OptSpec, params, opt_state, buckets):
 
 
 def train_stage(cfg, mcfg, params, *, steps, lr, mix, seed, desc, progress=True):
-    """`steps` AdamW steps from `params` on batches of (n_direct, n_think) = mix.
+    """`steps` AdamW steps from `params` on batches of `mix` (a list of Kind).
     Returns (params, per-step losses)."""
     spec = opt_spec(cfg, lr, steps)
     rng = np.random.default_rng(seed)
-    p_think = think_probs(cfg)
+    probs, world = style_probs(cfg), L.get_world(cfg.world)
     opt_state, losses = spec.optimizer().init(params), []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
-        params, opt_state, loss = update(mcfg, spec, params, opt_state, sample_batch(rng, *mix, p_think))
+        batch = sample_batch(rng, mix, probs, world)
+        params, opt_state, loss = update(mcfg, spec, params, opt_state, batch)
         losses.append(float(loss))  # waits for the step: keeps the bar's rate honest
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
     return params, losses
 
 
-def stage_mixes(cfg: ToyTrainConfig) -> dict[str, tuple[int, int]]:
-    """(n_direct, n_think) per batch for each stage."""
-    n_think = int(round(cfg.batch_size * float(np.mean(think_probs(cfg)))))
-    return {"base": (cfg.batch_size - n_think, n_think),
-            "instruct": (cfg.batch_size, 0), "thinking": (0, cfg.batch_size)}
+def stage_mixes(cfg: ToyTrainConfig) -> dict[str, list[Kind]]:
+    """The kinds of example in each stage's batches."""
+    probs, size = style_probs(cfg), cfg.batch_size
+    n = {style: int(round(size * float(np.mean(probs[style])))) for style in ("work", "recheck")}
+    n_instruct_work = int(round(size * cfg.instruct_work_share))
+    return {"base": [Kind("direct", size - n["work"] - n["recheck"]), Kind("work", n["work"]),
+                     Kind("recheck", n["recheck"])],
+            "instruct": [Kind("direct", size - n_instruct_work), Kind("work", n_instruct_work, open_loss=False)],
+            "thinking": [Kind("recheck", size, k_from="uniform" if cfg.thinking_uniform_k else None)]}
 
 
 def train_params(cfg: ToyTrainConfig, progress: bool = True):
