@@ -57,6 +57,7 @@ class Flow:
             top_p=1.0 if greedy else (cfg.top_p if body.top_p is None else body.top_p),
             lam=body.lam, policy=None if body.lam is not None else self.policy,
             thinking_budget=None if body.lam is not None else getattr(self.policy, "thinking_budget", None),
+            early_exit=None if body.lam is not None else getattr(self.policy, "early_exit", None),
             stop_ids=() if body.ignore_eos else tuple(self.server.pair.stop_tokens),
             loop=asyncio.get_running_loop(), events=self.queue)
 

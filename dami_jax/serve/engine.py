@@ -6,8 +6,10 @@ as one group: their λ is resolved (explicit, or one policy call per policy for 
 group), and each of a request's n choices becomes one engine request in delta mode (its
 own λ) with row id row_base + choice, so its samples follow `generate`'s (seed, row,
 step) keys. A request under a thinking budget (`budget:<n>`) carries the engine's
-`ThinkingBudget`, the rule of `generate_budget`. The thread steps the engine while it
-has work and after each step hands every choice the tokens it gained.
+`ThinkingBudget`, the rule of `generate_budget`; one under early exit (`deer`) its
+`EarlyExit`, the rule of `generate_deer`. The thread steps the engine while it
+has work and after each step hands every choice the tokens it gained that no probe can
+take back (`Request.settled`: a trigger is held until its probe has decided).
 
 Pages: the server lets the engine preempt by recompute (reserve=False). A row holds pages
 for the tokens it has, not for all of its max_tokens, so more rows fit a KV budget (`kv_gb`),
@@ -166,7 +168,8 @@ class Engine:
                 sampling = Greedy() if r.temperature <= 0 else Sample(r.temperature, r.top_k, r.top_p)
                 for j in range(r.n):
                     rids.append(self.engine.submit(r.prompt, r.max_tokens, lam=lam, sampling=sampling, seed=r.seed,
-                                                   stop_tokens=r.stop_ids, row_id=r.row_base + j, budget=budget))
+                                                   stop_tokens=r.stop_ids, row_id=r.row_base + j, budget=budget,
+                                                   early_exit=r.early_exit))
             except Exception as e:  # refused (e.g. a budget without `</think>`): this request only
                 for rid in rids:
                     self.engine.cancel(rid)
@@ -194,13 +197,14 @@ class Engine:
         now, delivered, batches = time.perf_counter(), 0, {}
         for rid, c in list(self.choices.items()):
             req = ended.get(rid) or live.get(rid)  # neither: waiting after a preemption
-            if req is None or (len(req.generated) == c.emitted and rid not in ended):
+            settled = 0 if req is None else req.settled
+            if req is None or (settled <= c.emitted and rid not in ended):
                 continue
             events = batches.setdefault(id(c.req), (c.req, []))[1]
             idx = c.req.row_base + c.choice  # the choice's index in the response
-            events += [("token", idx, t) for t in req.generated[c.emitted:]]
-            delivered += len(req.generated) - c.emitted
-            c.emitted = len(req.generated)
+            events += [("token", idx, t) for t in req.generated[c.emitted: settled]]
+            delivered += max(0, settled - c.emitted)
+            c.emitted = max(c.emitted, settled)
             if c.req.t_first is None:
                 c.req.t_first = now
                 if self.metrics is not None:

@@ -28,6 +28,7 @@ class GenRequest:
     lam: float | None = None  # explicit λ, else the policy's
     policy: object = None
     thinking_budget: int | None = None  # the policy's budget (budget:<n>): thinking cut after n tokens
+    early_exit: object = None  # the policy's early-exit rule (deer, engine.early_exit.EarlyExit)
     stop_ids: tuple[int, ...] = ()
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
