@@ -60,7 +60,7 @@ def _save_tokenizer(path) -> None:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    cfg = dj.ModelConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    cfg = dj.ModelConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                          num_kv_heads=2, head_dim=8, max_position_embeddings=64)
     root = tmp_path_factory.mktemp("deer-pair")
     shapes = qwen3.abstract_params(cfg)
@@ -77,7 +77,7 @@ def pair(tmp_path_factory):
 def prompts():
     """Long enough that most probes fork past a full page of 16 tokens and share it."""
     rng = np.random.default_rng(3)
-    return [rng.integers(0, 20, n).tolist() for n in (15, 19, 9, 22)]
+    return [rng.integers(0, 20, n).tolist() for n in (13, 17, 9, 20)]  # 59 tokens: one prefill of 64
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +88,12 @@ def thinking(pair, prompts):
 
 @pytest.fixture(scope="module")
 def rule(pair, thinking):
-    """The default DEER settings in this tokenizer, triggered by the Thinking model's most common word."""
+    """The default DEER settings in this tokenizer, with the Thinking model's most common word as the
+    trigger and as the end of a trial answer (so trials end, and are judged, often)."""
     from dami_jax.policies.deer import deer_rule
 
-    word = collections.Counter(t for row in thinking for t in row if t != EOS).most_common(1)[0][0]
-    settings = DeerConfig(trigger=VOCAB[word], probe_tokens=PROBE, think_ratio=1.0)
+    word = VOCAB[collections.Counter(t for row in thinking for t in row if t != EOS).most_common(1)[0][0]]
+    settings = DeerConfig(trigger=word, answer_end=word, probe_tokens=PROBE, think_ratio=1.0)
     return deer_rule(pair.tokenizer, settings)
 
 
@@ -183,14 +184,14 @@ def test_forks_under_random_traffic_never_leak_a_page():
 
 # -- the scheduler: forks under preemption ---------------------------------------------
 
-TRIGGER, END = 9, 5  # made-up ids
+TRIGGER, END, ANSWER_END = 9, 5, 8  # made-up ids
 
 
 def _made_up(tokens: list[int]) -> tuple[int, float]:
     """A deterministic made-up model: the next token and its max probability from the sequence alone
-    (as a real one's are, whatever else runs), the trigger now and then."""
+    (as a real one's are, whatever else runs), the trigger and the answer end now and then."""
     h = hash(tuple(tokens)) % 1000
-    return (TRIGGER if h % 6 == 0 else 10 + h % 50), 0.5 + (h % 97) / 200
+    return (TRIGGER if h % 6 == 0 else ANSWER_END if h % 3 == 1 else 10 + h % 50), 0.5 + (h % 97) / 200
 
 
 def _drive(sched, reqs) -> None:
@@ -210,8 +211,8 @@ def _drive(sched, reqs) -> None:
 def _deer_requests(n: int):
     from dami_jax.engine.scheduler import ThinkingBudget
 
-    rule = EarlyExit(triggers=((TRIGGER,),), inducer=(3, 4), close=(6, END, 6), end_id=END, threshold=0.85,
-                     probe_tokens=3)
+    rule = EarlyExit(triggers=((TRIGGER,),), inducer=(3, 4), close=(6, END, 6), end_id=END, answer_end=ANSWER_END,
+                     threshold=0.85, probe_tokens=3)
     rng = np.random.default_rng(2)
     return [Request(rid=i, prompt=rng.integers(10, 60, int(rng.integers(2, 14))).tolist(), max_new_tokens=30,
                     lam=1.0, temperature=0.0, top_k=0, top_p_cut=0.0, stop_ids=frozenset({7}), seed=0, row_id=i,
@@ -247,11 +248,12 @@ def _trial_alone(pair, prompts, rule, row_prompt, row_tokens, probe):
     """The probe as a separate request: prefilled in full from the row's tokens before its trigger."""
     engine = _engine(pair, prompts)
     rid = engine.submit(row_prompt + row_tokens[: probe.at] + list(rule.inducer), rule.probe_tokens, lam=1.0,
-                        stop_tokens=[*pair.stop_tokens, rule.end_id], record_probs=True)
+                        stop_tokens=[*pair.stop_tokens, *rule.probe_stops], record_probs=True)
     engine.run()
     return engine.poll(rid)
 
 
+@pytest.mark.slow  # pays the module's compiles (about 40 s of 70 on 2 loaded cores)
 def test_above_threshold_one_rows_are_the_thinking_models_and_forks_equal_separate_trials(
         pair, prompts, rule, thinking):
     engine = _engine(pair, prompts)
@@ -272,9 +274,12 @@ def test_above_threshold_one_rows_are_the_thinking_models_and_forks_equal_separa
 # -- the exit decision ---------------------------------------------------------------
 
 
-def _reference_confidence(pair, tokens: list[int], n_probe: int, kind: str) -> float:
-    """NumPy float64: the max probability of each of the last n_probe tokens, from the Thinking
-    model's logits on all the tokens before it, aggregated by `kind`."""
+def _reference_confidence(pair, rule, tokens: list[int], n_probe: int, kind: str) -> float:
+    """NumPy float64: 0 unless the trial (the last n_probe tokens) ends with the answer end, else
+    the max probability of each of its tokens, from the Thinking model's logits on all the tokens
+    before it, aggregated by `kind`."""
+    if tokens[-1] != rule.answer_end:
+        return 0.0
     logits = np.asarray(dj.forward(pair.cfg, pair.thinking, np.asarray([tokens], np.int32)), np.float64)[0]
     z = logits[len(tokens) - n_probe - 1: len(tokens) - 1]
     p = np.exp(z - z.max(-1, keepdims=True))
@@ -284,37 +289,41 @@ def _reference_confidence(pair, tokens: list[int], n_probe: int, kind: str) -> f
 
 @pytest.mark.parametrize("kind", ["avg1", "avg2", "min"])
 def test_exit_decision_equals_a_numpy_reference_of_the_confidence_rule(pair, prompts, rule, thinking, kind):
-    """The first probe of row 0, scored by NumPy on the model's logits, with the threshold just above
-    its confidence (it must go on) and just below (it must exit)."""
+    """Row 0's probes scored by NumPy on the model's logits; then the threshold just above the first
+    judged one's confidence (it must go on) and just below (it must exit there)."""
     base = dataclasses.replace(rule, confidence=kind)
     [row] = _run(pair, prompts, [0], dataclasses.replace(base, threshold=1.5))
-    first = row.probes[0]
-    trial = prompts[0] + thinking[0][: first.at] + list(rule.inducer) + list(first.tokens)
-    ref = _reference_confidence(pair, trial, len(first.tokens), kind)
-    assert first.confidence == pytest.approx(ref, rel=1e-4)
+    refs = [_reference_confidence(pair, rule, prompts[0] + thinking[0][: p.at] + list(rule.inducer) + list(p.tokens),
+                                  len(p.tokens), kind) for p in row.probes]
+    np.testing.assert_allclose([p.confidence for p in row.probes], refs, rtol=1e-4)
+    judged = [i for i, r in enumerate(refs) if r > 0]
+    assert judged and len(judged) < len(refs), "want trials that end with the answer end and trials that do not"
+    first, ref = row.probes[judged[0]], refs[judged[0]]
     assert first.confidence == pytest.approx(confidence(first.max_probs, kind))
     for threshold, exits in ((ref * 1.01, False), (ref * 0.99, True)):
         [row] = _run(pair, prompts, [0], dataclasses.replace(base, threshold=threshold))
-        probe = row.probes[0]
+        probe = row.probes[judged[0]]
         assert (probe.at, probe.exited) == (first.at, exits) and exits == (ref >= threshold)
-        assert len(row.probes) == 1 if exits else len(row.probes) > 1
+        assert not any(p.exited for p in row.probes[: judged[0]])
+        assert len(row.probes) == judged[0] + 1 if exits else len(row.probes) > judged[0] + 1
 
 
 def test_an_exit_answers_from_the_tokens_before_the_trigger_and_no_probe_token_leaks(pair, prompts, rule, thinking):
-    """Threshold barely above 0: every row exits at its first probe. Its output is the Thinking
-    model's tokens before the trigger, the close tokens, then exactly what the model generates
-    from that prefix as a fresh request: nothing of the probe (inducer, trial tokens, its K/V)."""
+    """Threshold barely above 0: every row exits at its first judged probe. Its output is the
+    Thinking model's tokens before the trigger, the close tokens, then exactly what the model
+    generates from that prefix as a fresh request: nothing of the probes (inducer, trial tokens,
+    their K/V)."""
     from dami_jax.policies.deer import generate_deer
 
     out, probes = generate_deer(pair, prompts, MAX_NEW, dataclasses.replace(rule, threshold=1e-9), max_rows=4)
     exited = 0
     for prompt, row, ref, row_probes in zip(prompts, out.token_lists(), thinking, probes):
-        if not row_probes:  # never generated the trigger: the Thinking model's tokens
+        if not any(p.exited for p in row_probes):  # no trial judged: the Thinking model's tokens
             assert row == ref
             continue
         exited += 1
-        (probe,) = row_probes
-        assert probe.exited and row[: probe.at] == ref[: probe.at]
+        *before, probe = row_probes
+        assert probe.exited and not any(p.exited for p in before) and row[: probe.at] == ref[: probe.at]
         head = row[: probe.at + len(rule.close)]
         assert head[probe.at:] == list(rule.close)
         fresh = _engine(pair, prompts).generate([prompt + head], MAX_NEW - len(head), lam=1.0).token_lists()[0]
@@ -349,7 +358,7 @@ def test_deer_policy_specs_and_bad_input(pair, prompts, rule):
     with pytest.raises(InputError, match=r"cannot encode the trigger 'Hmm'"):
         build_policy({"name": "deer", "trigger": "Hmm"}, pair)
     with pytest.raises(InputError, match=r"early-exit threshold must be > 0"):
-        EarlyExit(triggers=((1,),), inducer=(2,), close=(3,), end_id=3, threshold=0.0)
+        EarlyExit(triggers=((1,),), inducer=(2,), close=(3,), end_id=3, answer_end=3, threshold=0.0)
     trigger = pair.tokenizer.decode(list(rule.triggers[0]))
     policy = build_policy({"name": "deer", "trigger": trigger, "probe_tokens": PROBE, "threshold": 1.0}, pair)
     out, chosen = answer(pair, policy, prompts, MAX_NEW)  # confidences of this random model stay below 1
@@ -363,6 +372,6 @@ def test_toy_pair_config_runs_deer_on_the_line_break():
     from dami_jax.eval.pairs import expand_policy, toy_pair_config
 
     spec = expand_policy("deer:0.8", toy_pair_config())
-    assert spec["trigger"] == "\n" and spec["inducer"] == "\\boxed{" and spec["threshold"] == 0.8
+    assert (spec["trigger"], spec["inducer"], spec["answer_end"], spec["threshold"]) == ("\n", "\\boxed{", "}", 0.8)
     with pytest.raises(ConfigError, match="threshold must be a number"):
         expand_policy("deer:x", toy_pair_config())

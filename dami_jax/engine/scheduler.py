@@ -28,7 +28,7 @@ that generates a trigger pauses (it holds its pages and its row, and runs no ste
 forks a probe: a request of its own whose prompt is the row's tokens before the trigger
 plus the answer inducer. The probe shares the row's full pages (`PageAllocator.fork`), so
 only the tail of the last page and the inducer are prefilled; it decodes greedily, its
-tokens' max probabilities kept, up to probe_tokens or a stop id (or `</think>`). When it
+tokens' max probabilities kept, up to probe_tokens or a stop id (or its answer end). When it
 ends its pages are freed and the row resumes: exited (the trigger replaced by the close
 tokens, thinking closed) or not (its trigger kept, as generated). A probe holds every page
 it can use from its fork on, so it is never preempted (in recompute mode younger rows are
@@ -42,7 +42,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from dami_jax.engine.early_exit import EarlyExit, Probe, confidence
+from dami_jax.engine.early_exit import EarlyExit, Probe
 from dami_jax.engine.pages import OutOfPages, PageAllocator
 from dami_jax.errors import InputError
 
@@ -285,7 +285,7 @@ class Scheduler:
             return
         req.probe = Request(rid=(req.rid, "probe", len(req.probes)), prompt=prompt, max_new_tokens=rule.probe_tokens,
                             lam=req.lam, temperature=0.0, top_k=0, top_p_cut=0.0,
-                            stop_ids=req.stop_ids | {rule.end_id}, seed=req.seed, row_id=req.row_id,
+                            stop_ids=req.stop_ids | rule.probe_stops, seed=req.seed, row_id=req.row_id,
                             max_probs=[], parent=req, fork_at=at)
         self.running.append(req.probe)  # its pages come at the next plan (`_place_probe`)
 
@@ -312,7 +312,7 @@ class Scheduler:
     def _decide(self, probe: Request, done: list) -> None:
         """The probe ended: its row exits (trigger replaced by the close tokens) or goes on thinking."""
         row, rule = probe.parent, probe.parent.early_exit
-        conf = confidence(probe.max_probs, rule.confidence)
+        conf = rule.trial_confidence(probe.generated, probe.max_probs)
         exited = conf >= rule.threshold
         row.probes.append(Probe(probe.fork_at, tuple(probe.generated), tuple(probe.max_probs), conf, exited))
         row.probe = None

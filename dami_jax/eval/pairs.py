@@ -74,7 +74,7 @@ def toy_pair_config() -> PairConfig:
     Its Conf settings are the toy's own: the ambiguity signal alone (w_D = 0; JS was weak there,
     configs/policy_conf.yaml) and the ρ, τ its shipped calibration was made with. Its DEER
     settings are the toy's words: a thinking chunk is a line (trigger: the line break) and the
-    trial answer starts at `\boxed{`."""
+    trial answer is what follows `\boxed{`, up to its `}`."""
     from dami_jax.toyworld import MAX_NEW_TOKENS, PAIR_DIR, default_pair_dirs
 
     instruct, thinking = default_pair_dirs()
@@ -84,7 +84,7 @@ def toy_pair_config() -> PairConfig:
                       conf_calibration=os.path.join(PAIR_DIR, "conf_calibration.json"),
                       pref_model=TOY_PREF_MODEL, thinking_budget=48, math_instruction=False, temperature=0.3,
                       conf=ConfConfig(w_entropy=1.0, w_js=0.0, rho=0.7, tau_per_iqr=0.1),
-                      deer=DeerConfig(trigger="\n", inducer="\\boxed{"))
+                      deer=DeerConfig(trigger="\n", inducer="\\boxed{", answer_end="}"))
 
 
 def load_pair_config(spec: str, overrides: list[str] = ()) -> PairConfig:

@@ -10,10 +10,11 @@ pages, so the server and `generate_deer` exit alike.
 
 As in the reference script (iie-ycx/DEER, `vllm-deer-qwen3.py`): the trigger is dropped on
 exit and `\\n</think>\\n\\n` written instead; thinking is cut at think_ratio of the token
-budget. Unlike it: the trial answer is greedy; its confidence counts all of its tokens
-(the reference skips the first, the `{` after its `\\boxed`; the toy's inducer ends in
-`\\boxed{`, so its first token is the answer) and does not require the trial to end in
-`</think>`; there is no cap on the number of probes.
+budget; a trial answer counts only if it ends with `</think>` (`answer_end`; the toy's is
+`}`), else its confidence is 0. Unlike it: the trial answer is greedy; its confidence counts
+all of its tokens (the reference skips the first, the `{` after its `\\boxed`; the toy's
+inducer ends in `\\boxed{`, so its first token is the answer); there is no cap on the number
+of probes.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ def deer_rule(tokenizer, settings: DeerConfig) -> EarlyExit:
     spaced_ids = tuple(tokenizer.encode(spaced, add_special_tokens=False))
     if spaced_ids not in triggers and tokenizer.decode(list(spaced_ids)) == spaced:
         triggers.append(spaced_ids)
+    answer_end = encode_exactly(tokenizer, settings.answer_end, "answer_end")
+    if len(answer_end) != 1:
+        raise InputError(f"deer: answer_end {settings.answer_end!r} is {len(answer_end)} tokens {answer_end}; "
+                         f"expected one")
     return EarlyExit(triggers=tuple(triggers), inducer=encode_exactly(tokenizer, settings.inducer, "inducer"),
-                     close=encode_exactly(tokenizer, settings.close, "close"), end_id=end_id,
+                     close=encode_exactly(tokenizer, settings.close, "close"), end_id=end_id, answer_end=answer_end[0],
                      threshold=settings.threshold, confidence=settings.confidence,
                      probe_tokens=settings.probe_tokens, think_ratio=settings.think_ratio)
 

@@ -22,6 +22,7 @@ class DeerConfig:
     trigger: str = "Wait"  # a chunk of thinking ends where the output ends with it (or " " + it)
     inducer: str = "\n**Final Answer**\n\\boxed"  # appended (trigger dropped) to start the trial answer
     close: str = "\n" + THINK_END + "\n\n"  # replaces the trigger on exit; the answer follows
+    answer_end: str = THINK_END  # one token: a trial answer is judged only if it ends with it
     confidence: str = "avg2"  # of the trial tokens' max probabilities: avg1 mean, avg2 geometric mean, min
     probe_tokens: int = 20  # the trial answer's length at most
     think_ratio: float = 0.9  # thinking is cut (close forced) at this share of the token budget
@@ -39,6 +40,7 @@ class DeerConfig:
              f"think_ratio must be in (0, 1], got {self.think_ratio!r}"),
             (bool(self.trigger) and bool(self.inducer), "trigger and inducer must be non-empty strings"),
             (THINK_END in self.close, f"close must contain {THINK_END!r}, got {self.close!r}"),
+            (bool(self.answer_end), "answer_end must be a non-empty string"),
         ]
         for ok, message in checks:
             if not ok:
