@@ -300,10 +300,10 @@ class Scheduler:
                 probe.computed = self.alloc.fork(row.rid, probe.rid, keep, reserve_tokens=self.total_tokens(probe))
                 return
             except OutOfPages:
+                if self.reserve:  # generate_deer's pool holds a probe per row: a sizing bug
+                    raise
                 victims = [r for r in self.running if r.parent is None and r is not row]
-                if self.reserve or not victims:
-                    if self.reserve:  # generate_deer's pool holds a probe per row: a sizing bug
-                        raise
+                if not victims:
                     self.running.remove(probe)
                     row.probe = None
                     return
