@@ -28,8 +28,8 @@ pytest.importorskip("prometheus_client")
 
 CONTEXT = 512
 BUDGET = 5
-# The toy words as DEER's (a line ends a thinking chunk); a low bar, so this random pair exits.
-DEER = {"name": "deer", "trigger": "\n", "inducer": "\\boxed{", "answer_end": "\n", "threshold": 0.05, "probe_tokens": 3}
+# DEER on a word this random pair says often (it rarely writes a line break), with a low bar: it exits.
+DEER = {"name": "deer", "trigger": "6", "inducer": "\\boxed{", "answer_end": "6", "threshold": 0.05, "probe_tokens": 4}
 POOL_PAGES = 40  # usable KV pages of 16 tokens: one CONTEXT-long sequence (32) fits; four 220-token rows do not
 QUESTIONS = ["3+4*7", "9-2", "1+1+1+1", "8*8-3", "2*3", "5-5+5"]
 
