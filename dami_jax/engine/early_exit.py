@@ -86,8 +86,7 @@ class EarlyExit:
 
     def matched(self, generated: list[int]) -> int:
         """Length of the trigger `generated` ends with (the longest), 0 if none."""
-        return max((len(t) for t in self.triggers if tuple(generated[-len(t):]) == t and len(t) <= len(generated)),
-                   default=0)
+        return max((len(t) for t in self.triggers if tuple(generated[-len(t):]) == t), default=0)
 
     @property
     def probe_stops(self) -> frozenset:
