@@ -177,15 +177,14 @@ def test_completions_sampled_n2_match_generate_pair(client, pair):
     assert cut.finish_reason == "stop" and cut.text == greedy.text[: greedy.text.find(stop)]
 
 
-def test_each_policy_serves(client, pair):
-    from dami_jax.policies import build_policy
-
+def test_each_policy_serves(client, served, pair):
     for model in [m.id for m in client.models.list().data]:
         r = _chat(client, "9-2", model=model, max_tokens=4, temperature=0)
         lam = r.model_extra["lambda"]
         assert 0.0 <= lam <= 1.0, model
-        spec = r.model_extra["policy"]
-        expected = float(build_policy(spec, pair)([_ids(pair, "9-2")], pair).lam[0])
+        policy = served[0].policies[model]  # (deer's spec names its threshold; the rest is the server's config)
+        assert r.model_extra["policy"] == policy.spec
+        expected = float(policy([_ids(pair, "9-2")], pair).lam[0])
         assert lam == pytest.approx(expected, abs=1e-6), model
         if model == "dami-routing":
             assert lam in (0.0, 1.0)

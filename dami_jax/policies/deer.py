@@ -75,7 +75,7 @@ class DeerPolicy(Policy):
         self.settings = settings
         # Built with the pair: a trigger its tokenizer cannot encode fails here, not mid-run.
         self.early_exit = None if pair is None or pair.tokenizer is None else deer_rule(pair.tokenizer, settings)
-        self.spec = f"deer:{settings.threshold:g}"
+        self.spec = f"deer:{settings.threshold:g}"  # the other settings come from the pair config (`deer:`)
 
     def __call__(self, prompts, pair) -> PolicyResult:
         return PolicyResult(np.full(len(prompts), self.settings.lam, np.float32), {})
