@@ -256,7 +256,7 @@ PRE_LOAD = [
     (["eval", "--bench", "toy,nosuch"], "unknown benchmark 'nosuch'"),
     (["eval", "--bench", "no/such.jsonl"], "benchmark file not found: no/such.jsonl"),
     (["eval", "--bench", "{bad_rows}"], "row 0: missing field(s) ['question', 'answer', 'id']"),
-    (["eval", "--policies", "static:0,bogus"], "unknown policy 'bogus'; known policies: budget, conf, pref"),
+    (["eval", "--policies", "static:0,bogus"], "unknown policy 'bogus'; known policies: budget, conf, deer, pref"),
     (["eval", "--policies", "static:0,static:0"], "policy spec(s) ['static:0'] given twice"),
     (["eval", "--policies", "routing:0.5:1:2"], "no Conf calibration at 1:2"),
     (["eval", "--policies", "budget:x"], "policy spec 'budget:x'"),

@@ -117,5 +117,5 @@ def test_thinking_budget_forced_tokens_stop_at_max_new_tokens():
     _decode(sched, req, [20, 21, 22])
     assert req.generated == [20, 21, 22, 5] and req.finish_reason == "length"
     assert sched.decode_steps(req, 8) <= 0 and sched.idle
-    with pytest.raises(InputError, match="must start with the end id 5"):
+    with pytest.raises(InputError, match="must contain the end id 5"):
         ThinkingBudget(3, end_id=5, forced=(6,))

@@ -1,4 +1,4 @@
-"""`dami eval` end to end on the shipped toy pair, resume, and the budget baseline."""
+"""`dami eval` end to end on the shipped toy pair, resume, and the budget and deer baselines."""
 
 import json
 
@@ -23,7 +23,7 @@ def toy():
 
 def test_eval_writes_every_policy_and_resumes(toy, tmp_path, monkeypatch):
     cfg, pair = toy
-    policies = ["static:0", "static:1", "budget:8"]
+    policies = ["static:0", "static:1", "budget:8", "deer"]
     rows = eval_run.run_eval(pair, cfg, ["toy"], policies, out_dir=str(tmp_path), limit=12, progress=False)
     assert [r["policy"] for r in rows] == policies
     with open(tmp_path / "results.json") as f:
@@ -36,6 +36,9 @@ def test_eval_writes_every_policy_and_resumes(toy, tmp_path, monkeypatch):
     assert by["static:0"]["think_share"] == 0.0 and by["static:1"]["think_share"] == 1.0
     assert by["static:0"]["mean_tokens"] < by["static:1"]["mean_tokens"]
     assert by["static:1"]["speedup"] == pytest.approx(1.0)
+    # deer's trial answers are counted apart from its outputs' tokens (the toy's line-break trigger: every row probes)
+    assert by["deer"]["probe_tokens"] > 0 and by["static:1"]["probe_tokens"] == 0
+    assert by["deer"]["mean_tokens"] <= by["static:1"]["mean_tokens"]
     assert (tmp_path / "results.csv").exists() and (tmp_path / "pareto_toy.png").exists()
     with open(tmp_path / "records_toy.jsonl") as f:
         assert sum(1 for _ in f) == 12 * len(policies)

@@ -29,6 +29,8 @@ pytest.importorskip("prometheus_client")
 
 CONTEXT = 512
 BUDGET = 5
+# DEER on a word this random pair says often (it rarely writes a line break), with a low bar: it exits.
+DEER = {"name": "deer", "trigger": "6", "inducer": "\\boxed{", "answer_end": "6", "threshold": 0.05, "probe_tokens": 4}
 POOL_PAGES = 40  # usable KV pages of 16 tokens: one CONTEXT-long sequence (32) fits; four 220-token rows do not
 QUESTIONS = ["3+4*7", "9-2", "1+1+1+1", "8*8-3", "2*3", "5-5+5"]
 IMAGE_LIMITS = dict(max_images=2, max_image_bytes=20_000, max_image_pixels=10_000)
@@ -103,7 +105,7 @@ def served(pair, calibration):
 
     policies = {"dami-instruct": "static:0", "dami-static-0.8": "static:0.8", "dami-thinking": "static:1",
                 "dami-conf": f"conf:{calibration}", "dami-routing": f"routing:0.5:{calibration}", "dami-pref": "pref",
-                "dami-budget": f"budget:{BUDGET}"}
+                "dami-budget": f"budget:{BUDGET}", "dami-deer": DEER}
     cfg = ServeConfig(**_engine_knobs(pair), max_queue=64, policies=policies, max_body_bytes=64 << 10,
                       optional=("dami-pref",), **IMAGE_LIMITS)
     app = create_app(cfg, pair=pair)
@@ -177,15 +179,14 @@ def test_completions_sampled_n2_match_generate_pair(client, pair):
     assert cut.finish_reason == "stop" and cut.text == greedy.text[: greedy.text.find(stop)]
 
 
-def test_each_policy_serves(client, pair):
-    from dami_jax.policies import build_policy
-
+def test_each_policy_serves(client, served, pair):
     for model in [m.id for m in client.models.list().data]:
         r = _chat(client, "9-2", model=model, max_tokens=4, temperature=0)
         lam = r.model_extra["lambda"]
         assert 0.0 <= lam <= 1.0, model
-        spec = r.model_extra["policy"]
-        expected = float(build_policy(spec, pair)([_ids(pair, "9-2")], pair).lam[0])
+        policy = served[0].policies[model]  # (deer's spec names its threshold; the rest is the server's config)
+        assert r.model_extra["policy"] == policy.spec
+        expected = float(policy([_ids(pair, "9-2")], pair).lam[0])
         assert lam == pytest.approx(expected, abs=1e-6), model
         if model == "dami-routing":
             assert lam in (0.0, 1.0)
@@ -209,6 +210,32 @@ def test_budget_model_cuts_thinking_as_generate_budget_does(client, pair, max_to
             assert len(ids) == max_tokens and ids[BUDGET:BUDGET + len(forced)] == forced[:max_tokens - BUDGET]
 
 
+def test_deer_model_exits_as_generate_deer_does(client, pair):
+    """Served `deer` streams and answers with the tokens of generate_deer (its probes forked from
+    the served rows), the trigger held back until each probe decides."""
+    from dami_jax.policies import build_policy
+    from dami_jax.policies.deer import generate_deer
+
+    rule = build_policy(DEER, pair).early_exit
+    exits = 0
+    for q in ("3+4*7", "8*8-3", "9-2"):
+        ref, [probes] = generate_deer(pair, [_ids(pair, q)], 24, rule, stop_tokens=[], **_sized_as_served(pair))
+        exits += any(p.exited for p in probes)
+        r = _chat(client, q, model="dami-deer", max_tokens=24, temperature=0,
+                  extra_body={"return_token_ids": True, "ignore_eos": True})
+        assert r.choices[0].token_ids == ref.token_lists()[0], q
+        assert r.model_extra["lambda"] == 1.0 and r.model_extra["policy"] == "deer:0.05"
+        chunks = list(client.chat.completions.create(
+            model="dami-deer", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        assert chunks[-1].usage.completion_tokens == len(ref.token_lists()[0])  # no held-back trigger slipped out
+        content = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+        reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks[:-1])
+        head, tag, tail = pair.tokenizer.decode(ref.token_lists()[0], skip_special_tokens=True).partition("</think>")
+        assert (reasoning, content) == ((head.strip(), tail.strip()) if tag else (head.strip(), "")), q
+    assert exits, "no row exited: the test says little"
+
+
 def test_serve_pair_toy_serves_every_policy_of_the_toy_pair(monkeypatch):
     """`dami serve --pair toy` with the default models: static, conf, routing, pref and budget all
     load (conf/routing on the toy pair's shipped calibration, pref on its shipped reward model,
@@ -228,12 +255,14 @@ def test_serve_pair_toy_serves_every_policy_of_the_toy_pair(monkeypatch):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         models = {m.id: m.policy for m in c.models.list().data}
         assert set(models) == set(DEFAULT_POLICIES)
-        assert {spec.split(":")[0] for spec in models.values()} == {"static", "conf", "routing", "pref", "budget"}
+        assert {spec.split(":")[0] for spec in models.values()} == {"static", "conf", "routing", "pref", "budget",
+                                                                    "deer"}
         toy, pair = toy_pair_config(), app.server.pair
         assert models["dami-budget"] == f"budget:{toy.thinking_budget}"
         assert models["dami-pref"] == f"pref:{toy.pref_model}"
+        assert models["dami-deer"] == f"deer:{toy.deer.threshold:g}"
         prompt = [5, 6, 7]
-        for name in ("dami-conf", "dami-routing", "dami-pref", "dami-budget", "dami-static-0.5"):
+        for name in ("dami-conf", "dami-routing", "dami-pref", "dami-budget", "dami-deer", "dami-static-0.5"):
             policy = build_policy(expand_policy(DEFAULT_POLICIES[name], toy), pair)
             assert models[name] == policy.spec
             r = c.completions.create(model=name, prompt=prompt, max_tokens=2, temperature=0)

@@ -4,13 +4,14 @@ One step: the scheduler plans rows (decode rows, then prefill chunks, then admis
 the engine pads them to a shape of its ladder, runs the model step (qwen3.paged_step, the
 pools donated) and samples each row's next token on the device with the keys of
 `generate` (fold_in(fold_in(key(seed), row id), step)), so a row's tokens do not depend
-on which requests share its batch; the scheduler then records the tokens.
+on which requests share its batch; the scheduler then records the tokens, and each
+row's max probability (what early-exit probes are judged by).
 
 When every planned row is decoding, the engine runs a *burst* instead (its own program,
 R rows of one token each, not padded to the token ladder): up to `decode_burst` decode
 steps in one device call (a loop over the same model step, positions
-and slots advanced on the device), each row stopping at a stop id or at the steps the host
-granted it (`Scheduler.decode_steps`: its max_new_tokens, the context, a thinking cut).
+and slots advanced on the device), each row stopping at a stop id (or, thinking under early
+exit, a trigger's last id: `Request.burst_stops`) or at the steps the host granted it (`Scheduler.decode_steps`: its max_new_tokens, the context, a thinking cut).
 The host then commits the steps one by one, exactly as single steps, so the tokens are the
 same; what a burst saves is a host round trip per token. Rows that stop inside a burst idle
 to its end, and waiting requests enter after it: `decode_burst=1` trades that back.
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dami_jax.config import ModelConfig
+from dami_jax.engine.early_exit import EarlyExit
 from dami_jax.engine.pages import PageAllocator, PageRequestError
 from dami_jax.engine.scheduler import Request, RequestRefused, Scheduler, ThinkingBudget
 from dami_jax.errors import InputError
@@ -55,13 +57,16 @@ def _bucket(n: int, sizes: tuple[int, ...]) -> int:
 
 
 def _model_step(cfg, params, pools, tokens_t, batch, lam_r, rows, step_r):
-    """One model step and each row's next token; rows: (temperature, top_k, top_p_cut, seed, row_id)."""
+    """One model step: each row's next token and its max probability (at temperature 1), and the
+    pools; rows: (temperature, top_k, top_p_cut, seed, row_id)."""
     lam_t = None if lam_r is None else jnp.append(lam_r, 0.0)[batch.token_rows]  # padding: row R, λ 0
     logits_rv, pools = qwen3.paged_step(cfg, params, pools, tokens_t, batch, lam_t)
     temperature_r, top_k_r, top_p_cut_r, seed_r, row_id_r = rows
     keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
         seed_r, row_id_r, step_r)
-    return sample_rows(logits_rv, keys, temperature_r, top_k_r, top_p_cut_r), pools
+    logits_rv = logits_rv.astype(jnp.float32)
+    max_prob_r = jnp.exp(jnp.max(logits_rv, axis=-1) - jax.nn.logsumexp(logits_rv, axis=-1))
+    return (sample_rows(logits_rv, keys, temperature_r, top_k_r, top_p_cut_r), max_prob_r), pools
 
 
 _step = jax.jit(_model_step, static_argnums=0, donate_argnums=2)
@@ -70,7 +75,8 @@ _step = jax.jit(_model_step, static_argnums=0, donate_argnums=2)
 def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_r, stops_rs, *, length):
     """Up to `length` decode steps of R rows (one token each, row r's flat token r): row r runs
     steps_r[r] steps unless it samples a stop id first; later steps leave it (and its pages)
-    alone. Returns the (length, R) tokens, valid up to each row's end, and the pools."""
+    alone. Returns the (length, R) tokens and their max probabilities, valid up to each row's end,
+    and the pools."""
     page = pools[0][0].shape[2]
     oob = pools[0][0].shape[1] * page  # past the pool's end: dropped writes
 
@@ -79,7 +85,7 @@ def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_
         return (i < length) & ~jnp.all(done_r)
 
     def body(carry):
-        i, last_r, done_r, out, pools = carry
+        i, last_r, done_r, (out, out_p), pools = carry
         live_r = ~done_r
         pos_r = batch.positions + i
         page_r = jnp.take_along_axis(batch.page_table, jnp.minimum(pos_r // page, batch.page_table.shape[1] - 1)[:, None],
@@ -87,15 +93,16 @@ def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_
         step_batch = dataclasses.replace(
             batch, kv_lens=jnp.where(live_r, batch.kv_lens + i, batch.kv_lens), positions=pos_r,
             slot_ids=jnp.where(live_r, page_r * page + pos_r % page, oob))
-        token_r, pools = _model_step(cfg, params, pools, last_r, step_batch, lam_r, rows, step_r + i)
+        (token_r, prob_r), pools = _model_step(cfg, params, pools, last_r, step_batch, lam_r, rows, step_r + i)
         stop_r = jnp.any(token_r[:, None] == stops_rs, axis=1)
         done_r = done_r | stop_r | (i + 1 >= steps_r)
-        return i + 1, token_r, done_r, out.at[i].set(token_r), pools
+        return i + 1, token_r, done_r, (out.at[i].set(token_r), out_p.at[i].set(prob_r)), pools
 
     r = tokens_r.shape[0]
-    carry = (jnp.int32(0), tokens_r, steps_r <= 0, jnp.zeros((length, r), jnp.int32), pools)
-    _, _, _, out, pools = jax.lax.while_loop(cond, body, carry)
-    return out, pools
+    outs = (jnp.zeros((length, r), jnp.int32), jnp.zeros((length, r), jnp.float32))
+    carry = (jnp.int32(0), tokens_r, steps_r <= 0, outs, pools)
+    _, _, _, outs, pools = jax.lax.while_loop(cond, body, carry)
+    return outs, pools
 
 
 _burst = jax.jit(_burst_impl, static_argnums=0, static_argnames="length", donate_argnums=2)
@@ -163,8 +170,11 @@ class Engine:
     # -- requests -------------------------------------------------------------------
 
     def request(self, prompt, max_new_tokens: int, *, lam=None, sampling=Greedy(), seed: int = 0,
-                stop_tokens=None, row_id: int | None = None, budget: ThinkingBudget | None = None) -> Request:
-        """A checked Request (not queued): RequestRefused/InputError name what is wrong."""
+                stop_tokens=None, row_id: int | None = None, budget: ThinkingBudget | None = None,
+                early_exit: EarlyExit | None = None, record_probs: bool = False) -> Request:
+        """A checked Request (not queued): RequestRefused/InputError name what is wrong.
+        early_exit: DEER's rule (its thinking cut included, so no budget with it); record_probs:
+        keep each generated token's max probability (`Request.max_probs`)."""
         rid = next(self._ids)
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -181,11 +191,16 @@ class Engine:
         if not isinstance(sampling, (Greedy, Sample)):
             raise InputError(f"sampling must be dj.Greedy() or dj.Sample(...), got {sampling!r}")
         temperature, top_k, cut = sampling.settings()
+        if early_exit is not None:
+            if budget is not None:
+                raise InputError("a request takes a thinking budget or early exit, not both")
+            budget = ThinkingBudget(early_exit.think_tokens(max_new_tokens), early_exit.end_id, early_exit.close)
         stops = self.default_stops if stop_tokens is None else stop_tokens
         req = Request(rid=rid, prompt=prompt, max_new_tokens=int(max_new_tokens),
                       lam=0.0 if lam is None else float(check_lam(lam)), temperature=temperature, top_k=top_k,
                       top_p_cut=cut, stop_ids=frozenset(int(s) for s in stops), seed=int(seed),
-                      row_id=rid if row_id is None else int(row_id), budget=budget)
+                      row_id=rid if row_id is None else int(row_id), budget=budget, early_exit=early_exit,
+                      max_probs=[] if record_probs else None)
         self.sched.check(req)
         return req
 
@@ -247,12 +262,12 @@ class Engine:
         tokens_t = np.zeros(num_tokens, np.int32)
         for (req, q), start in zip(plan, batch.cu_q_lens):
             tokens_t[start: start + q] = req.tokens[req.computed: req.computed + q]
-        next_r, self.pools = _step(self.cfg, self.params, self.pools, jnp.asarray(tokens_t),
-                                   jax.tree.map(jnp.asarray, batch), *self._row_arrays(plan, num_rows))
+        (next_r, prob_r), self.pools = _step(self.cfg, self.params, self.pools, jnp.asarray(tokens_t),
+                                             jax.tree.map(jnp.asarray, batch), *self._row_arrays(plan, num_rows))
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(q for _, q in plan)
         self.stats["padded_tokens"] += num_tokens
-        return self.sched.commit(plan, np.asarray(next_r)[: len(plan)])
+        return self.sched.commit(plan, np.asarray(next_r)[: len(plan)], np.asarray(prob_r)[: len(plan)])
 
     def _burst_steps(self, plan) -> list[int] | None:
         """Each row's steps for a burst, its pages extended to hold them; None when the plan has a
@@ -280,24 +295,31 @@ class Engine:
         tokens_r[: len(plan)] = [req.tokens[-1] for req, _ in plan]
         steps_r = np.zeros(num_rows, np.int32)
         steps_r[: len(plan)] = steps
-        width = -(-max(len(req.stop_ids) for req, _ in plan) // 4) * 4 or 4  # few distinct shapes
+        stops = [req.burst_stops for req, _ in plan]
+        width = -(-max(map(len, stops)) // 4) * 4 or 4  # few distinct shapes
         stops_rs = np.full((num_rows, width), -1, np.int32)
-        for r, (req, _) in enumerate(plan):
-            stops_rs[r, : len(req.stop_ids)] = sorted(req.stop_ids)
+        for r, ids in enumerate(stops):
+            stops_rs[r, : len(ids)] = sorted(ids)
         lam_r, sampling, step_r = self._row_arrays(plan, num_rows)
-        out, self.pools = _burst(self.cfg, self.params, self.pools, jnp.asarray(tokens_r),
-                                 jax.tree.map(jnp.asarray, batch), lam_r, sampling, step_r, jnp.asarray(steps_r),
-                                 jnp.asarray(stops_rs), length=self.decode_burst)
-        out = np.asarray(out)
+        (out, out_p), self.pools = _burst(self.cfg, self.params, self.pools, jnp.asarray(tokens_r),
+                                          jax.tree.map(jnp.asarray, batch), lam_r, sampling, step_r,
+                                          jnp.asarray(steps_r), jnp.asarray(stops_rs), length=self.decode_burst)
+        out, out_p = np.asarray(out), np.asarray(out_p)
+        # each row's steps as the device ran them: up to its first burst stop
+        ran = [next((i + 1 for i in range(n) if out[i, r] in ids), n) for r, (n, ids) in enumerate(zip(steps, stops))]
         done = []
-        for i in range(max(steps)):  # commit step by step, exactly as single steps would
-            live = [(r, req) for r, ((req, _), n) in enumerate(zip(plan, steps)) if i < n and not req.finished]
+        for i in range(max(ran)):  # commit step by step, exactly as single steps would
+            live = [(r, req) for r, ((req, _), n) in enumerate(zip(plan, ran)) if i < n and not req.finished]
             if not live:
                 break
-            done += self.sched.commit([(req, 1) for _, req in live], [out[i, r] for r, _ in live])
+            done += self.sched.commit([(req, 1) for _, req in live], [out[i, r] for r, _ in live],
+                                      [out_p[i, r] for r, _ in live])
             self.stats["steps"] += 1
             self.stats["tokens"] += len(live)
             self.stats["padded_tokens"] += num_rows
+        for req, _ in plan:  # a row that left the burst early (a trigger) holds K/V only for what it fed
+            if req.rid in alloc and alloc.length(req.rid) > req.computed:
+                alloc.truncate(req.rid, req.computed)
         return done
 
     def run(self) -> None:
@@ -332,7 +354,8 @@ class Engine:
                                       stop_tokens=stop_tokens, row_ids=row_ids))
 
     def run_batch(self, prompts, max_new_tokens, lam=None, sampling=Greedy(), seed: int = 0,
-                  stop_tokens=None, row_ids=None, budget: ThinkingBudget | None = None) -> list[Request]:
+                  stop_tokens=None, row_ids=None, budget: ThinkingBudget | None = None,
+                  early_exit: EarlyExit | None = None) -> list[Request]:
         """`generate`'s work, returning the finished requests in prompt order."""
         b = len(prompts)
         if b == 0:
@@ -342,7 +365,8 @@ class Engine:
         stops = stop_table(self.default_stops if stop_tokens is None else stop_tokens, b)
         row_ids = range(b) if row_ids is None else [int(r) for r in row_ids]
         reqs = [self.request(p, limits[i], lam=lams[i], sampling=sampling, seed=seed,
-                             stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i], budget=budget)
+                             stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i], budget=budget,
+                             early_exit=early_exit)
                 for i, p in enumerate(prompts)]
         for req in reqs:
             self.sched.add(req)

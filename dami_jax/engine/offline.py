@@ -36,8 +36,10 @@ def context_of(cfg, max_cache: int | None) -> int:
 
 def sized_engine(model, params, prompts, max_new_tokens, *, max_cache: int | None = None,
                  max_rows: int | None = None, kv_bytes: int | None = None, page_size: int = PAGE_SIZE,
-                 max_tokens_per_step: int = 256) -> Engine:
-    """An Engine (pair in delta mode, or cfg + params) sized for these prompts (see the module doc)."""
+                 max_tokens_per_step: int = 256, probe_tokens: int = 0) -> Engine:
+    """An Engine (pair in delta mode, or cfg + params) sized for these prompts (see the module doc).
+    probe_tokens: tokens of a probe each row may fork besides its own (early exit: its inducer and
+    trial answer); reserved pages then cover that, plus the tail of the row's page it recomputes."""
     cfg = model if params is not None else model.cfg
     context = context_of(cfg, max_cache)
     max_rows = MAX_ROWS if max_rows is None else max_rows
@@ -46,7 +48,8 @@ def sized_engine(model, params, prompts, max_new_tokens, *, max_cache: int | Non
     limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
     longest = max(min(len(p) + int(n), context) for p, n in zip(prompts, limits))
     rows = min(len(prompts), max_rows)
-    pages = 1 + rows * -(-longest // page_size)
+    probe_pages = -(-(page_size - 1 + probe_tokens) // page_size) if probe_tokens else 0
+    pages = 1 + rows * (-(-longest // page_size) + probe_pages)
     if kv_bytes is None:
         kw = dict(num_pages=1 << (pages - 1).bit_length())
     else:

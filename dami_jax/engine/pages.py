@@ -9,6 +9,15 @@ it reads there is masked, never trusted).
 Pure bookkeeping over NumPy; the device only sees the int32 arrays built by
 `ragged_batch`. Sequence ids are any hashable the caller picks.
 
+Forks share pages. `fork(parent, child, n)` gives the child the parent's pages that its
+first n tokens fill completely, and nothing else: the child starts on a fresh page, onto
+which its caller recomputes the tail (fewer than page_size tokens) before its own tokens.
+So a page is written only by its one owner: full shared pages are never written again
+(a sequence writes at its length and beyond, past every page it shares), and no device
+copy is needed (the simplest correct scheme; copy-on-write of the last page would save
+recomputing the tail, at most page_size - 1 tokens). Each page counts its owners; it
+goes back to the free list when the last one frees it.
+
 Two kinds of "no":
 - `PageRequestError` (a ValueError): the request can never be served by this pool
   (larger than the pool or than a page table). Refuse it.
@@ -82,6 +91,7 @@ class PageAllocator:
         # A stack: pop from the end. Low ids come out first, which keeps tests readable.
         self._free = np.arange(num_pages - 1, NULL_PAGE, -1, dtype=np.int32)
         self._num_free = num_pages - 1
+        self._owners = np.zeros(num_pages, np.int32)  # sequences holding each page (forks share)
         self._seqs: dict[object, _Sequence] = {}
 
     # -- queries -----------------------------------------------------------
@@ -121,6 +131,10 @@ class PageAllocator:
     def free_pages(self) -> np.ndarray:
         return self._free[: self._num_free].copy()
 
+    def owners(self, page: int) -> int:
+        """How many sequences hold `page` (0: free)."""
+        return int(self._owners[page])
+
     def extra_pages(self, seq, n_tokens: int) -> int:
         """Pages `seq` (or a new sequence, if not admitted) must gain to hold n_tokens more tokens."""
         s = self._seqs.get(seq)
@@ -149,12 +163,38 @@ class PageAllocator:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
         s = self._get(seq)
         self._check_never_fits(s.length + n_tokens)
+        first = s.length // self.page_size
+        if n_tokens and first < len(s.pages) and self._owners[s.pages[first]] > 1:
+            raise RuntimeError(f"sequence {seq!r} would write into page {s.pages[first]}, which a fork shares")
         s.pages += self._pop(self.extra_pages(seq, n_tokens))
         start, s.length = s.length, s.length + n_tokens
         return self.slots(seq, start, n_tokens)
 
+    def fork(self, parent, child, n_tokens: int, reserve_tokens: int = 0) -> int:
+        """Start `child` on the parent's pages that its first n_tokens fill (shared, not copied),
+        holding pages for `reserve_tokens` tokens in all up front. Returns the child's length:
+        the shared tokens, n_tokens rounded down to a page (the caller feeds the rest)."""
+        if child in self._seqs:
+            raise ValueError(f"sequence {child!r} is already admitted")
+        p = self._get(parent)
+        if not 0 <= n_tokens <= p.length:
+            raise ValueError(f"a fork of {n_tokens} tokens outside [0, length {p.length}] of {parent!r}")
+        self._check_never_fits(reserve_tokens)
+        shared = p.pages[: n_tokens // self.page_size]
+        fresh = self._pop(max(0, self.pages_needed(reserve_tokens) - len(shared)))
+        self._owners[shared] += 1
+        self._seqs[child] = _Sequence(pages=shared + fresh, length=len(shared) * self.page_size)
+        return len(shared) * self.page_size
+
+    def truncate(self, seq, n_tokens: int) -> None:
+        """Forget `seq`'s tokens from n_tokens on (their K/V will be rewritten); its pages stay held."""
+        s = self._get(seq)
+        if not 0 <= n_tokens <= s.length:
+            raise ValueError(f"cannot truncate {seq!r} of length {s.length} to {n_tokens} tokens")
+        s.length = n_tokens
+
     def free(self, seq) -> None:
-        """Finish or cancel `seq`: all its pages go back to the pool."""
+        """Finish or cancel `seq`: its pages go back to the pool (a page a fork still holds stays held)."""
         self._push(self._get(seq).pages)
         del self._seqs[seq]
 
@@ -227,9 +267,14 @@ class PageAllocator:
         if n > self._num_free:
             raise OutOfPages(f"need {n} free pages, {self._num_free} of {self.num_usable} are free")
         self._num_free -= n
-        return self._free[self._num_free: self._num_free + n][::-1].tolist()
+        pages = self._free[self._num_free: self._num_free + n][::-1].tolist()
+        self._owners[pages] = 1
+        return pages
 
     def _push(self, pages: list[int]) -> None:
-        n = len(pages)
-        self._free[self._num_free: self._num_free + n] = pages[::-1]
+        """Drop one owner of each page; those left without one return to the free list."""
+        self._owners[pages] -= 1
+        last = [p for p in pages if self._owners[p] == 0]
+        n = len(last)
+        self._free[self._num_free: self._num_free + n] = last[::-1]
         self._num_free += n

@@ -8,6 +8,7 @@
     pref_model: runs/qwen3-4b/pref                          # what plain `pref` uses
     thinking_budget: 4096                                   # what plain `budget` uses
     conf: {w_entropy: 0.5, w_js: 0.5}                       # what `dami calibrate conf` scores with
+    deer: {threshold: 0.95, trigger: Wait}                  # what `deer` runs with (DeerConfig)
 
 `dami eval`, `sweep`, `calibrate`, `generate`, `serve` and `train-pref` all take one.
 `check_policies` turns policy specs into the pair's own and verifies them (files
@@ -21,6 +22,7 @@ import os
 
 from dami_jax.config import ConfigError, load_yaml
 from dami_jax.policies.conf_config import ConfConfig
+from dami_jax.policies.deer_config import DeerConfig, parse_deer_arg
 
 # The reward model shipped for the toy pair (written by train_pref.py on configs/pref_toy.yaml).
 TOY_PREF_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pref", "assets", "toy")
@@ -52,6 +54,7 @@ class PairConfig:
     top_k: int = 20
     top_p: float = 0.95
     conf: ConfConfig = ConfConfig()  # the Conf settings `dami calibrate conf` scores with
+    deer: DeerConfig = DeerConfig()  # plain `deer` (and `deer:<threshold>`): the early-exit settings
 
     def __post_init__(self):
         if self.thinking_budget < 1:
@@ -73,7 +76,9 @@ def toy_pair_config(world: str = "v1") -> PairConfig:
     reward model.
 
     Its Conf settings are the toy's own: the ambiguity signal alone (w_D = 0; JS was weak there,
-    configs/policy_conf.yaml) and the ρ, τ its shipped calibration was made with (v2: v1's, unchanged)."""
+    configs/policy_conf.yaml) and the ρ, τ its shipped calibration was made with (v2: v1's, unchanged).
+    Its DEER settings are the toy's words: a thinking chunk is a line (trigger: the line break) and the
+    trial answer is what follows `\boxed{`, up to its `}`."""
     from dami_jax.toyworld import MAX_NEW_TOKENS, PAIR_DIRS, default_pair_dirs
 
     if world not in PAIR_DIRS:
@@ -84,7 +89,8 @@ def toy_pair_config(world: str = "v1") -> PairConfig:
     return PairConfig(instruct, thinking, dtype="float32", max_new_tokens=MAX_NEW_TOKENS, batch_size=300,
                       conf_calibration=os.path.join(PAIR_DIRS[world], "conf_calibration.json"),
                       pref_model=TOY_PREF_MODELS[world], thinking_budget=48, math_instruction=False, temperature=0.3,
-                      conf=ConfConfig(w_entropy=1.0, w_js=0.0, rho=0.7, tau_per_iqr=0.1))
+                      conf=ConfConfig(w_entropy=1.0, w_js=0.0, rho=0.7, tau_per_iqr=0.1),
+                      deer=DeerConfig(trigger="\n", inducer="\\boxed{", answer_end="}"))
 
 
 def load_pair_config(spec: str, overrides: list[str] = ()) -> PairConfig:
@@ -99,15 +105,22 @@ def load_pair_config(spec: str, overrides: list[str] = ()) -> PairConfig:
     return load_yaml(PairConfig, spec, overrides)
 
 
-def expand_policy(spec: str, pair_cfg: PairConfig) -> str:
+def expand_policy(spec: str, pair_cfg: PairConfig) -> str | dict:
     """Plain `conf`, `routing`, `pref` and `budget` use the pair config's calibration, reward model
-    and thinking budget."""
+    and thinking budget; `deer` and `deer:<threshold>` its early-exit settings (as a dict spec)."""
     if spec in ("conf", "routing") and pair_cfg.conf_calibration:
         return f"{spec}:{pair_cfg.conf_calibration}"
     if spec == "pref" and pair_cfg.pref_model:
         return f"pref:{pair_cfg.pref_model}"
     if spec == "budget":
         return f"budget:{pair_cfg.thinking_budget}"
+    name, _, arg = spec.partition(":")
+    if name == "deer":
+        try:
+            threshold = parse_deer_arg([arg]) if arg else {}
+        except ValueError as e:
+            raise ConfigError(f"policy spec {spec!r}: {e}") from None
+        return {"name": "deer", **dataclasses.asdict(pair_cfg.deer), **threshold}
     return spec
 
 

@@ -2,7 +2,7 @@
 
 A policy is any callable `policy(prompts, pair) -> PolicyResult`; eval and serve
 treat all alike. `build_policy` makes one from a short string (`static:0.8`,
-`conf:PATH`, `routing:0.3:PATH`) or a dict (`{name: routing, share: 0.3}`).
+`conf:PATH`, `routing:0.3:PATH`, `deer:0.95`) or a dict (`{name: routing, share: 0.3}`).
 
 Registry: `register_policy(name, factory, parse_arg)` adds a policy. Built-in
 names map to the module that registers them, imported on first use, so a new
@@ -34,6 +34,7 @@ MODULES = {
     "routing": "dami_jax.policies.routing",
     "pref": "dami_jax.pref.policy",
     "budget": "dami_jax.policies.budget",
+    "deer": "dami_jax.policies.deer",
 }
 
 

@@ -15,8 +15,9 @@ import os
 from dami_jax.config import ConfigError, load_yaml
 
 # Served model name -> policy spec (dami_jax.policies.build_policy). Plain `conf`,
-# `routing`, `pref` and `budget` use the pair config's calibration, reward model and
-# thinking budget (the toy pair ships both files; see dami_jax.eval.pairs.expand_policy).
+# `routing`, `pref`, `budget` and `deer` use the pair config's calibration, reward model,
+# thinking budget and early-exit settings (the toy pair ships both files; see
+# dami_jax.eval.pairs.expand_policy).
 DEFAULT_POLICIES = {
     "dami-instruct": "static:0",
     "dami-static-0.5": "static:0.5",
@@ -26,6 +27,7 @@ DEFAULT_POLICIES = {
     "dami-routing": "routing",
     "dami-pref": "pref",
     "dami-budget": "budget",
+    "dami-deer": "deer",
 }
 # Models that need a per-pair artifact (the toy pair ships them; another pair may not):
 # by default, a pair without one serves the rest and logs why these are missing.

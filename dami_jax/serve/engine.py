@@ -8,7 +8,10 @@ Requests wait in a bounded FIFO on process 0. Each tick the thread:
 - hands each choice the tokens it gained, and the ends.
 Each of a request's n choices is one engine request in delta mode (its own λ) with row id
 row_base + choice, so its samples follow `generate`'s (seed, row, step) keys. A request
-under a thinking budget (`budget:<n>`) carries the engine's `ThinkingBudget`.
+under a thinking budget (`budget:<n>`) carries the engine's `ThinkingBudget`, the rule of
+`generate_budget`; one under early exit (`deer`) its policy's `EarlyExit`, the rule of
+`generate_deer`. A choice gets the tokens no probe can take back (`Request.settled`: a
+trigger is held until its probe has decided).
 
 Several processes (`dami serve` under jax.distributed): every process holds its own copy of
 the pair on its own chips; process 0 alone serves HTTP and runs this thread; the others run

@@ -82,6 +82,7 @@ class Worker:
             if lam is None:  # its policy failed: refused
                 continue
             rids = []
+            early_exit = None if spec["policy"] is None else getattr(self.policies[spec["policy"]], "early_exit", None)
             try:
                 budget = None if spec["thinking_budget"] is None else self._budget(spec["thinking_budget"])
                 sampling = Greedy() if spec["temperature"] <= 0 else Sample(spec["temperature"], spec["top_k"],
@@ -89,7 +90,7 @@ class Worker:
                 for j in range(spec["n"]):
                     rids.append(self.engine.submit(spec["prompt"], spec["max_tokens"], lam=lam, sampling=sampling,
                                                    seed=spec["seed"], stop_tokens=tuple(spec["stop_ids"]),
-                                                   row_id=spec["row_base"] + j, budget=budget))
+                                                   row_id=spec["row_base"] + j, budget=budget, early_exit=early_exit))
             except Exception as e:  # refused (e.g. a budget without `</think>`): this request only
                 for rid in rids:
                     self.engine.cancel(rid)
@@ -129,8 +130,8 @@ class Worker:
         return ThinkingBudget(tokens, end_id, tuple(forced))
 
     def _step(self, events: list) -> int:
-        """One engine step (or burst): [key, choice, new tokens, finish reason or None] per choice that
-        changed; returns the rows that ran."""
+        """One engine step (or burst): [key, choice, new settled tokens, finish reason or None] per
+        choice that changed; returns the rows that ran."""
         ended = {}
         for req in self.engine.step():
             self.engine.poll(req.rid)  # the engine keeps finished requests for `poll`: take them
@@ -138,11 +139,12 @@ class Worker:
         live = {req.rid: req for req in self.engine.sched.running}
         for (key, choice), rid in list(self.rids.items()):
             req = ended.get(rid) or live.get(rid)  # neither: waiting after a preemption
-            if req is None or (len(req.generated) == self.emitted[rid] and rid not in ended):
+            settled = 0 if req is None else req.settled  # all of it once finished
+            if req is None or (settled <= self.emitted[rid] and rid not in ended):
                 continue
             finish = req.finish_reason if rid in ended else None
-            events.append([key, choice, [int(t) for t in req.generated[self.emitted[rid]:]], finish])
-            self.emitted[rid] = len(req.generated)
+            events.append([key, choice, [int(t) for t in req.generated[self.emitted[rid]: settled]], finish])
+            self.emitted[rid] = max(self.emitted[rid], settled)
             if finish is not None:
                 del self.rids[key, choice], self.emitted[rid]
         return len(live) + len(ended)
