@@ -23,8 +23,9 @@ from typing import Any
 import yaml
 
 from dami_jax.errors import InputError
+from dami_jax.vl_config import VL_MODEL_TYPES, VLConfig, text_config
 
-SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", **VL_MODEL_TYPES}
 
 
 class ConfigError(InputError):
@@ -51,6 +52,8 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Qwen3-VL: the vision tower, M-RoPE and vision token ids (None: a text-only model).
+    vl: VLConfig | None = None
     # Execution, not architecture (static under jit, not exported to HF):
     # layout "cpu" (XLA:CPU-tuned cache and dots), "readable" (einsums, (B, S, K, H)
     # cache) or "auto" (cpu on the CPU backend, else readable; models/kv_cache.resolve_layout);
@@ -90,6 +93,8 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
+        if self.vl is not None:
+            return "qwen3_vl_moe" if self.is_moe else "qwen3_vl"
         return "qwen3_moe" if self.is_moe else "qwen3"
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -116,6 +121,10 @@ class ModelConfig:
     @classmethod
     def _from_hf_dict(cls, raw: dict, where: str) -> "ModelConfig":
         model_type = raw.get("model_type")
+        if model_type in VL_MODEL_TYPES:  # a Qwen3 text model plus the vision part
+            text = text_config(raw, where)
+            plain = cls._from_hf_dict(text, where=f"{where} (text_config)")
+            return dataclasses.replace(plain, vl=VLConfig.from_hf(raw, text, where))
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{where}: model_type={model_type!r} is not supported; expected one of "
@@ -197,7 +206,7 @@ class ModelConfig:
                 decoder_sparse_step=self.decoder_sparse_step,
                 mlp_only_layers=list(self.mlp_only_layers),
             )
-        return out
+        return out if self.vl is None else self.vl.hf_dict(out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,6 +103,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw)
         self.rope_theta = cfg.rope_theta
+        self.mrope = None if cfg.vl is None else (cfg.vl.mrope_section, cfg.vl.mrope_interleaved)
         self.layout = layout
         self.paged_kernel = cfg.paged_attention
 
@@ -111,8 +112,8 @@ class Attention(nnx.Module):
         `kv` (k, v) written at slot `index`, or this chunk's own without a cache.
         Paged (the engine's step): `index` is a RaggedBatch, x the flat batch (T, 1, D) and
         `kv` this layer's pools (k_pool, v_pool), returned updated."""
-        q_btnh = rope(self.q_norm(self.q_proj(x_btd, lam), lam), pos_bt, self.rope_theta)
-        k_btkh = rope(self.k_norm(self.k_proj(x_btd, lam), lam), pos_bt, self.rope_theta)
+        q_btnh = rope(self.q_norm(self.q_proj(x_btd, lam), lam), pos_bt, self.rope_theta, self.mrope)
+        k_btkh = rope(self.k_norm(self.k_proj(x_btd, lam), lam), pos_bt, self.rope_theta, self.mrope)
         v_btkh = self.v_proj(x_btd, lam)
         q_btnh, k_btkh, v_btkh = (constrain(a, ACTIVATIONS.heads) for a in (q_btnh, k_btkh, v_btkh))
         if isinstance(index, RaggedBatch):

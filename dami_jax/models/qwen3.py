@@ -58,6 +58,7 @@ from dami_jax.models.attention import Attention, allowed_keys
 from dami_jax.models.kv_cache import KVCache, resolve_layout
 from dami_jax.models.layers import MLP, Embed, Linear, MoE, RMSNorm
 from dami_jax.models.sharding import ACTIVATIONS, constrain
+from dami_jax.models.vision import VisionTower
 
 Params = dict
 
@@ -112,6 +113,8 @@ class Qwen3(nnx.Module):
             self.lm_head = Linear("BTD,VD->BTV", (cfg.vocab_size,), (cfg.hidden_size,), **kw)
         self.tied = cfg.tie_word_embeddings
         self.num_layers = cfg.num_layers
+        if cfg.vl is not None:  # Qwen3-VL (models/qwen3_vl.py runs it)
+            self.visual = VisionTower(cfg.vl, delta=delta, dtype=dtype, rngs=rngs)
 
     def _inputs(self, tokens_bt, mask_bt, cache: KVCache | None, lam):
         """Embeddings, RoPE positions, the (B, T, S) attention mask, the valid key slots and
@@ -128,10 +131,10 @@ class Qwen3(nnx.Module):
         x_btd = constrain(self.embed(tokens_bt, lam), ACTIVATIONS.batch)
         return x_btd, pos_bt, allowed_keys(key_valid, q_slot), key_valid, index
 
-    def _decoder(self, x_btd, pos_bt, allowed_bts, kv, index, lam, count: int):
+    def _decoder(self, x_btd, pos_bt, allowed_bts, kv, index, lam, count: int, after_layer=None):
         """x after the first `count` decoder layers, and their keys/values (per layer, or
         stacked when scanned): the updated cache or pools kv (ks, vs), or each chunk's own
-        when kv is None."""
+        when kv is None. after_layer(i, x) -> x runs after layer i (Qwen3-VL's deepstack)."""
         args = (pos_bt, allowed_bts)
         if not self.scan:
             ks, vs = [], []
@@ -139,9 +142,13 @@ class Qwen3(nnx.Module):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 with jax.named_scope(f"layer_{i}"):
                     x_btd, (k, v) = self.layers[i](x_btd, *args, layer_kv, index, lam)
+                if after_layer is not None:
+                    x_btd = after_layer(i, x_btd)
                 ks.append(k)
                 vs.append(v)
             return x_btd, tuple(ks), tuple(vs)
+        if after_layer is not None:
+            raise ValueError("image prompts (deepstack) need scan_layers=False")
 
         graphdef, stacked = nnx.split(self.layers)
         axis = 0 if lam is None else 1  # the layer axis comes after delta mode's (Θ_I, Δ)
@@ -155,17 +162,23 @@ class Qwen3(nnx.Module):
         x_btd, (ks, vs) = jax.lax.scan(body, x_btd, (jnp.arange(count), kv))
         return x_btd, ks, vs
 
-    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False):
+    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False,
+                 vision=None):
+        """vision: a Qwen3-VL prefill's `qwen3_vl.VisionSplice` (image rows, M-RoPE positions, deepstack)."""
         x_btd, pos_bt, allowed_bts, key_valid, index = self._inputs(tokens_bt, mask_bt, cache, lam)
+        after_layer = None
+        if vision is not None:
+            x_btd, pos_bt, after_layer = vision.splice(x_btd), vision.pos_3bt, vision.deepstack
         kv = None if cache is None else (cache.k, cache.v)
-        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, kv, index, lam, self.num_layers)
+        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, kv, index, lam, self.num_layers, after_layer)
         if last_only:  # a prefill needs only the next token's logits: skip T-1 rows of the lm_head
             x_btd = x_btd[:, -1:]
         x_btd = self.final_norm(x_btd, lam)
         logits_btv = self.embed.attend(x_btd, lam) if self.tied else self.lm_head(x_btd, lam)
         if cache is not None:
             cache = KVCache(k=ks, v=vs, valid=key_valid, index=cache.index + tokens_bt.shape[1],
-                            next_pos=cache.next_pos + jnp.sum(mask_bt.astype(bool), axis=1, dtype=jnp.int32))
+                            next_pos=cache.next_pos + jnp.sum(mask_bt.astype(bool), axis=1, dtype=jnp.int32)
+                            + (0 if vision is None else vision.delta_b))  # M-RoPE: max position + 1
         return logits_btv.astype(jnp.float32), cache
 
     def paged(self, tokens_t, pools, batch: RaggedBatch, lam_t):
@@ -326,11 +339,20 @@ def _forward(cfg, params, tokens, mask, lam):
     return apply(cfg, params, tokens, mask, lam=lam)[0]
 
 
-def forward(cfg: ModelConfig, params: Params, tokens, attention_mask=None, lam=None) -> jax.Array:
+def forward(cfg: ModelConfig, params: Params, tokens, attention_mask=None, lam=None, *, pixel_values=None,
+            image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> jax.Array:
     """Logits (B, T, V) in float32 for a full sequence, no cache (DESIGN 2.1).
 
     attention_mask: (B, T) with 1 for real tokens and 0 for (left) padding.
+    Qwen3-VL: images / video as transformers takes them (models/qwen3_vl.py).
     """
+    pixels = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                  pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+    if any(v is not None for v in pixels.values()):
+        from dami_jax.models import qwen3_vl
+
+        return qwen3_vl.forward(cfg, params, tokens, attention_mask, lam,
+                                **{k: v for k, v in pixels.items() if v is not None})
     if not isinstance(tokens, jax.core.Tracer):
         arr = np.asarray(tokens)
         if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):

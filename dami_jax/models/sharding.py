@@ -41,6 +41,8 @@ class ShardingConfig:
     def role_spec(self, path: tuple[str, ...]) -> P:
         """The spec of a param (by its path), written for its plain (non-delta) rank."""
         name = "/".join(str(p) for p in path)
+        if path[0] == "visual":  # the Qwen3-VL vision tower is small: replicated
+            return P()
         if path[-1] == "scale":
             return self.norm
         if name.startswith("embed/"):

@@ -1,0 +1,166 @@
+"""Qwen3-VL: the vision tower's rows spliced into the Qwen3 decoder, matching transformers'
+`Qwen3VLForConditionalGeneration` / `Qwen3VLMoeForConditionalGeneration`.
+
+The language model is exactly Qwen3 / Qwen3-MoE (models/qwen3.py); a prefill with
+images or video differs from a text prefill in three ways, all carried by one
+`VisionSplice`:
+  1. the merged vision rows replace the embeddings of the placeholder tokens,
+     in order (images first fill `<|image_pad|>`, videos `<|video_pad|>`);
+  2. positions are M-RoPE's (3, B, T), computed on the host (models/mrope.py);
+  3. deepstack: the k-th deepstack feature is added at the vision positions
+     after text layer k (layers 0..n-1, not the ViT block numbers).
+After the prefill the cache's next position is the row's max position + 1
+(`delta`), so decoding is the plain text path.
+
+Inputs follow transformers' conventions: `pixel_values` / `pixel_values_videos` are
+the patch rows of every image / video of the batch in order, `image_grid_thw` /
+`video_grid_thw` their grids. Images and videos run through the tower in one call
+(every op is per patch or per frame, so this equals two calls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dami_jax.config import ModelConfig
+from dami_jax.errors import InputError
+from dami_jax.models import qwen3
+from dami_jax.models.mrope import rope_index
+from dami_jax.models.vision import PatchLayout, check_grids, merged_counts, patch_layout
+
+
+@struct.dataclass
+class VisionInputs:
+    """The device inputs of a prefill with images (`vision_inputs` builds them on the host)."""
+    pixels_nk: jax.Array  # (N, C·T·P·P) patch rows: images, then videos
+    layout: PatchLayout
+    patch_row_n: jax.Array  # (N,) the batch row each patch's image belongs to (its λ in delta mode)
+    index_bt: jax.Array  # (B, T) the merged vision row of each placeholder (0 elsewhere)
+    visual_bt: jax.Array  # (B, T) bool: placeholder positions
+    pos_3bt: jax.Array  # (3, B, T) M-RoPE positions
+    delta_b: jax.Array  # (B,) max position + 1 - real tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionSplice:
+    """What `Qwen3.__call__` needs of a prefill with images (built inside the jitted call)."""
+    rows_md: jax.Array  # merged vision rows (M, D)
+    deepstack_kmd: tuple  # deepstack features, each (M, D)
+    deepstack_layers: tuple[int, ...]  # the text layer after which each is added
+    index_bt: jax.Array
+    visual_bt: jax.Array
+    pos_3bt: jax.Array
+    delta_b: jax.Array
+
+    def splice(self, x_btd):
+        return jnp.where(self.visual_bt[..., None], self.rows_md[self.index_bt].astype(x_btd.dtype), x_btd)
+
+    def deepstack(self, layer: int, x_btd):
+        for feats_md, at in zip(self.deepstack_kmd, self.deepstack_layers):
+            if at == layer:
+                x_btd = x_btd + jnp.where(self.visual_bt[..., None], feats_md[self.index_bt].astype(x_btd.dtype), 0)
+        return x_btd
+
+
+def _owner_rows(is_kind_bt: np.ndarray, counts: np.ndarray, what: str) -> np.ndarray:
+    """The batch row of each image (video): its placeholders fill the next `counts[k]` slots."""
+    rows = np.nonzero(is_kind_bt)[0]  # row of each placeholder, in row-major order
+    if len(rows) != counts.sum():
+        raise InputError(f"the tokens hold {len(rows)} {what} placeholder tokens but the {what} grids give "
+                         f"{int(counts.sum())} merged rows ({counts.tolist()})")
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return rows[firsts] if len(rows) else np.zeros((0,), np.int64)
+
+
+def _pixels(values, grid, cfg, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    want = int(grid.prod(-1).sum())
+    if arr.shape != (want, cfg.vl.patch_dim):
+        raise InputError(f"{what} has shape {arr.shape}; its grids need ({want}, {cfg.vl.patch_dim}) "
+                         "(patches, channels·temporal_patch·patch²)")
+    return arr
+
+
+def vision_inputs(cfg: ModelConfig, tokens_bt, mask_bt=None, *, pixel_values=None, image_grid_thw=None,
+                  pixel_values_videos=None, video_grid_thw=None, pad_patches: int | None = None) -> VisionInputs:
+    """Host side of a prefill with images and/or video (numpy arrays).
+
+    pad_patches: pad the patch rows to this count (fixed jit shapes across image sizes).
+    """
+    vl = cfg.vl
+    if vl is None:
+        raise InputError(f"pixel inputs were given but the model ({cfg.model_type}) has no vision tower")
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise InputError("pixel_values and image_grid_thw go together")
+    if (pixel_values_videos is None) != (video_grid_thw is None):
+        raise InputError("pixel_values_videos and video_grid_thw go together")
+    tokens = np.asarray(tokens_bt)
+    mask = np.ones(tokens.shape, bool) if mask_bt is None else np.asarray(mask_bt).astype(bool)
+    empty = np.zeros((0, 3), np.int64)
+    img = empty if image_grid_thw is None else check_grids(image_grid_thw, vl)
+    vid = empty if video_grid_thw is None else check_grids(video_grid_thw, vl, "video_grid_thw")
+    parts = [_pixels(v, g, cfg, w) for v, g, w in ((pixel_values, img, "pixel_values"),
+                                                  (pixel_values_videos, vid, "pixel_values_videos")) if v is not None]
+    pixels = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    is_img, is_vid = tokens == vl.image_token_id, tokens == vl.video_token_id
+    img_counts, vid_counts = merged_counts(img, vl), merged_counts(vid, vl)
+    owners = np.concatenate([_owner_rows(is_img, img_counts, "image"), _owner_rows(is_vid, vid_counts, "video")])
+    sizes = np.concatenate([img.prod(-1), vid.prod(-1)]).astype(np.int64)
+    patch_row = np.repeat(owners, sizes)
+    index = np.where(is_img, np.cumsum(is_img, axis=None).reshape(tokens.shape) - 1,
+                     np.where(is_vid, img_counts.sum() + np.cumsum(is_vid, axis=None).reshape(tokens.shape) - 1, 0))
+    positions, deltas = rope_index(tokens, mask, vl, img if len(img) else None, vid if len(vid) else None)
+    layout = patch_layout(np.concatenate([img, vid]), vl, pad_to=pad_patches)
+    if pad_patches is not None:
+        pad = pad_patches - len(pixels)
+        pixels = np.concatenate([pixels, np.zeros((pad, pixels.shape[1]), pixels.dtype)])
+        patch_row = np.concatenate([patch_row, np.zeros((pad,), np.int64)])
+    return VisionInputs(pixels_nk=pixels, layout=layout, patch_row_n=patch_row.astype(np.int32),
+                        index_bt=index.astype(np.int32), visual_bt=is_img | is_vid, pos_3bt=positions,
+                        delta_b=deltas)
+
+
+def _is_delta(tree) -> bool:
+    return tree["pos_embed"]["embedding"].ndim == 3
+
+
+def apply(cfg: ModelConfig, params, tokens_bt, mask_bt, vis: VisionInputs, cache=None, lam=None,
+          last_only: bool = False, deepstack_layers: tuple[int, ...] | None = None):
+    """`qwen3.apply` of a prefill with images (not jitted): logits (B, T, V) float32 and the cache.
+
+    A delta-mode tower runs each patch at its row's λ; a plain tower in delta-mode params
+    (both checkpoints' towers equal, see ModelPair.delta) runs once for all rows.
+    deepstack_layers: where the deepstack features go (default 0..n-1, transformers' rule).
+    """
+    model = qwen3._model(cfg, params, lam)
+    lam_n = lam[vis.patch_row_n] if lam is not None and _is_delta(params["visual"]) else None
+    rows_md, deepstack = model.visual(vis.pixels_nk, vis.layout, lam_n)
+    layers = tuple(range(len(deepstack))) if deepstack_layers is None else tuple(deepstack_layers)
+    splice = VisionSplice(rows_md, tuple(deepstack), layers, vis.index_bt, vis.visual_bt, vis.pos_3bt, vis.delta_b)
+    return model(tokens_bt, mask_bt, cache=cache, lam=lam, last_only=last_only, vision=splice)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, mask, vis, lam):
+    return apply(cfg, params, tokens, mask, vis, lam=lam)[0]
+
+
+def forward(cfg: ModelConfig, params, tokens, attention_mask=None, lam=None, **pixel_inputs) -> jax.Array:
+    """`qwen3.forward` with images and/or video (transformers' keywords: pixel_values,
+    image_grid_thw, pixel_values_videos, video_grid_thw)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise InputError(f"tokens must be (batch, seq), got shape {tokens.shape}")
+    mask = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != tokens.shape:
+        raise InputError(f"attention_mask shape {mask.shape} != tokens shape {tokens.shape}")
+    vis = vision_inputs(cfg, tokens, mask, **pixel_inputs)
+    if lam is not None:
+        lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (tokens.shape[0],))
+    return _forward(cfg, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), vis, lam)
