@@ -22,14 +22,10 @@ from typing import Any
 
 import yaml
 
-from dami_jax.errors import InputError
+from dami_jax.errors import ConfigError, InputError  # noqa: F401 (ConfigError is imported from here)
 from dami_jax.vl_config import VL_MODEL_TYPES, VLConfig, text_config
 
 SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", **VL_MODEL_TYPES}
-
-
-class ConfigError(InputError):
-    """A config file or field is missing, malformed or unsupported."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from dami_jax.errors import ConfigError
+
 VL_MODEL_TYPES = {"qwen3_vl": "Qwen3VLForConditionalGeneration",
                   "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 
@@ -39,8 +41,6 @@ class VLConfig:
     vision_end_token_id: int = 151653
 
     def __post_init__(self):
-        from dami_jax.config import ConfigError
-
         side = int(round(self.num_position_embeddings ** 0.5))
         if side * side != self.num_position_embeddings:
             raise ConfigError(f"vision_config.num_position_embeddings={self.num_position_embeddings} is not a "
@@ -67,8 +67,6 @@ class VLConfig:
     @classmethod
     def from_hf(cls, raw: dict, text: dict, where: str) -> "VLConfig":
         """From the top level of a Qwen3-VL config.json and its text_config."""
-        from dami_jax.config import ConfigError
-
         vision = raw.get("vision_config")
         if not isinstance(vision, dict):
             raise ConfigError(f"{where}: missing the vision_config mapping of a {raw.get('model_type')} config")
@@ -139,8 +137,6 @@ class VLConfig:
 
 def text_config(raw: dict, where: str) -> dict:
     """The text_config of a Qwen3-VL config.json as a flat Qwen3 / Qwen3-MoE config.json."""
-    from dami_jax.config import ConfigError
-
     text = raw.get("text_config")
     if not isinstance(text, dict):
         raise ConfigError(f"{where}: missing the text_config mapping of a {raw.get('model_type')} config")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from dami_jax.checkpoint import hf_vl
 from dami_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.models import qwen3
@@ -116,10 +117,12 @@ class Leaf:
 
 def leaf_table(cfg: ModelConfig) -> list[Leaf]:
     """Every leaf of the params pytree for `cfg`, in a stable order."""
-    if cfg.vl is not None:  # Qwen3-VL: renamed text leaves, fused experts, the vision tower
-        from dami_jax.checkpoint import hf_vl
-
-        return hf_vl.leaf_table(cfg)
+    if cfg.vl is not None:  # Qwen3-VL: renamed text leaves, fused experts, the vision tower (hf_vl.py)
+        text = leaf_table(dataclasses.replace(cfg, vl=None))
+        return ([hf_vl.expert_leaf(leaf.path, leaf.hf_names[0]) if leaf.stacked
+                 else dataclasses.replace(leaf, hf_names=tuple(map(hf_vl.text_name, leaf.hf_names)))
+                 for leaf in text]
+                + [Leaf(path, (name,), None, False, False) for name, path in hf_vl.vision_rows(cfg)])
     leaves = [_leaf(r, None) for r in _GLOBAL]
     for layer in range(cfg.num_layers):
         rows = _ATTN + (_MOE_MLP if cfg.is_moe_layer(layer) else _DENSE_MLP)

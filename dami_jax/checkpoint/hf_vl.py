@@ -20,18 +20,19 @@ import dataclasses
 
 import numpy as np
 
-from dami_jax.checkpoint.hf import Leaf, get_path
 from dami_jax.checkpoint.safetensors_io import CheckpointError
 from dami_jax.config import ModelConfig
 
-_TEXT_PREFIX = ("model.", "model.language_model.")
-
 
 @dataclasses.dataclass(frozen=True)
-class ExpertLeaf(Leaf):
-    """One of our stacked expert kernels from a fused HF tensor: `part` is gate or up (the
-    halves of gate_up_proj, ours (E, D, F)) or down (down_proj, ours (E, F, D))."""
-    part: str = "gate"
+class ExpertLeaf:
+    """One of our stacked expert kernels, from the one tensor of a layer's experts: `part` is
+    gate or up (the halves of gate_up_proj; ours (E, D, F)) or down (down_proj; ours (E, F, D)).
+    Loads and exports as checkpoint/hf.py's `Leaf` does (`read`, `tensors`)."""
+    path: tuple
+    hf_names: tuple[str, ...]  # the one fused tensor
+    part: str
+    stacked: bool = False  # one HF tensor, not one per expert
 
     def _layouts(self, want):
         e, a, b = want  # ours: (E, D, F) for gate/up, (E, F, D) for down
@@ -58,14 +59,17 @@ class ExpertLeaf(Leaf):
     def tensors(self, params, np_dtype):
         if self.part == "gate":  # written with up, as the one gate_up_proj tensor
             return
-        value = np.asarray(get_path(params, self.path)).astype(np_dtype, copy=False)
+        mlp = params
+        for key in self.path[:-1]:
+            mlp = mlp[key]
+        value = np.asarray(mlp[self.path[-1]]).astype(np_dtype, copy=False)
         if self.part == "up":
-            gate = np.asarray(get_path(params, self.path[:-1] + ("gate_proj",))).astype(np_dtype, copy=False)
-            value = np.concatenate([gate, value], axis=-1)
+            value = np.concatenate([np.asarray(mlp["gate_proj"]).astype(np_dtype, copy=False), value], axis=-1)
         yield self.hf_names[0], value
 
 
-def _vision_leaves(cfg: ModelConfig) -> list[Leaf]:
+def vision_rows(cfg: ModelConfig) -> list[tuple[str, tuple]]:
+    """(HF name, our path) of every vision tower tensor; copied as they are."""
     def dense(hf: str, ours: tuple) -> list[tuple[str, tuple]]:
         return [(f"{hf}.weight", (*ours, "kernel")), (f"{hf}.bias", (*ours, "bias"))]
 
@@ -87,22 +91,17 @@ def _vision_leaves(cfg: ModelConfig) -> list[Leaf]:
     rows += merger("merger", ("merger",))
     for k in range(len(cfg.vl.deepstack_visual_indexes)):
         rows += merger(f"deepstack_merger_list.{k}", ("deepstack", k))
-    return [Leaf(("visual", *ours), (f"model.visual.{hf}",), None, False, False) for hf, ours in rows]
+    return [(f"model.visual.{hf}", ("visual", *ours)) for hf, ours in rows]
 
 
-def leaf_table(cfg: ModelConfig) -> list[Leaf]:
-    """Every leaf of a Qwen3-VL params pytree: the text model's, then the vision tower's."""
-    from dami_jax.checkpoint.hf import leaf_table as text_table
+def text_name(name: str) -> str:
+    """A Qwen3 tensor name as the VL checkpoint names it."""
+    return name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
 
-    old, new = _TEXT_PREFIX
-    leaves = []
-    for leaf in text_table(dataclasses.replace(cfg, vl=None)):
-        if leaf.stacked:  # a per-expert leaf of Qwen3-MoE: one fused tensor per layer here
-            layer_mlp = leaf.hf_names[0].rsplit(".experts.", 1)[0].replace(old, new, 1)
-            part = leaf.path[-1].removesuffix("_proj")
-            tensor = "down_proj" if part == "down" else "gate_up_proj"
-            leaves.append(ExpertLeaf(leaf.path, (f"{layer_mlp}.experts.{tensor}",), None, False, False, part))
-            continue
-        names = tuple(n.replace(old, new, 1) if n.startswith(old) else n for n in leaf.hf_names)
-        leaves.append(dataclasses.replace(leaf, hf_names=names))
-    return leaves + _vision_leaves(cfg)
+
+def expert_leaf(path: tuple, qwen3_moe_name: str) -> ExpertLeaf:
+    """The leaf at `path` (a stacked expert kernel) from its layer's fused tensor; qwen3_moe_name
+    is the Qwen3-MoE name of one of its experts' tensors."""
+    layer_mlp = text_name(qwen3_moe_name).rsplit(".experts.", 1)[0]
+    part = path[-1].removesuffix("_proj")
+    return ExpertLeaf(path, (f"{layer_mlp}.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}",), part)

@@ -339,20 +339,11 @@ def _forward(cfg, params, tokens, mask, lam):
     return apply(cfg, params, tokens, mask, lam=lam)[0]
 
 
-def forward(cfg: ModelConfig, params: Params, tokens, attention_mask=None, lam=None, *, pixel_values=None,
-            image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> jax.Array:
+def forward(cfg: ModelConfig, params: Params, tokens, attention_mask=None, lam=None) -> jax.Array:
     """Logits (B, T, V) in float32 for a full sequence, no cache (DESIGN 2.1).
 
     attention_mask: (B, T) with 1 for real tokens and 0 for (left) padding.
-    Qwen3-VL: images / video as transformers takes them (models/qwen3_vl.py).
     """
-    pixels = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                  pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-    if any(v is not None for v in pixels.values()):
-        from dami_jax.models import qwen3_vl
-
-        return qwen3_vl.forward(cfg, params, tokens, attention_mask, lam,
-                                **{k: v for k, v in pixels.items() if v is not None})
     if not isinstance(tokens, jax.core.Tracer):
         arr = np.asarray(tokens)
         if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):

@@ -151,16 +151,42 @@ def _forward(cfg, params, tokens, mask, vis, lam):
     return apply(cfg, params, tokens, mask, vis, lam=lam)[0]
 
 
-def forward(cfg: ModelConfig, params, tokens, attention_mask=None, lam=None, **pixel_inputs) -> jax.Array:
-    """`qwen3.forward` with images and/or video (transformers' keywords: pixel_values,
-    image_grid_thw, pixel_values_videos, video_grid_thw)."""
+def patch_bucket(n: int) -> int:
+    """Patch rows padded to a power of two (at least 64), so jit shapes stay few across image sizes."""
+    return max(64, 1 << (n - 1).bit_length())
+
+
+def forward(cfg: ModelConfig, params, tokens, attention_mask=None, lam=None, *, pixel_values=None,
+            image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> jax.Array:
+    """Logits (B, T, V) float32 for a full sequence, no cache (DESIGN 2.1): `qwen3.forward`,
+    and for Qwen3-VL with images and/or video given as transformers takes them."""
+    pixels = {k: v for k, v in dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                    pixel_values_videos=pixel_values_videos,
+                                    video_grid_thw=video_grid_thw).items() if v is not None}
+    if not pixels:
+        return qwen3.forward(cfg, params, tokens, attention_mask, lam)
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise InputError(f"tokens must be (batch, seq), got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise InputError(f"token ids must lie in [0, {cfg.vocab_size}), got {tokens.min()}..{tokens.max()}")
     mask = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != tokens.shape:
         raise InputError(f"attention_mask shape {mask.shape} != tokens shape {tokens.shape}")
-    vis = vision_inputs(cfg, tokens, mask, **pixel_inputs)
+    patches = sum(int(np.prod(np.asarray(g), axis=-1).sum()) for k, g in pixels.items() if k.endswith("thw"))
+    vis = vision_inputs(cfg, tokens, mask, pad_patches=patch_bucket(patches), **pixels)
     if lam is not None:
         lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (tokens.shape[0],))
     return _forward(cfg, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), vis, lam)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _tower(cfg, params, pixels, layout):
+    return qwen3._model(cfg, params, None).visual(pixels, layout)
+
+
+def vision_tower(cfg: ModelConfig, params, pixel_values, grid_thw):
+    """The tower alone, as transformers' `Qwen3VLVisionModel`: the merged rows
+    (N/4, D) and the deepstack features, a list of (N/4, D)."""
+    grid = check_grids(grid_thw, cfg.vl)
+    return _tower(cfg, params, _pixels(pixel_values, grid, cfg, "pixel_values"), patch_layout(grid, cfg.vl))

@@ -1,0 +1,281 @@
+"""Qwen3-VL against transformers (CPU, float32, tiny random checkpoints built here).
+
+One dense and one MoE checkpoint per module, each with a 4×4 position table (so the
+6×8 grids below are larger than the table and not square), two deepstack blocks and
+a vision tower of three blocks. Prompts are laid out as the processor lays them
+out: <vision_start> + t·h·w/4 placeholders + <vision_end> per image, one such group
+per video frame after a timestamp token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dami_jax as dj
+from dami_jax.models import qwen3, qwen3_vl
+from dami_jax.models.mrope import rope_index
+from helpers import left_pad, perturb_
+
+IMAGE, VIDEO, START, END = 150, 151, 152, 153  # the tiny vocabulary's vision ids
+TEXT = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                             "mrope_interleaved": True})
+VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=2, temporal_patch_size=2,
+              spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 2])
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1)
+TOL = 1e-4
+
+
+def build_hf(kind: str, seed: int = 0, vision_seed: int | None = None):
+    """A tiny random Qwen3-VL (kind "dense" or "moe"), every weight perturbed; the tower's
+    weights drawn with `vision_seed` (default: seed)."""
+    import torch
+    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+    if kind == "moe":
+        cfg = Qwen3VLMoeConfig(text_config={**TEXT, **MOE}, vision_config=VISION, **ids)
+        model = Qwen3VLMoeForConditionalGeneration(cfg)
+    else:
+        cfg = Qwen3VLConfig(text_config=TEXT, vision_config=VISION, **ids)
+        model = Qwen3VLForConditionalGeneration(cfg)
+    perturb_(model, seed)
+    if vision_seed is not None and vision_seed != seed:
+        perturb_(model.model.visual, vision_seed)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model.eval()
+
+
+@dataclasses.dataclass
+class Ckpt:
+    path: str
+    hf: object
+    cfg: dj.ModelConfig
+    params: dict
+
+
+def _ckpt(tmp_path_factory, kind: str, seed: int = 0, vision_seed: int | None = None) -> Ckpt:
+    import torch
+
+    torch.set_num_threads(1)
+    model = build_hf(kind, seed, vision_seed)
+    path = str(tmp_path_factory.mktemp(f"vl-{kind}-{seed}-{vision_seed}"))
+    model.save_pretrained(path)
+    return Ckpt(path, model, dj.ModelConfig.from_hf(path), dj.load_hf(path, progress=False))
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return _ckpt(tmp_path_factory, "dense")
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return _ckpt(tmp_path_factory, "moe")
+
+
+# ---------------------------------------------------------------------------
+# Prompts with images and video, laid out as the processor lays them out.
+
+def _image(grid) -> list[int]:
+    t, h, w = grid
+    return [START] + [IMAGE] * (t * h * w // 4) + [END]
+
+
+def _video(grid) -> list[int]:
+    t, h, w = grid
+    return [tok for f in range(t) for tok in [40 + f, START] + [VIDEO] * (h * w // 4) + [END]]
+
+
+@dataclasses.dataclass
+class Case:
+    tokens: np.ndarray
+    mask: np.ndarray
+    inputs: dict  # our / transformers' pixel keywords
+
+
+def make_case(rows: list[list], seed: int = 0) -> Case:
+    """rows: per batch row a list of text token lists, ("image", grid) and ("video", grid)."""
+    rng = np.random.default_rng(seed)
+    prompts, grids = [], {"image": [], "video": []}
+    for row in rows:
+        toks = []
+        for part in row:
+            if isinstance(part, tuple):
+                grids[part[0]].append(part[1])
+                toks += (_image if part[0] == "image" else _video)(part[1])
+            else:
+                toks += part
+        prompts.append(toks)
+    tokens, mask = left_pad(prompts)
+    inputs = {}
+    for kind, (pix_key, grid_key) in {"image": ("pixel_values", "image_grid_thw"),
+                                      "video": ("pixel_values_videos", "video_grid_thw")}.items():
+        if grids[kind]:
+            grid = np.array(grids[kind], np.int64)
+            inputs[pix_key] = rng.standard_normal((int(grid.prod(-1).sum()), 24)).astype(np.float32)
+            inputs[grid_key] = grid
+    return Case(tokens, mask, inputs)
+
+
+CASES = {
+    "text": [[[3, 4, 5, 6, 7, 8, 9]]],
+    "one_image": [[[5, 6], ("image", (1, 6, 8)), [7, 8, 9]]],
+    "two_images": [[[5], ("image", (1, 6, 8)), [7, 8], ("image", (1, 4, 4)), [9, 10]]],
+    "padded_batch": [[[5], ("image", (1, 4, 4)), [7]],
+                     [[11, 12], ("image", (1, 6, 8)), [13], ("image", (1, 4, 6)), [14, 15, 16]],
+                     [[17, 18, 19]]],
+    "video": [[[5, 6], ("video", (2, 4, 6)), [7, 8]]],
+    "image_video": [[[5], ("image", (1, 6, 4)), [6], ("video", (2, 4, 4)), [7, 8]]],
+}
+
+
+def hf_logits(model, case: Case, **inputs) -> np.ndarray:
+    import torch
+
+    t = lambda a: torch.tensor(np.asarray(a))  # noqa: E731
+    mm = np.where(case.tokens == IMAGE, 1, np.where(case.tokens == VIDEO, 2, 0))
+    kw = {k: t(v) for k, v in {**case.inputs, **inputs}.items()}
+    with torch.no_grad():
+        out = model(input_ids=t(case.tokens).long(), attention_mask=t(case.mask).long(),
+                    mm_token_type_ids=t(mm).long(), **kw)
+    return out.logits.numpy()
+
+
+def masked_err(a, b, mask) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b))[np.asarray(mask).astype(bool)].max())
+
+
+WIDTH = 32  # our side pads every prompt to this width, so the cases share compiled programs
+
+
+def widen(case: Case) -> Case:
+    """The case left-padded to WIDTH (logits of its last T columns are the case's)."""
+    pad = WIDTH - case.tokens.shape[1]
+    return dataclasses.replace(case, tokens=np.pad(case.tokens, ((0, 0), (pad, 0))),
+                               mask=np.pad(case.mask, ((0, 0), (pad, 0))))
+
+
+def ours(cfg, params, case: Case, **kw) -> np.ndarray:
+    """dj.forward on the widened case, cut back to the case's columns."""
+    wide = widen(case)
+    out = dj.forward(cfg, params, wide.tokens, wide.mask, **case.inputs, **kw)
+    assert out.shape == (*wide.tokens.shape, 160) and out.dtype == jnp.float32
+    return np.asarray(out)[:, -case.tokens.shape[1]:]
+
+
+# ---------------------------------------------------------------------------
+# Vision tower and rope index
+
+def test_vision_tower_equals_hf(dense):
+    """Several images (non-square, larger than the 4x4 table) and a 2-frame video in one call."""
+    import torch
+
+    grid = np.array([[1, 6, 8], [1, 4, 4], [2, 4, 6], [1, 8, 10]])
+    pixels = np.random.default_rng(1).standard_normal((int(grid.prod(-1).sum()), 24)).astype(np.float32)
+    with torch.no_grad():
+        ref = dense.hf.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid))
+    merged, deepstack = qwen3_vl.vision_tower(dense.cfg, dense.params, pixels, grid)
+    assert merged.shape == (int(grid.prod(-1).sum()) // 4, 64)
+    np.testing.assert_allclose(merged, ref.pooler_output.numpy(), atol=1e-5, rtol=0)
+    assert len(deepstack) == len(ref.deepstack_features) == 2
+    for ours, theirs in zip(deepstack, ref.deepstack_features):
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "text"])
+def test_rope_index_equals_hf(dense, name):
+    import torch
+
+    case = make_case(CASES[name])
+    mm = np.where(case.tokens == IMAGE, 1, np.where(case.tokens == VIDEO, 2, 0))
+    grids = {k: torch.tensor(case.inputs[k]) for k in ("image_grid_thw", "video_grid_thw") if k in case.inputs}
+    ref_pos, ref_delta = dense.hf.model.get_rope_index(torch.tensor(case.tokens).long(), torch.tensor(mm),
+                                                       attention_mask=torch.tensor(case.mask), **grids)
+    pos, delta = rope_index(case.tokens, case.mask, dense.cfg.vl, case.inputs.get("image_grid_thw"),
+                            case.inputs.get("video_grid_thw"))
+    real = case.mask.astype(bool)
+    np.testing.assert_array_equal(pos[:, real], ref_pos.numpy()[:, real])
+    np.testing.assert_array_equal(delta, ref_delta.numpy()[:, 0])
+
+
+def test_rope_index_refuses_mismatched_grids(dense):
+    case = make_case(CASES["one_image"])
+    with pytest.raises(dj.InputError, match="grid"):
+        rope_index(case.tokens, case.mask, dense.cfg.vl, np.array([[1, 4, 4]]))
+    with pytest.raises(dj.InputError, match="placeholder"):
+        rope_index(case.tokens, case.mask, dense.cfg.vl, np.array([[1, 6, 8], [1, 4, 4]]))
+
+
+# ---------------------------------------------------------------------------
+# Logits
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_logits_equal_hf(request, kind, name):
+    ckpt = request.getfixturevalue(kind)
+    case = make_case(CASES[name])
+    assert masked_err(ours(ckpt.cfg, ckpt.params, case), hf_logits(ckpt.hf, case), case.mask) < TOL
+
+
+def test_text_only_vl_equals_qwen3(dense):
+    """The VL language model is Qwen3: the same logits without the tower, as a plain Qwen3 config."""
+    case = widen(make_case(CASES["padded_batch"][2:] + [[[3, 4, 5, 6, 7]]]))
+    text_cfg = dataclasses.replace(dense.cfg, vl=None)
+    text_params = {k: v for k, v in dense.params.items() if k != "visual"}
+    vl = dj.forward(dense.cfg, dense.params, case.tokens, case.mask)
+    plain = qwen3.forward(text_cfg, text_params, case.tokens, case.mask)
+    np.testing.assert_array_equal(np.asarray(vl), np.asarray(plain))
+
+
+def _linear_positions(case: Case) -> np.ndarray:
+    return np.broadcast_to(np.maximum(np.cumsum(case.mask, 1) - 1, 0), (3, *case.tokens.shape)).astype(np.int32)
+
+
+def _wrong(variant: str, cfg, vis, case: Case):
+    """(cfg, vis, deepstack_layers) of one known porting mistake."""
+    if variant == "deepstack_dropped":
+        return cfg, vis, ()
+    if variant == "deepstack_at_vit_indexes":
+        return cfg, vis, cfg.vl.deepstack_visual_indexes
+    if variant == "1d_rope":
+        return cfg, vis.replace(pos_3bt=_linear_positions(case)), None
+    if variant == "text_resumes_at_linear_index":
+        pos = np.array(vis.pos_3bt)
+        after = np.cumsum(case.tokens == IMAGE, axis=1) > 0
+        text_after = after & (case.tokens != IMAGE) & case.mask.astype(bool)
+        pos[:, text_after] = _linear_positions(case)[:, text_after]
+        return cfg, vis.replace(pos_3bt=pos), None
+    if variant == "non_interleaved_mrope":
+        return dataclasses.replace(cfg, vl=dataclasses.replace(cfg.vl, mrope_interleaved=False)), vis, None
+    raise ValueError(variant)
+
+
+@pytest.mark.parametrize("variant", ["deepstack_dropped", "deepstack_at_vit_indexes", "1d_rope",
+                                     "text_resumes_at_linear_index", "non_interleaved_mrope"])
+def test_pitfalls_break_the_one_image_case(dense, variant):
+    """Each known porting mistake alone moves the one-image logits far past the tolerance, so
+    the parity tests above would catch it."""
+    case = widen(make_case(CASES["one_image"]))
+    ref = hf_logits(dense.hf, case)
+    vis = qwen3_vl.vision_inputs(dense.cfg, case.tokens, case.mask, pad_patches=64, **case.inputs)
+    cfg, wrong_vis, layers = _wrong(variant, dense.cfg, vis, case)
+    if layers is None:  # the compiled program of the parity tests
+        logits = qwen3_vl._forward(cfg, dense.params, case.tokens, case.mask, wrong_vis, None)
+    else:
+        logits = jax.jit(functools.partial(qwen3_vl.apply, cfg, deepstack_layers=layers))(
+            dense.params, case.tokens, case.mask, wrong_vis)[0]
+    err = masked_err(logits, ref, case.mask)
+    assert err > 100 * TOL, f"{variant}: error {err}"
