@@ -279,3 +279,41 @@ def test_pitfalls_break_the_one_image_case(dense, variant):
             dense.params, case.tokens, case.mask, wrong_vis)[0]
     err = masked_err(logits, ref, case.mask)
     assert err > 100 * TOL, f"{variant}: error {err}"
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: both expert layouts, export
+
+def test_expert_layouts_both_load(moe, tmp_path):
+    """transformers 5 saves the fused (E, 2F, D) / (E, D, F) experts; hub files hold (E, D, 2F) /
+    (E, F, D). A hub-layout copy of the checkpoint loads to the same params."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(os.path.join(moe.path, "model.safetensors"))
+    fused = tensors["model.language_model.layers.0.mlp.experts.gate_up_proj"]
+    assert fused.shape == (4, 48, 64)  # (E, 2F, D): the fixture is the fused layout
+    hub = {k: (np.ascontiguousarray(v.transpose(0, 2, 1)) if ".mlp.experts." in k else v)
+           for k, v in tensors.items()}
+    save_file(hub, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(moe.path, "config.json")) as f, open(tmp_path / "config.json", "w") as g:
+        g.write(f.read())
+    loaded = dj.load_hf(tmp_path, progress=False)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(moe.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    gate = np.asarray(loaded["layers"][0]["mlp"]["gate_proj"])
+    np.testing.assert_array_equal(gate, fused[:, :24].transpose(0, 2, 1))  # gate first, ours (E, D, F)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_export_reloads_in_transformers(request, kind, tmp_path):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    ckpt = request.getfixturevalue(kind)
+    dj.save_hf(ckpt.cfg, ckpt.params, tmp_path / "out", progress=False)
+    assert dj.ModelConfig.from_hf(tmp_path / "out") == ckpt.cfg
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["architectures"] == [type(ckpt.hf).__name__]
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    case = make_case(CASES["image_video"])
+    np.testing.assert_array_equal(hf_logits(reloaded, case), hf_logits(ckpt.hf, case))
