@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dami_jax.checkpoint.hf import load_hf, resolve_model_dir
@@ -43,9 +45,12 @@ class ModelPair:
 
     @property
     def delta(self) -> dict:
-        """(Θ_I, Δ) stacked params for delta mode, built once."""
+        """(Θ_I, Δ) stacked params for delta mode, built once. A Qwen3-VL vision tower equal in
+        both checkpoints stays plain, so it runs once for all rows (models/qwen3_vl.apply)."""
         if self._delta is None:
             self._delta = delta_params(self.instruct, self.thinking, schedule=self.schedule)
+            if "visual" in self.instruct and trees_equal(self.instruct["visual"], self.thinking["visual"]):
+                self._delta = {**self._delta, "visual": self.instruct["visual"]}
         return self._delta
 
     def merged(self, lam):
@@ -59,6 +64,12 @@ class ModelPair:
         if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in ids:
             ids.append(tok.eos_token_id)
         return ids
+
+
+def trees_equal(a, b) -> bool:
+    """Whether two params trees hold equal arrays (compared, not assumed from their source)."""
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x.shape == y.shape and bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def check_same_architecture(a: ModelConfig, b: ModelConfig, names=("instruct", "thinking")) -> None:

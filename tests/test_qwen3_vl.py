@@ -51,8 +51,7 @@ def build_hf(kind: str, seed: int = 0, vision_seed: int | None = None):
         cfg = Qwen3VLConfig(text_config=TEXT, vision_config=VISION, **ids)
         model = Qwen3VLForConditionalGeneration(cfg)
     perturb_(model, seed)
-    if vision_seed is not None and vision_seed != seed:
-        perturb_(model.model.visual, vision_seed)
+    perturb_(model.model.visual, seed if vision_seed is None else vision_seed)  # its own draws
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     return model.eval()
@@ -317,3 +316,66 @@ def test_export_reloads_in_transformers(request, kind, tmp_path):
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     case = make_case(CASES["image_video"])
     np.testing.assert_array_equal(hf_logits(reloaded, case), hf_logits(ckpt.hf, case))
+
+
+# ---------------------------------------------------------------------------
+# Interpolation: Θ(λ) with the tower, delta mode with per-row λ, a tower shared by both
+
+@pytest.fixture(scope="module")
+def thinking(tmp_path_factory):
+    """A second dense checkpoint: every weight differs from `dense`, its tower included."""
+    return _ckpt(tmp_path_factory, "dense", seed=1)
+
+
+@pytest.fixture(scope="module")
+def thinking_same_tower(tmp_path_factory):
+    """A second dense checkpoint whose vision tower equals `dense`'s."""
+    return _ckpt(tmp_path_factory, "dense", seed=2, vision_seed=0)
+
+
+def hf_merged(instruct, thinking, lam: float):
+    """transformers' model holding Θ(λ) = λ·Θ_T + (1 − λ)·Θ_I, the tower included."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(instruct.hf)
+    theta_t = thinking.hf.state_dict()
+    with torch.no_grad():
+        model.load_state_dict({k: lam * theta_t[k] + (1 - lam) * v for k, v in instruct.hf.state_dict().items()})
+    return model.eval()
+
+
+LAMS = (0.0, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_interpolated_equals_transformers_merged(dense, thinking, lam):
+    case = make_case(CASES["padded_batch"])
+    theta = dj.interpolate(dense.params, thinking.params, lam)
+    ref = hf_logits(hf_merged(dense, thinking, lam), case)
+    assert masked_err(ours(dense.cfg, theta, case), ref, case.mask) < TOL
+
+
+@pytest.mark.parametrize("same_tower", [False, True])
+def test_delta_mode_per_row_lam_equals_transformers(request, dense, same_tower):
+    """Rows at λ = 0, 0.5, 1 in one batch, each with its own images; with equal towers the
+    pair keeps the tower plain (found by comparing the arrays), so it runs once."""
+    other = request.getfixturevalue("thinking_same_tower" if same_tower else "thinking")
+    pair = dj.ModelPair(dense.cfg, dense.params, other.params)
+    assert (pair.delta["visual"]["pos_embed"]["embedding"].ndim == 2) == same_tower
+    case = make_case(CASES["padded_batch"])
+    got = ours(dense.cfg, pair.delta, case, lam=np.array(LAMS, np.float32))
+    for row, lam in enumerate(LAMS):
+        ref = hf_logits(hf_merged(dense, other, lam), case)
+        assert masked_err(got[row], ref[row], case.mask[row]) < TOL, (row, lam)
+
+
+def test_vision_schedule_kind(dense, thinking):
+    """A `vision` rule scales λ on the tower alone."""
+    schedule = dj.Schedule.from_dict({"rules": [{"kinds": ["vision"], "scale": 0.0}]}, dense.cfg.num_layers)
+    theta = dj.interpolate(dense.params, thinking.params, 1.0, schedule=schedule)
+    for a, b in zip(jax.tree.leaves(theta["visual"]), jax.tree.leaves(dense.params["visual"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(theta["embed"]["embedding"]),
+                                  np.asarray(thinking.params["embed"]["embedding"]))
