@@ -26,6 +26,7 @@ from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, generate_lockstep, generate_stacked
 from dami_jax.generate.sampling import Greedy
 from dami_jax.interpolate import check_lam, delta_params, interpolate
+from dami_jax.models.qwen3_vl import select_rows
 from dami_jax.schedule import Schedule
 
 
@@ -108,19 +109,25 @@ def load_pair(instruct: str | os.PathLike, thinking: str | os.PathLike, dtype="f
 def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens: int, *,
                   mode: str = "delta", sampling=Greedy(), seed: int = 0, stop_tokens=None,
                   max_cache: int | None = None, max_rows: int | None = None,
-                  kv_bytes: int | None = None) -> GenerateOutput:
+                  kv_bytes: int | None = None, **pixel_inputs) -> GenerateOutput:
     """Generate each prompt at its own λ (lam: a scalar or one value per prompt).
 
     max_cache: tokens one sequence may hold, prompt included (default: the model's context);
     a row that reaches it ends with "length" and sets `cache_full`. In delta mode it is a
     capacity, not a cost. max_rows, kv_bytes: the engine's rows at once and KV pool (delta
     mode; `engine.offline.sized_engine`).
+    pixel_inputs: Qwen3-VL images / video of the batch as transformers takes them
+    (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw); such a batch runs
+    in lock step (`generate_lockstep`), delta mode over the (Θ_I, Δ) params.
     """
     b = len(prompts)
     lam = np.broadcast_to(check_lam(lam), (b,)) if np.ndim(lam) == 0 else check_lam(lam)
     if lam.shape != (b,):
         raise ValueError(f"lam has {lam.shape[0]} values for {b} prompts")
     stops = pair.stop_tokens if stop_tokens is None else stop_tokens
+    if any(v is not None for v in pixel_inputs.values()):
+        return _generate_with_pixels(pair, prompts, lam, max_new_tokens, mode, pixel_inputs, sampling=sampling,
+                                     seed=seed, stop_tokens=stops, max_cache=max_cache)
     if mode == "delta":
         if not prompts:
             raise InputError("prompts is empty")
@@ -138,6 +145,22 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
                             [[prompts[i] for i in r] for r in rows], max_new_tokens,
                             row_id_groups=rows, **kw)
     return scatter_rows(outs, rows, b, max_new_tokens)
+
+
+def _generate_with_pixels(pair: ModelPair, prompts, lam, max_new_tokens: int, mode: str, pixel_inputs: dict,
+                          **kw) -> GenerateOutput:
+    """generate_pair of prompts with images, in lock step: delta mode in one batch, merged
+    mode one batch per distinct λ (each with its rows' images)."""
+    if mode == "delta":
+        return generate_lockstep(pair.cfg, pair.delta, prompts, max_new_tokens, lam=lam, **kw, **pixel_inputs)
+    if mode != "merged":
+        raise ValueError(f"mode must be 'delta' or 'merged', got {mode!r}")
+    values = sorted(set(lam.tolist()))
+    rows = [[i for i in range(len(prompts)) if lam[i] == v] for v in values]
+    outs = [generate_lockstep(pair.cfg, pair.merged(v), [prompts[i] for i in r], max_new_tokens, row_ids=r,
+                              **kw, **select_rows(pair.cfg, prompts, pixel_inputs, r))
+            for v, r in zip(values, rows)]
+    return scatter_rows(outs, rows, len(prompts), max_new_tokens)
 
 
 def sweep(pair: ModelPair, prompts: list[list[int]], lams, max_new_tokens: int, *,

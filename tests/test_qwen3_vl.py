@@ -379,3 +379,48 @@ def test_vision_schedule_kind(dense, thinking):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(theta["embed"]["embedding"]),
                                   np.asarray(thinking.params["embed"]["embedding"]))
+
+
+# ---------------------------------------------------------------------------
+# Generation with images
+
+NEW = 6
+
+
+def hf_generate(model, case: Case) -> np.ndarray:
+    import torch
+
+    t = lambda a: torch.tensor(np.asarray(a))  # noqa: E731
+    mm = np.where(case.tokens == IMAGE, 1, np.where(case.tokens == VIDEO, 2, 0))
+    with torch.no_grad():
+        out = model.generate(input_ids=t(case.tokens).long(), attention_mask=t(case.mask).long(),
+                             mm_token_type_ids=t(mm).long(), max_new_tokens=NEW, do_sample=False,
+                             **{k: t(v) for k, v in case.inputs.items()})
+    return out[:, case.tokens.shape[1]:].numpy()
+
+
+def prompts_of(case: Case) -> list[list[int]]:
+    return [row[m.astype(bool)].tolist() for row, m in zip(case.tokens, case.mask)]
+
+
+@pytest.mark.parametrize("name", ["one_image", "padded_batch"])
+def test_greedy_equals_hf_generate(dense, name):
+    """Decoding continues at each row's max position + 1 (text position + the row's delta)."""
+    case = make_case(CASES[name])
+    out = dj.generate(dense.cfg, dense.params, prompts_of(case), NEW, **case.inputs)
+    np.testing.assert_array_equal(out.tokens, hf_generate(dense.hf, case))
+
+
+def test_generate_pair_with_images_mixed_lam(dense, thinking):
+    """Rows at λ = 0, 0.5, 1 with their own images: delta mode (one batch) gives merged mode's
+    tokens, each row those of its λ alone, and the λ = 0.5 row transformers' with Θ(0.5)."""
+    case = make_case(CASES["padded_batch"])
+    prompts = prompts_of(case)
+    pair = dj.ModelPair(dense.cfg, dense.params, thinking.params)
+    delta = dj.generate_pair(pair, prompts, LAMS, NEW, mode="delta", **case.inputs)
+    merged = dj.generate_pair(pair, prompts, LAMS, NEW, mode="merged", **case.inputs)
+    np.testing.assert_array_equal(delta.tokens, merged.tokens)
+    alone = dj.generate_pair(pair, prompts[1:2], 0.5, NEW, mode="merged",
+                             **qwen3_vl.select_rows(dense.cfg, prompts, case.inputs, [1]))
+    np.testing.assert_array_equal(alone.tokens[0], delta.tokens[1])
+    np.testing.assert_array_equal(delta.tokens[1], hf_generate(hf_merged(dense, thinking, 0.5), case)[1])

@@ -35,6 +35,9 @@ from dami_jax.models.mrope import rope_index
 from dami_jax.models.vision import PatchLayout, check_grids, merged_counts, patch_layout
 
 
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
 @struct.dataclass
 class VisionInputs:
     """The device inputs of a prefill with images (`vision_inputs` builds them on the host)."""
@@ -68,14 +71,14 @@ class VisionSplice:
         return x_btd
 
 
-def _owner_rows(is_kind_bt: np.ndarray, counts: np.ndarray, what: str) -> np.ndarray:
-    """The batch row of each image (video): its placeholders fill the next `counts[k]` slots."""
-    rows = np.nonzero(is_kind_bt)[0]  # row of each placeholder, in row-major order
-    if len(rows) != counts.sum():
-        raise InputError(f"the tokens hold {len(rows)} {what} placeholder tokens but the {what} grids give "
-                         f"{int(counts.sum())} merged rows ({counts.tolist()})")
+def _owner_rows(placeholder_rows: np.ndarray, counts: np.ndarray, what: str) -> np.ndarray:
+    """The batch row of each image (video), given the row of each placeholder token in order:
+    image k fills the next counts[k] placeholders."""
+    if len(placeholder_rows) != counts.sum():
+        raise InputError(f"the tokens hold {len(placeholder_rows)} {what} placeholder tokens but the {what} "
+                         f"grids give {int(counts.sum())} merged rows ({counts.tolist()})")
     firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return rows[firsts] if len(rows) else np.zeros((0,), np.int64)
+    return placeholder_rows[firsts] if len(counts) else np.zeros((0,), np.int64)
 
 
 def _pixels(values, grid, cfg, what: str) -> np.ndarray:
@@ -110,7 +113,8 @@ def vision_inputs(cfg: ModelConfig, tokens_bt, mask_bt=None, *, pixel_values=Non
     pixels = np.concatenate(parts) if len(parts) > 1 else parts[0]
     is_img, is_vid = tokens == vl.image_token_id, tokens == vl.video_token_id
     img_counts, vid_counts = merged_counts(img, vl), merged_counts(vid, vl)
-    owners = np.concatenate([_owner_rows(is_img, img_counts, "image"), _owner_rows(is_vid, vid_counts, "video")])
+    owners = np.concatenate([_owner_rows(np.nonzero(is_img)[0], img_counts, "image"),
+                             _owner_rows(np.nonzero(is_vid)[0], vid_counts, "video")])
     sizes = np.concatenate([img.prod(-1), vid.prod(-1)]).astype(np.int64)
     patch_row = np.repeat(owners, sizes)
     index = np.where(is_img, np.cumsum(is_img, axis=None).reshape(tokens.shape) - 1,
@@ -124,6 +128,26 @@ def vision_inputs(cfg: ModelConfig, tokens_bt, mask_bt=None, *, pixel_values=Non
     return VisionInputs(pixels_nk=pixels, layout=layout, patch_row_n=patch_row.astype(np.int32),
                         index_bt=index.astype(np.int32), visual_bt=is_img | is_vid, pos_3bt=positions,
                         delta_b=deltas)
+
+
+def select_rows(cfg: ModelConfig, prompts: list[list[int]], pixel_inputs: dict, rows: list[int]) -> dict:
+    """The pixel inputs of the prompts `rows` (in that order) of a batch's: each prompt's
+    placeholders take the next images / videos of the batch in order."""
+    out = {}
+    for pix_key, grid_key, token in (("pixel_values", "image_grid_thw", cfg.vl.image_token_id),
+                                     ("pixel_values_videos", "video_grid_thw", cfg.vl.video_token_id)):
+        if pixel_inputs.get(grid_key) is None:
+            continue
+        grid = check_grids(pixel_inputs[grid_key], cfg.vl, grid_key)
+        pixels = _pixels(pixel_inputs[pix_key], grid, cfg, pix_key)
+        placeholder_rows = np.repeat(np.arange(len(prompts)), [sum(t == token for t in p) for p in prompts])
+        item_rows = _owner_rows(placeholder_rows, merged_counts(grid, cfg.vl), grid_key.split("_")[0])
+        ends = np.cumsum(grid.prod(-1))
+        chosen = [i for r in rows for i in np.flatnonzero(item_rows == r)]
+        if chosen:
+            out[grid_key] = grid[chosen]
+            out[pix_key] = np.concatenate([pixels[ends[i] - grid[i].prod(): ends[i]] for i in chosen])
+    return out
 
 
 def _is_delta(tree) -> bool:
@@ -173,11 +197,23 @@ def forward(cfg: ModelConfig, params, tokens, attention_mask=None, lam=None, *, 
     mask = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != tokens.shape:
         raise InputError(f"attention_mask shape {mask.shape} != tokens shape {tokens.shape}")
-    patches = sum(int(np.prod(np.asarray(g), axis=-1).sum()) for k, g in pixels.items() if k.endswith("thw"))
-    vis = vision_inputs(cfg, tokens, mask, pad_patches=patch_bucket(patches), **pixels)
+    vis = batch_vision_inputs(cfg, tokens, mask, pixels)
     if lam is not None:
         lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (tokens.shape[0],))
     return _forward(cfg, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), vis, lam)
+
+
+def batch_vision_inputs(cfg: ModelConfig, tokens_bt, mask_bt, pixel_inputs: dict) -> VisionInputs | None:
+    """`vision_inputs` of a padded batch with its patches bucketed (`patch_bucket`); None without
+    pixel inputs. pixel_inputs: transformers' keywords, None values ignored."""
+    pixels = {k: v for k, v in pixel_inputs.items() if v is not None}
+    unknown = sorted(set(pixels) - set(PIXEL_KEYS))
+    if unknown:
+        raise InputError(f"unknown pixel input(s) {unknown}; expected some of {list(PIXEL_KEYS)}")
+    if not pixels:
+        return None
+    patches = sum(int(np.prod(np.asarray(g), axis=-1).sum()) for k, g in pixels.items() if k.endswith("thw"))
+    return vision_inputs(cfg, tokens_bt, mask_bt, pad_patches=patch_bucket(patches), **pixels)
 
 
 @functools.partial(jax.jit, static_argnums=0)
