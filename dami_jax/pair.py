@@ -117,26 +117,26 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
     capacity, not a cost. max_rows, kv_bytes: the engine's rows at once and KV pool (delta
     mode; `engine.offline.sized_engine`).
     pixel_inputs: Qwen3-VL images / video of the batch as transformers takes them
-    (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw); such a batch runs
-    in lock step (`generate_lockstep`), delta mode over the (Θ_I, Δ) params.
+    (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw); merged mode then runs
+    one lock-step batch per distinct λ, each with its rows' images.
     """
     b = len(prompts)
     lam = np.broadcast_to(check_lam(lam), (b,)) if np.ndim(lam) == 0 else check_lam(lam)
     if lam.shape != (b,):
         raise ValueError(f"lam has {lam.shape[0]} values for {b} prompts")
     stops = pair.stop_tokens if stop_tokens is None else stop_tokens
-    if any(v is not None for v in pixel_inputs.values()):
-        return _generate_with_pixels(pair, prompts, lam, max_new_tokens, mode, pixel_inputs, sampling=sampling,
-                                     seed=seed, stop_tokens=stops, max_cache=max_cache)
     if mode == "delta":
         if not prompts:
             raise InputError("prompts is empty")
         engine = sized_engine(pair, None, prompts, max_new_tokens, max_cache=max_cache, max_rows=max_rows,
                               kv_bytes=kv_bytes)
-        return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed, stop_tokens=stops)
-    kw = dict(sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
+        return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed, stop_tokens=stops,
+                               **pixel_inputs)
     if mode != "merged":
         raise ValueError(f"mode must be 'delta' or 'merged', got {mode!r}")
+    kw = dict(sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
+    if any(v is not None for v in pixel_inputs.values()):
+        return _merged_with_pixels(pair, prompts, lam, max_new_tokens, pixel_inputs, **kw)
     values = sorted(set(lam.tolist()))
     if len(values) == 1:
         return generate_lockstep(pair.cfg, pair.merged(values[0]), prompts, max_new_tokens, **kw)
@@ -147,14 +147,9 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
     return scatter_rows(outs, rows, b, max_new_tokens)
 
 
-def _generate_with_pixels(pair: ModelPair, prompts, lam, max_new_tokens: int, mode: str, pixel_inputs: dict,
-                          **kw) -> GenerateOutput:
-    """generate_pair of prompts with images, in lock step: delta mode in one batch, merged
-    mode one batch per distinct λ (each with its rows' images)."""
-    if mode == "delta":
-        return generate_lockstep(pair.cfg, pair.delta, prompts, max_new_tokens, lam=lam, **kw, **pixel_inputs)
-    if mode != "merged":
-        raise ValueError(f"mode must be 'delta' or 'merged', got {mode!r}")
+def _merged_with_pixels(pair: ModelPair, prompts, lam, max_new_tokens: int, pixel_inputs: dict,
+                        **kw) -> GenerateOutput:
+    """Merged mode for prompts with images: one lock-step batch per distinct λ, with its rows' images."""
     values = sorted(set(lam.tolist()))
     rows = [[i for i in range(len(prompts)) if lam[i] == v] for v in values]
     outs = [generate_lockstep(pair.cfg, pair.merged(v), [prompts[i] for i in r], max_new_tokens, row_ids=r,

@@ -21,6 +21,7 @@ import pytest
 
 import dami_jax as dj
 from dami_jax.models import qwen3, qwen3_vl
+from dami_jax.generate.decode import generate_lockstep
 from dami_jax.models.mrope import rope_index
 from helpers import left_pad, perturb_
 
@@ -407,10 +408,20 @@ def prompts_of(case: Case) -> list[list[int]]:
 GEN_CASE = [[[5], ("image", (1, 4, 4)), [7]], [[11, 12], ("image", (1, 6, 4)), [13]]]
 
 
-def test_greedy_equals_hf_generate(dense):
-    """Decoding continues at each row's max position + 1 (text position + the row's delta)."""
+@pytest.mark.parametrize("path", ["engine", "engine_chunked", "lockstep"])
+def test_greedy_equals_hf_generate(dense, path):
+    """Decoding continues at each row's max position + 1 (text position + the row's delta): on the
+    paged engine (prefill in one chunk, or in chunks of 8 tokens that split the images) and in
+    lock step."""
     case = make_case(GEN_CASE)
-    out = dj.generate(dense.cfg, dense.params, prompts_of(case), NEW, **case.inputs)
+    prompts = prompts_of(case)
+    if path == "lockstep":
+        out = generate_lockstep(dense.cfg, dense.params, prompts, NEW, **case.inputs)
+    elif path == "engine":
+        out = dj.generate(dense.cfg, dense.params, prompts, NEW, **case.inputs)
+    else:
+        engine = dj.Engine(dense.cfg, dense.params, num_pages=16, page_size=8, max_rows=2, max_tokens_per_step=8)
+        out = engine.generate(prompts, NEW, **case.inputs)
     expected = hf_generate(dense.hf, case)
     assert len(set(expected.ravel().tolist())) > 2  # not a degenerate repetition
     np.testing.assert_array_equal(out.tokens, expected)

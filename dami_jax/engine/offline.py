@@ -20,7 +20,7 @@ import numpy as np
 
 from dami_jax.engine.engine import Engine
 from dami_jax.errors import InputError
-from dami_jax.generate.decode import GenerateOutput, generate_lockstep
+from dami_jax.generate.decode import GenerateOutput
 from dami_jax.generate.sampling import Greedy
 
 MAX_ROWS = 64
@@ -70,16 +70,12 @@ def generate(cfg, params, prompts: list[list[int]], max_new_tokens, sampling=Gre
     sets `cache_full`. row_ids: the id seeding each row's sampling (default 0..B-1), so a
     row samples the same tokens whatever batch it is in. max_rows, kv_bytes: see
     `sized_engine`. `generate.decode.generate_lockstep` is the lock-step reference.
-    pixel_inputs: Qwen3-VL images / video (transformers' keywords); such a batch runs on
-    `generate_lockstep` (the engine's prefill takes text only).
+    pixel_inputs: Qwen3-VL images / video of the batch, as transformers takes them.
     """
     if not prompts:
         raise InputError("prompts is empty")
-    if any(v is not None for v in pixel_inputs.values()):
-        return generate_lockstep(cfg, params, prompts, max_new_tokens, sampling=sampling, seed=seed,
-                                 stop_tokens=stop_tokens, lam=lam, max_cache=max_cache, row_ids=row_ids,
-                                 **pixel_inputs)
     engine = sized_engine(cfg, params, prompts, max_new_tokens, max_cache=max_cache, max_rows=max_rows,
                           kv_bytes=kv_bytes)
     return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed,
-                           stop_tokens=stop_tokens, row_ids=row_ids)  # None: Engine(cfg, ...) has no stop ids
+                           stop_tokens=stop_tokens, row_ids=row_ids,  # None: Engine(cfg, ...) has no stop ids
+                           **pixel_inputs)

@@ -181,13 +181,18 @@ class Qwen3(nnx.Module):
                             + (0 if vision is None else vision.delta_b))  # M-RoPE: max position + 1
         return logits_btv.astype(jnp.float32), cache
 
-    def paged(self, tokens_t, pools, batch: RaggedBatch, lam_t):
+    def paged(self, tokens_t, pools, batch: RaggedBatch, lam_t, rope_delta_t=None, vision=None):
         """The engine's step over a flat ragged batch: logits (R, V) float32 of each row's last
         token, and the updated pools. The T tokens run as a (T, 1) batch, so every block but
-        attention works unchanged, with λ per token (lam_t)."""
+        attention works unchanged, with λ per token (lam_t). Qwen3-VL: rope_delta_t (T,) shifts
+        each token's RoPE position by its row's M-RoPE delta; `vision` (a qwen3_vl.VisionSplice
+        over the (T, 1) batch) splices the image rows of prefill chunks."""
         x_btd = self.embed(tokens_t[:, None], lam_t)
-        x_btd, ks, vs = self._decoder(x_btd, batch.positions[:, None], None, pools, batch, lam_t,
-                                      self.num_layers)
+        pos_t = batch.positions if rope_delta_t is None else batch.positions + rope_delta_t
+        pos_bt, after_layer = pos_t[:, None], None
+        if vision is not None:
+            x_btd, pos_bt, after_layer = vision.splice(x_btd), vision.pos_3bt, vision.deepstack
+        x_btd, ks, vs = self._decoder(x_btd, pos_bt, None, pools, batch, lam_t, self.num_layers, after_layer)
         # Only each row's last token needs logits (a padding row points at a real token; ignored).
         last_r = jnp.maximum(batch.cu_q_lens[1:] - 1, 0)
         x_btd = x_btd[last_r]
@@ -308,14 +313,16 @@ def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple
             tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
-def paged_step(cfg: ModelConfig, params: Params, pools, tokens_t, batch: RaggedBatch, lam_t=None):
+def paged_step(cfg: ModelConfig, params: Params, pools, tokens_t, batch: RaggedBatch, lam_t=None,
+               rope_delta_t=None, vision=None):
     """One engine step (not jitted; jit it with the pools donated): logits (R, V) float32 of each
     row's last token and the updated pools (init_pools's form).
 
     tokens_t (T,): the flat batch of the step, batch its metadata (pages.PageAllocator.ragged_batch,
     as device arrays); lam_t (T,): each token's λ, required for delta-mode params (0 for padding).
+    rope_delta_t, vision: Qwen3-VL's (see Qwen3.paged).
     """
-    return _model(cfg, params, lam_t).paged(tokens_t, pools, batch, lam_t)
+    return _model(cfg, params, lam_t).paged(tokens_t, pools, batch, lam_t, rope_delta_t, vision)
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:

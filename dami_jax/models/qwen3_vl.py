@@ -50,16 +50,16 @@ class VisionInputs:
     delta_b: jax.Array  # (B,) max position + 1 - real tokens
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class VisionSplice:
-    """What `Qwen3.__call__` needs of a prefill with images (built inside the jitted call)."""
+    """What the decoder (`Qwen3.__call__`, `Qwen3.paged`) needs of a prefill with images."""
     rows_md: jax.Array  # merged vision rows (M, D)
     deepstack_kmd: tuple  # deepstack features, each (M, D)
-    deepstack_layers: tuple[int, ...]  # the text layer after which each is added
-    index_bt: jax.Array
-    visual_bt: jax.Array
-    pos_3bt: jax.Array
-    delta_b: jax.Array
+    index_bt: jax.Array  # the row of rows_md at each placeholder (0 elsewhere)
+    visual_bt: jax.Array  # bool: placeholder positions
+    pos_3bt: jax.Array  # M-RoPE positions
+    delta_b: jax.Array | None  # the cache's next position: max position + 1 (dense cache only)
+    deepstack_layers: tuple[int, ...] = struct.field(pytree_node=False, default=())  # where each is added
 
     def splice(self, x_btd):
         return jnp.where(self.visual_bt[..., None], self.rows_md[self.index_bt].astype(x_btd.dtype), x_btd)
@@ -166,7 +166,7 @@ def apply(cfg: ModelConfig, params, tokens_bt, mask_bt, vis: VisionInputs, cache
     lam_n = lam[vis.patch_row_n] if lam is not None and _is_delta(params["visual"]) else None
     rows_md, deepstack = model.visual(vis.pixels_nk, vis.layout, lam_n)
     layers = tuple(range(len(deepstack))) if deepstack_layers is None else tuple(deepstack_layers)
-    splice = VisionSplice(rows_md, tuple(deepstack), layers, vis.index_bt, vis.visual_bt, vis.pos_3bt, vis.delta_b)
+    splice = VisionSplice(rows_md, tuple(deepstack), vis.index_bt, vis.visual_bt, vis.pos_3bt, vis.delta_b, layers)
     return model(tokens_bt, mask_bt, cache=cache, lam=lam, last_only=last_only, vision=splice)
 
 
@@ -217,12 +217,73 @@ def batch_vision_inputs(cfg: ModelConfig, tokens_bt, mask_bt, pixel_inputs: dict
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _tower(cfg, params, pixels, layout):
-    return qwen3._model(cfg, params, None).visual(pixels, layout)
+def _tower(cfg, params, pixels, layout, lam_n=None):
+    """The merged rows and the deepstack features; lam_n: each patch's λ for delta-mode params."""
+    visual = qwen3._model(cfg, params, None if lam_n is None else lam_n[:1]).visual
+    return visual(pixels, layout, lam_n if _is_delta(params["visual"]) else None)
 
 
 def vision_tower(cfg: ModelConfig, params, pixel_values, grid_thw):
-    """The tower alone, as transformers' `Qwen3VLVisionModel`: the merged rows
-    (N/4, D) and the deepstack features, a list of (N/4, D)."""
+    """The tower alone, as transformers' `Qwen3VLVisionModel`: the merged rows (N/4, D) and the
+    deepstack features, a list of (N/4, D)."""
     grid = check_grids(grid_thw, cfg.vl)
     return _tower(cfg, params, _pixels(pixel_values, grid, cfg, "pixel_values"), patch_layout(grid, cfg.vl))
+
+
+# ---------------------------------------------------------------------------
+# The paged engine: one request's images, and the image rows of a step's prefill chunks.
+
+@dataclasses.dataclass(frozen=True)
+class PromptVision:
+    """A request's images, run through the tower once at submission (host arrays)."""
+    pos_3n: np.ndarray  # (3, n) M-RoPE positions of the prompt's tokens
+    delta: int  # a generated token at slot j has position j + delta on every axis
+    index_n: np.ndarray  # (n,) the merged row at each placeholder, -1 elsewhere
+    rows_md: np.ndarray  # (M, D) merged rows
+    deepstack_kmd: np.ndarray  # (K, M, D) deepstack features
+
+
+def prompt_vision(cfg: ModelConfig, params, prompt: list[int], pixel_inputs: dict, lam=None) -> PromptVision:
+    """PromptVision of one prompt with its images / video (transformers' keywords); lam: the
+    request's λ for delta-mode params."""
+    tokens = np.asarray([prompt], np.int64)
+    vis = batch_vision_inputs(cfg, tokens, np.ones_like(tokens), pixel_inputs)
+    lam_n = None if lam is None else jnp.full(vis.patch_row_n.shape, lam, jnp.float32)
+    rows_md, deepstack = jax.device_get(_tower(cfg, params, vis.pixels_nk, vis.layout, lam_n))
+    count = int(vis.visual_bt.sum())
+    return PromptVision(pos_3n=np.asarray(vis.pos_3bt[:, 0]), delta=int(vis.delta_b[0]),
+                        index_n=np.where(vis.visual_bt[0], vis.index_bt[0], -1).astype(np.int32),
+                        rows_md=rows_md[:count], deepstack_kmd=np.stack([d[:count] for d in deepstack]))
+
+
+def paged_splice(chunks, positions_t: np.ndarray, rope_delta_t: np.ndarray) -> VisionSplice | None:
+    """The VisionSplice of an engine step over T flat tokens (a (T, 1) batch), or None when no
+    chunk feeds prompt tokens of a request with images. chunks: (PromptVision or None, first
+    flat token, first sequence position, tokens) per planned row; positions_t, rope_delta_t:
+    each flat token's slot position and its row's delta (the position of every other token).
+    Image rows are padded to a power of two (few compiled shapes)."""
+    pos_3t = np.array(np.broadcast_to(positions_t + rope_delta_t, (3, len(positions_t))), np.int32)
+    index_t = np.zeros(len(positions_t), np.int32)
+    visual_t = np.zeros(len(positions_t), bool)
+    rows, deepstack, offset = [], [], 0
+    for pv, start, first, q in chunks:
+        n = 0 if pv is None else len(pv.index_n)
+        if first >= n:  # decoding, or past the prompt: text positions shifted by the delta
+            continue
+        j = np.arange(first, min(first + q, n))  # this chunk's prompt tokens
+        at = start + j - first
+        pos_3t[:, at] = pv.pos_3n[:, j]
+        idx = pv.index_n[j]
+        visual_t[at] = idx >= 0
+        index_t[at] = np.where(idx >= 0, idx + offset, 0)
+        rows.append(pv.rows_md)
+        deepstack.append(pv.deepstack_kmd)
+        offset += len(pv.rows_md)
+    if not rows:
+        return None
+    pad = max(16, 1 << (offset - 1).bit_length()) - offset
+    rows_md = np.concatenate(rows + [np.zeros((pad, rows[0].shape[1]), rows[0].dtype)])
+    ds_kmd = np.concatenate(deepstack + [np.zeros((deepstack[0].shape[0], pad, rows[0].shape[1]), rows[0].dtype)],
+                            axis=1)
+    return VisionSplice(rows_md, tuple(ds_kmd), index_t[:, None], visual_t[:, None], pos_3t[:, :, None], None,
+                        tuple(range(len(ds_kmd))))
