@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from dami_jax.errors import ConfigError, InputError  # noqa: F401 (ConfigError is imported from here)
+from dami_jax.errors import ConfigError
 from dami_jax.vl_config import VL_MODEL_TYPES, VLConfig, text_config
 
 SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", **VL_MODEL_TYPES}

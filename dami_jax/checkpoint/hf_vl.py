@@ -40,6 +40,10 @@ class ExpertLeaf:
             return (e, a, b), (e, b, a)
         return (e, a, 2 * b), (e, 2 * b, a)
 
+    def hf_shape(self, ours):
+        raise CheckpointError(f"{self.hf_names[0]}: Qwen3-VL-MoE experts come in two layouts, so they are not "
+                              "merged tensor by tensor; merge with load_pair + interpolate + save_hf")
+
     def read(self, index, want, dtype) -> np.ndarray:
         name = self.hf_names[0]
         f = index.file_of(name)

@@ -18,6 +18,7 @@ Params are a plain nested dict (the pure-dict form of the NNX state):
     layers/{i}/mlp/down_proj               (E, F, D)
     final_norm/scale                   (D,)
     lm_head/kernel                     (V, D)        absent when embeddings are tied
+    visual/...                         Qwen3-VL's vision tower (models/vision.py), when cfg.vl
 
 Dense kernels are (out, in) like HF's: the contracted axis is minor, which
 XLA:CPU multiplies 1.7x faster than (in, out) at batch 16 decode shapes (equal

@@ -34,7 +34,6 @@ from dami_jax.models import qwen3
 from dami_jax.models.mrope import rope_index
 from dami_jax.models.vision import PatchLayout, check_grids, merged_counts, patch_layout
 
-
 PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 

@@ -30,8 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from flax import struct
+from flax import nnx, struct
 
 from dami_jax.errors import InputError
 from dami_jax.models.layers import delta_einsum, normal, param, row_lam
