@@ -423,7 +423,7 @@ def prompts_of(case: Case) -> list[list[int]]:
 GEN_CASE = [[[5], ("image", (1, 4, 4)), [7]], [[11, 12], ("image", (1, 6, 4)), [13]]]
 
 
-@pytest.mark.parametrize("path", ["engine", "lockstep"])
+@pytest.mark.parametrize("path", [pytest.param("engine", marks=pytest.mark.slow), "lockstep"])
 def test_greedy_equals_hf_generate(dense, path):
     """Decoding continues at each row's max position + 1 (text position + the row's delta): on the
     paged engine, its prefill in chunks of 8 tokens that split the images (generate_pair's delta
@@ -440,6 +440,7 @@ def test_greedy_equals_hf_generate(dense, path):
     np.testing.assert_array_equal(out.tokens, expected)
 
 
+@pytest.mark.slow
 def test_generate_pair_with_images_mixed_lam(dense, thinking):
     """Rows at λ = 0.5 and 1 with their own images: delta mode (one batch) gives merged mode's
     tokens (one batch per λ), each row those of its λ alone, and transformers' with Θ(λ)."""
