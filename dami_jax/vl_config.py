@@ -142,7 +142,8 @@ def text_config(raw: dict, where: str) -> dict:
         raise ConfigError(f"{where}: missing the text_config mapping of a {raw.get('model_type')} config")
     moe = raw["model_type"] == "qwen3_vl_moe"
     # The VL-MoE router always renormalizes its top-k weights (it has no norm_topk_prob field),
-    # and the top level's tie_word_embeddings is the one transformers applies.
+    # and the top level's tie_word_embeddings is the one transformers applies (the text config's
+    # only when the top level has none).
     extra = {"norm_topk_prob": True} if moe else {}
-    return {**text, **extra, "model_type": "qwen3_moe" if moe else "qwen3",
-            "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False))}
+    tied = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return {**text, **extra, "model_type": "qwen3_moe" if moe else "qwen3", "tie_word_embeddings": bool(tied)}

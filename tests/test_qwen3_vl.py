@@ -199,6 +199,20 @@ def test_vision_tower_equals_hf(dense):
         np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=0)
 
 
+def test_frame_attention_in_query_blocks():
+    """Blocks of queries (the last one padded) give the attention of all queries at once."""
+    from dami_jax.models.vision import frame_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((40, 2, 8)), jnp.float32) for _ in range(3))
+    frame = jnp.asarray(np.repeat([0, 1, 2], [16, 8, 16]), jnp.int32)
+    whole = frame_attention(q, k, v, frame, block=40)
+    np.testing.assert_allclose(frame_attention(q, k, v, frame, block=16), whole, atol=1e-6, rtol=0)
+    # and each frame alone: patches of other frames do not enter
+    np.testing.assert_allclose(frame_attention(q[16:24], k[16:24], v[16:24], frame[16:24]), whole[16:24],
+                               atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", [n for n in CASES if n != "text"])
 def test_rope_index_equals_hf(dense, name):
     import torch
@@ -455,3 +469,36 @@ def test_generate_pair_with_images_mixed_lam(dense, thinking):
     np.testing.assert_array_equal(alone.tokens[0], delta.tokens[0])
     for row, lam in enumerate(lams):
         np.testing.assert_array_equal(delta.tokens[row], hf_generate(hf_merged(dense, thinking, lam), case)[row])
+
+
+def test_real_4b_config_round_trip():
+    """A config.json shaped as Qwen3-VL-4B's (rope_scaling in the text config, no rope_parameters
+    in the vision one, tied embeddings at the top) parses, and our export is transformers'."""
+    from transformers import Qwen3VLConfig
+
+    raw = {
+        "model_type": "qwen3_vl", "architectures": ["Qwen3VLForConditionalGeneration"], "tie_word_embeddings": True,
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "text_config": {"model_type": "qwen3_vl_text", "vocab_size": 151936, "hidden_size": 2560,
+                        "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+                        "max_position_embeddings": 262144, "rope_theta": 5000000,
+                        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                         "rope_type": "default"}},
+        "vision_config": {"model_type": "qwen3_vl", "depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
+                          "num_heads": 16, "out_hidden_size": 2560, "deepstack_visual_indexes": [5, 11, 17],
+                          "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3,
+                          "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh"},
+    }
+    cfg = dj.ModelConfig.from_hf(raw)
+    assert (cfg.tie_word_embeddings, cfg.rope_theta, cfg.num_layers) == (True, 5e6, 36)
+    assert (cfg.vl.mrope_section, cfg.vl.deepstack_visual_indexes, cfg.vl.patch_dim) == ((24, 20, 20), (5, 11, 17),
+                                                                                         1536)
+    exported = cfg.to_hf_dict()
+    assert dj.ModelConfig.from_hf(exported) == cfg
+    theirs = Qwen3VLConfig(**{k: v for k, v in exported.items() if k != "architectures"})
+    assert theirs.text_config.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert theirs.vision_config.deepstack_visual_indexes == [5, 11, 17] and theirs.tie_word_embeddings
+    with pytest.raises(dj.ConfigError, match="vision_config"):
+        dj.ModelConfig.from_hf({**raw, "vision_config": None})

@@ -109,7 +109,10 @@ def vision_inputs(cfg: ModelConfig, tokens_bt, mask_bt=None, *, pixel_values=Non
     vid = empty if video_grid_thw is None else check_grids(video_grid_thw, vl, "video_grid_thw")
     parts = [_pixels(v, g, cfg, w) for v, g, w in ((pixel_values, img, "pixel_values"),
                                                   (pixel_values_videos, vid, "pixel_values_videos")) if v is not None]
-    pixels = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if not parts:
+        raise InputError(f"no pixel inputs: expected pixel_values / image_grid_thw and/or pixel_values_videos / "
+                         "video_grid_thw")
+    pixels = np.concatenate(parts)
     is_img, is_vid = tokens == vl.image_token_id, tokens == vl.video_token_id
     img_counts, vid_counts = merged_counts(img, vl), merged_counts(vid, vl)
     owners = np.concatenate([_owner_rows(np.nonzero(is_img)[0], img_counts, "image"),
@@ -132,6 +135,8 @@ def vision_inputs(cfg: ModelConfig, tokens_bt, mask_bt=None, *, pixel_values=Non
 def select_rows(cfg: ModelConfig, prompts: list[list[int]], pixel_inputs: dict, rows: list[int]) -> dict:
     """The pixel inputs of the prompts `rows` (in that order) of a batch's: each prompt's
     placeholders take the next images / videos of the batch in order."""
+    if cfg.vl is None:
+        raise InputError(f"pixel inputs were given but the model ({cfg.model_type}) has no vision tower")
     out = {}
     for pix_key, grid_key, token in (("pixel_values", "image_grid_thw", cfg.vl.image_token_id),
                                      ("pixel_values_videos", "video_grid_thw", cfg.vl.video_token_id)):

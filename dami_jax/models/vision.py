@@ -10,7 +10,7 @@ metadata that depends only on the grids (`grid_thw`) is computed on the host
     + positions      the learned side×side table resampled bilinearly to each
                      grid (align_corners=True), 4 taps per patch
     blocks           LayerNorm (with bias) → attention with 2-D axial rotary,
-                     full within each frame → LayerNorm → tanh-GELU MLP
+                     full within each frame (in query blocks) → LayerNorm → tanh-GELU MLP
     merger           LayerNorm → 2×2 patches to one row → fc1 → erf-GELU → fc2
     deepstack        the same merger, normalizing after the 2×2 reshape, on the
                      outputs of the configured blocks
@@ -85,16 +85,35 @@ class VisionAttention(nnx.Module):
         self.proj = Dense(cfg.hidden_size, cfg.hidden_size, **kw)
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x_nd, cos_nd, sin_nd, same_frame_nn, lam_n):
+    def __call__(self, x_nd, cos_nd, sin_nd, frame_n, lam_n):
         n, d = x_nd.shape
         q, k, v = jnp.moveaxis(self.qkv(x_nd, lam_n).reshape(n, 3, self.num_heads, -1), 1, 0)
         q, k = _rotate(q, cos_nd, sin_nd), _rotate(k, cos_nd, sin_nd)
-        h = q.shape[-1]
-        scores = jnp.einsum("QNH,KNH->NQK", q, k, preferred_element_type=jnp.float32) * h ** -0.5
-        scores = jnp.where(same_frame_nn[None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("NQK,KNH->QNH", probs, v).reshape(n, d)
-        return self.proj(out, lam_n)
+        return self.proj(frame_attention(q, k, v, frame_n).reshape(n, d), lam_n)
+
+
+QUERY_BLOCK = 1024  # queries per block of frame_attention: scores take (heads, block, N), not (heads, N, N)
+
+
+def frame_attention(q_qnh, k_knh, v_knh, frame_n, block: int = QUERY_BLOCK):
+    """Softmax attention of every patch over the patches of its own frame (frame ids frame_n),
+    in blocks of `block` queries, so memory grows with N·block rather than N² (many images)."""
+    n, heads, h = q_qnh.shape
+    block = min(block, n)
+    pad = -n % block  # padding queries (their rows are dropped)
+    q_qnh = jnp.pad(q_qnh, ((0, pad), (0, 0), (0, 0)))
+    frame_q = jnp.pad(frame_n, (0, pad))
+
+    def one(args):
+        q_bnh, frame_b = args
+        scores = jnp.einsum("QNH,KNH->NQK", q_bnh, k_knh, preferred_element_type=jnp.float32) * h ** -0.5
+        scores = jnp.where((frame_b[:, None] == frame_n[None, :])[None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_knh.dtype)
+        return jnp.einsum("NQK,KNH->QNH", probs, v_knh)
+
+    blocks = (n + pad) // block
+    out = jax.lax.map(one, (q_qnh.reshape(blocks, block, heads, h), frame_q.reshape(blocks, block)))
+    return out.reshape(n + pad, heads, h)[:n]
 
 
 class VisionBlock(nnx.Module):
@@ -105,8 +124,8 @@ class VisionBlock(nnx.Module):
         self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, **kw)
 
-    def __call__(self, x_nd, cos_nd, sin_nd, same_frame_nn, lam_n):
-        x_nd = x_nd + self.attn(self.norm1(x_nd, lam_n), cos_nd, sin_nd, same_frame_nn, lam_n)
+    def __call__(self, x_nd, cos_nd, sin_nd, frame_n, lam_n):
+        x_nd = x_nd + self.attn(self.norm1(x_nd, lam_n), cos_nd, sin_nd, frame_n, lam_n)
         h = jax.nn.gelu(self.fc1(self.norm2(x_nd, lam_n), lam_n), approximate=True)
         return x_nd + self.fc2(h, lam_n)
 
@@ -196,11 +215,9 @@ class VisionTower(nnx.Module):
         angles = (layout.rot_pos.astype(jnp.float32)[..., None] * inv_freq).reshape(-1, 2 * quarter)  # [row | col]
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos_nd, sin_nd = jnp.cos(angles), jnp.sin(angles)
-        same_frame_nn = layout.frame[:, None] == layout.frame[None, :]
-
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x_nd = block(x_nd, cos_nd, sin_nd, same_frame_nn, lam_n)
+            x_nd = block(x_nd, cos_nd, sin_nd, layout.frame, lam_n)
             if i in self.deepstack_indexes:
                 deepstack.append(self.deepstack[self.deepstack_indexes.index(i)](x_nd, lam_n))
         return self.merger(x_nd, lam_n), deepstack
