@@ -11,7 +11,8 @@ from dami_jax.engine.offline import generate
 from dami_jax.errors import InputError
 from dami_jax.generate import GenerateOutput, Greedy, Sample, chat_prompt, split_thinking
 from dami_jax.interpolate import delta_params, interpolate
-from dami_jax.models.qwen3 import forward, init_params
+from dami_jax.models.qwen3 import init_params
+from dami_jax.models.qwen3_vl import forward
 from dami_jax.pair import ModelPair, PairMismatchError, generate_pair, load_pair, sweep
 from dami_jax.schedule import Schedule
 from dami_jax.models.sharding import ShardingConfig, make_mesh

@@ -22,20 +22,17 @@ from typing import Any
 
 import yaml
 
-from dami_jax.errors import InputError
+from dami_jax.errors import ConfigError
+from dami_jax.vl_config import VL_MODEL_TYPES, VLConfig, text_config
 
 SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                         "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+                         "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", **VL_MODEL_TYPES}
 # What sets the families apart, all of it options of the one decoder (models/qwen3.py): qwen3 has
 # q/k RMSNorms (and MoE variants), qwen2 biases on q/k/v, llama optional biases (attention_bias: q, k,
 # v and o; mlp_bias) and llama3 RoPE scaling.
 FAMILIES = ("qwen3", "qwen2", "llama")
 _FAMILY_OPTIONS = ("family", "attention_bias", "mlp_bias", "rope_scaling")
 LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-class ConfigError(InputError):
-    """A config file or field is missing, malformed or unsupported."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +60,8 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     rope_scaling: tuple[float, ...] = ()
+    # Qwen3-VL: the vision tower, M-RoPE and vision token ids (None: a text-only model).
+    vl: VLConfig | None = None
     # Execution, not architecture (static under jit, not exported to HF):
     # layout "cpu" (XLA:CPU-tuned cache and dots), "readable" (einsums, (B, S, K, H)
     # cache) or "auto" (cpu on the CPU backend, else readable; models/kv_cache.resolve_layout);
@@ -116,6 +115,8 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
+        if self.vl is not None:
+            return "qwen3_vl_moe" if self.is_moe else "qwen3_vl"
         return "qwen3_moe" if self.is_moe else self.family
 
     @property
@@ -161,6 +162,10 @@ class ModelConfig:
     @classmethod
     def _from_hf_dict(cls, raw: dict, where: str) -> "ModelConfig":
         model_type = raw.get("model_type")
+        if model_type in VL_MODEL_TYPES:  # a Qwen3 text model plus the vision part
+            text = text_config(raw, where)
+            plain = cls._from_hf_dict(text, where=f"{where} (text_config)")
+            return dataclasses.replace(plain, vl=VLConfig.from_hf(raw, text, where))
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{where}: model_type={model_type!r} is not supported; expected one of "
@@ -252,7 +257,7 @@ class ModelConfig:
                 decoder_sparse_step=self.decoder_sparse_step,
                 mlp_only_layers=list(self.mlp_only_layers),
             )
-        return out
+        return out if self.vl is None else self.vl.hf_dict(out)
 
     def rope_parameters(self) -> dict[str, Any]:
         """transformers' `rope_parameters` of this config."""

@@ -9,3 +9,7 @@ and keeps its traceback. It is a `ValueError`, so callers catching that still do
 
 class InputError(ValueError):
     """Bad input: the message names what was wrong and what was expected."""
+
+
+class ConfigError(InputError):
+    """A config file or field is missing, malformed or unsupported."""

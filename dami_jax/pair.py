@@ -16,6 +16,8 @@ import json
 import os
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dami_jax.checkpoint.hf import load_hf, resolve_model_dir
@@ -26,6 +28,7 @@ from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, generate_lockstep, generate_stacked
 from dami_jax.generate.sampling import Greedy
 from dami_jax.interpolate import check_lam, delta_params, interpolate
+from dami_jax.models.qwen3_vl import select_rows
 from dami_jax.schedule import Schedule
 
 
@@ -49,9 +52,12 @@ class ModelPair:
 
     @property
     def delta(self) -> dict:
-        """(Θ_I, Δ) stacked params for delta mode, built once."""
+        """(Θ_I, Δ) stacked params for delta mode, built once. A Qwen3-VL vision tower equal in
+        both checkpoints stays plain, so it runs once for all rows (models/qwen3_vl.apply)."""
         if self._delta is None:
             self._delta = delta_params(self.instruct, self.thinking, schedule=self.schedule)
+            if "visual" in self.instruct and trees_equal(self.instruct["visual"], self.thinking["visual"]):
+                self._delta = {**self._delta, "visual": self.instruct["visual"]}
         return self._delta
 
     def merged(self, lam):
@@ -71,6 +77,12 @@ _WHY = {
     "family": "DAMI interpolates two checkpoints of one model family",
     "vocab_size": "the vocabularies must be the same size: embedding and lm_head rows are interpolated one to one",
 }
+
+
+def trees_equal(a, b) -> bool:
+    """Whether two params trees hold equal arrays (compared, not assumed from their source)."""
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x.shape == y.shape and bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def check_same_architecture(a: ModelConfig, b: ModelConfig, names=("instruct", "thinking")) -> None:
@@ -148,13 +160,16 @@ def load_pair(instruct: str | os.PathLike, thinking: str | os.PathLike, dtype="f
 def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens: int, *,
                   mode: str = "delta", sampling=Greedy(), seed: int = 0, stop_tokens=None,
                   max_cache: int | None = None, max_rows: int | None = None,
-                  kv_bytes: int | None = None) -> GenerateOutput:
+                  kv_bytes: int | None = None, **pixel_inputs) -> GenerateOutput:
     """Generate each prompt at its own λ (lam: a scalar or one value per prompt).
 
     max_cache: tokens one sequence may hold, prompt included (default: the model's context);
     a row that reaches it ends with "length" and sets `cache_full`. In delta mode it is a
     capacity, not a cost. max_rows, kv_bytes: the engine's rows at once and KV pool (delta
     mode; `engine.offline.sized_engine`).
+    pixel_inputs: Qwen3-VL images / video of the batch as transformers takes them
+    (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw); merged mode then runs
+    one lock-step batch per distinct λ, each with its rows' images.
     """
     b = len(prompts)
     lam = np.broadcast_to(check_lam(lam), (b,)) if np.ndim(lam) == 0 else check_lam(lam)
@@ -166,10 +181,13 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
             raise InputError("prompts is empty")
         engine = sized_engine(pair, None, prompts, max_new_tokens, max_cache=max_cache, max_rows=max_rows,
                               kv_bytes=kv_bytes)
-        return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed, stop_tokens=stops)
-    kw = dict(sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
+        return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed, stop_tokens=stops,
+                               **pixel_inputs)
     if mode != "merged":
         raise ValueError(f"mode must be 'delta' or 'merged', got {mode!r}")
+    kw = dict(sampling=sampling, seed=seed, stop_tokens=stops, max_cache=max_cache)
+    if any(v is not None for v in pixel_inputs.values()):
+        return _merged_with_pixels(pair, prompts, lam, max_new_tokens, pixel_inputs, **kw)
     values = sorted(set(lam.tolist()))
     if len(values) == 1:
         return generate_lockstep(pair.cfg, pair.merged(values[0]), prompts, max_new_tokens, **kw)
@@ -178,6 +196,17 @@ def generate_pair(pair: ModelPair, prompts: list[list[int]], lam, max_new_tokens
                             [[prompts[i] for i in r] for r in rows], max_new_tokens,
                             row_id_groups=rows, **kw)
     return scatter_rows(outs, rows, b, max_new_tokens)
+
+
+def _merged_with_pixels(pair: ModelPair, prompts, lam, max_new_tokens: int, pixel_inputs: dict,
+                        **kw) -> GenerateOutput:
+    """Merged mode for prompts with images: one lock-step batch per distinct λ, with its rows' images."""
+    values = sorted(set(lam.tolist()))
+    rows = [[i for i in range(len(prompts)) if lam[i] == v] for v in values]
+    outs = [generate_lockstep(pair.cfg, pair.merged(v), [prompts[i] for i in r], max_new_tokens, row_ids=r,
+                              **kw, **select_rows(pair.cfg, prompts, pixel_inputs, r))
+            for v, r in zip(values, rows)]
+    return scatter_rows(outs, rows, len(prompts), max_new_tokens)
 
 
 def sweep(pair: ModelPair, prompts: list[list[int]], lams, max_new_tokens: int, *,

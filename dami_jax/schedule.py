@@ -14,7 +14,7 @@ interpolation). The last matching rule wins. Example YAML:
         scale: 0.5
 
 Kinds: embed, attn, norm, mlp (dense MLP), experts (MoE expert weights),
-router, lm_head.
+router, lm_head, vision (Qwen3-VL's whole vision tower; layer ranges select text layers only).
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ import yaml
 
 from dami_jax.config import ConfigError, from_dict
 
-KINDS = ("embed", "attn", "norm", "mlp", "experts", "router", "lm_head")
+KINDS = ("embed", "attn", "norm", "mlp", "experts", "router", "lm_head", "vision")
 
 
 def module_kind(path: tuple) -> str:
     """The module kind of a param path of the Qwen3 params tree."""
     top, last = path[0], path[-1]
+    if top == "visual":
+        return "vision"
     if top == "embed":
         return "embed"
     if top == "lm_head":

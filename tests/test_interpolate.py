@@ -78,7 +78,7 @@ def pair(request, cfg):
 
 def test_tree_covers_every_kind(cfg):
     kinds = {module_kind(p) for p in leaves(random_tree(cfg, 0))}
-    assert kinds == set(KINDS)
+    assert kinds == set(KINDS) - {"vision"}  # the Qwen3-VL tower's kind: tests/test_qwen3_vl.py
 
 
 @pytest.mark.parametrize("lam", [0.05, 0.3, 0.8])

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from dami_jax.checkpoint import hf_vl
 from dami_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from dami_jax.config import GenerationIds, ModelConfig
 from dami_jax.models import qwen3
@@ -110,9 +111,28 @@ class Leaf:
         m = ours.reshape(int(np.prod(ours.shape[: self.split])), -1)
         return m.T if self.transposed else m
 
+    def read(self, index: "TensorIndex", want: tuple[int, ...], dtype) -> np.ndarray:
+        """Our array of shape `want` from the checkpoint."""
+        return _read_leaf(index, self, want, dtype)
+
+    def tensors(self, params: dict, np_dtype):
+        """(HF name, numpy array) pairs of this leaf of `params`."""
+        value = np.asarray(jax.device_get(get_path(params, self.path))).astype(np_dtype, copy=False)
+        if self.stacked:
+            for e, name in enumerate(self.hf_names):
+                yield name, self.to_hf(value[e])
+        else:
+            yield self.hf_names[0], self.to_hf(value)
+
 
 def leaf_table(cfg: ModelConfig) -> list[Leaf]:
     """Every leaf of the params pytree for `cfg`, in a stable order."""
+    if cfg.vl is not None:  # Qwen3-VL: renamed text leaves, fused experts, the vision tower (hf_vl.py)
+        text = leaf_table(dataclasses.replace(cfg, vl=None))
+        return ([hf_vl.expert_leaf(leaf.path, leaf.hf_names[0]) if leaf.stacked
+                 else dataclasses.replace(leaf, hf_names=tuple(map(hf_vl.text_name, leaf.hf_names)))
+                 for leaf in text]
+                + [Leaf(path, (name,), None, False, False) for name, path in hf_vl.vision_rows(cfg)])
     leaves = [_leaf(r, None) for r in _GLOBAL]
     for layer in range(cfg.num_layers):
         rows = _ATTN + (_MOE_MLP if cfg.is_moe_layer(layer) else _DENSE_MLP)
@@ -232,7 +252,7 @@ def load_hf(path: str | os.PathLike, dtype="float32", mesh=None, rules: Sharding
         for leaf in tqdm(table, desc=f"loading {os.path.basename(directory.rstrip('/'))}",
                          disable=not progress, leave=False):
             want = get_path(abstract, leaf.path).shape
-            value = _read_leaf(index, leaf, want, dtype)
+            value = leaf.read(index, want, dtype)
             sharding = None if shardings is None else get_path(shardings, leaf.path)
             _set(params, leaf.path, _place(value, sharding))
     finally:
@@ -318,12 +338,7 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
 def hf_tensors(params: dict, table: list[Leaf], np_dtype):
     """(HF name, numpy array) pairs, one leaf at a time (host memory ~ one leaf)."""
     for leaf in table:
-        value = np.asarray(jax.device_get(get_path(params, leaf.path))).astype(np_dtype, copy=False)
-        if leaf.stacked:
-            for e, name in enumerate(leaf.hf_names):
-                yield name, leaf.to_hf(value[e])
-        else:
-            yield leaf.hf_names[0], leaf.to_hf(value)
+        yield from leaf.tensors(params, np_dtype)
 
 
 def _write_shards(tmp, params, table, np_dtype, max_shard_bytes, progress) -> None:

@@ -39,7 +39,7 @@ from dami_jax.errors import InputError
 from dami_jax.generate.decode import GenerateOutput, stop_table
 from dami_jax.generate.sampling import Greedy, Sample, sample_rows
 from dami_jax.interpolate import check_lam
-from dami_jax.models import qwen3
+from dami_jax.models import qwen3, qwen3_vl
 
 
 def ladder(limit: int, start: int) -> tuple[int, ...]:
@@ -56,11 +56,13 @@ def _bucket(n: int, sizes: tuple[int, ...]) -> int:
     return next(s for s in sizes if s >= n)
 
 
-def _model_step(cfg, params, pools, tokens_t, batch, lam_r, rows, step_r):
+def _model_step(cfg, params, pools, tokens_t, batch, lam_r, rows, step_r, delta_r=None, vision=None):
     """One model step: each row's next token and its max probability (at temperature 1), and the
-    pools; rows: (temperature, top_k, top_p_cut, seed, row_id)."""
+    pools; rows: (temperature, top_k, top_p_cut, seed, row_id). Qwen3-VL: delta_r, each row's
+    M-RoPE delta; vision, the image rows of prefill chunks."""
     lam_t = None if lam_r is None else jnp.append(lam_r, 0.0)[batch.token_rows]  # padding: row R, λ 0
-    logits_rv, pools = qwen3.paged_step(cfg, params, pools, tokens_t, batch, lam_t)
+    delta_t = None if delta_r is None else jnp.append(delta_r, 0)[batch.token_rows]
+    logits_rv, pools = qwen3.paged_step(cfg, params, pools, tokens_t, batch, lam_t, delta_t, vision)
     temperature_r, top_k_r, top_p_cut_r, seed_r, row_id_r = rows
     keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
         seed_r, row_id_r, step_r)
@@ -72,7 +74,8 @@ def _model_step(cfg, params, pools, tokens_t, batch, lam_r, rows, step_r):
 _step = jax.jit(_model_step, static_argnums=0, donate_argnums=2)
 
 
-def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_r, stops_rs, *, length):
+def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_r, stops_rs, delta_r=None, *,
+                length):
     """Up to `length` decode steps of R rows (one token each, row r's flat token r): row r runs
     steps_r[r] steps unless it samples a stop id first; later steps leave it (and its pages)
     alone. Returns the (length, R) tokens and their max probabilities, valid up to each row's end,
@@ -93,7 +96,8 @@ def _burst_impl(cfg, params, pools, tokens_r, batch, lam_r, rows, step_r, steps_
         step_batch = dataclasses.replace(
             batch, kv_lens=jnp.where(live_r, batch.kv_lens + i, batch.kv_lens), positions=pos_r,
             slot_ids=jnp.where(live_r, page_r * page + pos_r % page, oob))
-        (token_r, prob_r), pools = _model_step(cfg, params, pools, last_r, step_batch, lam_r, rows, step_r + i)
+        (token_r, prob_r), pools = _model_step(cfg, params, pools, last_r, step_batch, lam_r, rows, step_r + i,
+                                               delta_r)
         stop_r = jnp.any(token_r[:, None] == stops_rs, axis=1)
         done_r = done_r | stop_r | (i + 1 >= steps_r)
         return i + 1, token_r, done_r, (out.at[i].set(token_r), out_p.at[i].set(prob_r)), pools
@@ -171,10 +175,13 @@ class Engine:
 
     def request(self, prompt, max_new_tokens: int, *, lam=None, sampling=Greedy(), seed: int = 0,
                 stop_tokens=None, row_id: int | None = None, budget: ThinkingBudget | None = None,
-                early_exit: EarlyExit | None = None, record_probs: bool = False) -> Request:
+                early_exit: EarlyExit | None = None, record_probs: bool = False,
+                pixel_inputs: dict | None = None) -> Request:
         """A checked Request (not queued): RequestRefused/InputError name what is wrong.
         early_exit: DEER's rule (its thinking cut included, so no budget with it); record_probs:
-        keep each generated token's max probability (`Request.max_probs`)."""
+        keep each generated token's max probability (`Request.max_probs`); pixel_inputs: the
+        prompt's Qwen3-VL images / video (transformers' keywords), run through the vision tower
+        here, once."""
         rid = next(self._ids)
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -202,6 +209,9 @@ class Engine:
                       row_id=rid if row_id is None else int(row_id), budget=budget, early_exit=early_exit,
                       max_probs=[] if record_probs else None)
         self.sched.check(req)
+        if pixel_inputs and any(v is not None for v in pixel_inputs.values()):
+            req.vision = qwen3_vl.prompt_vision(self.cfg, self.params, prompt, pixel_inputs,
+                                                req.lam if self.delta else None)
         return req
 
     def submit(self, prompt, max_new_tokens: int, **kw) -> int:
@@ -255,6 +265,14 @@ class Engine:
                     rows(lambda r: r.row_id, np.int32))
         return lam_r, sampling, rows(lambda r: len(r.generated), np.int32)
 
+    def _deltas(self, plan, num_rows: int) -> np.ndarray | None:
+        """Each planned row's M-RoPE delta (Qwen3-VL; 0 for text rows), None for a text model."""
+        if self.cfg.vl is None:
+            return None
+        out = np.zeros(num_rows, np.int32)
+        out[: len(plan)] = [0 if req.vision is None else req.vision.delta for req, _ in plan]
+        return out
+
     def _run_step(self, plan) -> list[Request]:
         num_rows = _bucket(len(plan), self.rows_ladder)
         num_tokens = _bucket(sum(q for _, q in plan), self.tokens_ladder)
@@ -262,8 +280,13 @@ class Engine:
         tokens_t = np.zeros(num_tokens, np.int32)
         for (req, q), start in zip(plan, batch.cu_q_lens):
             tokens_t[start: start + q] = req.tokens[req.computed: req.computed + q]
+        delta_r, vision = self._deltas(plan, num_rows), None
+        if delta_r is not None:
+            chunks = [(req.vision, start, req.computed, q) for (req, q), start in zip(plan, batch.cu_q_lens)]
+            vision = qwen3_vl.paged_splice(chunks, batch.positions, np.append(delta_r, 0)[batch.token_rows])
         (next_r, prob_r), self.pools = _step(self.cfg, self.params, self.pools, jnp.asarray(tokens_t),
-                                             jax.tree.map(jnp.asarray, batch), *self._row_arrays(plan, num_rows))
+                                             jax.tree.map(jnp.asarray, batch), *self._row_arrays(plan, num_rows),
+                                             None if delta_r is None else jnp.asarray(delta_r), vision)
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(q for _, q in plan)
         self.stats["padded_tokens"] += num_tokens
@@ -303,7 +326,8 @@ class Engine:
         lam_r, sampling, step_r = self._row_arrays(plan, num_rows)
         (out, out_p), self.pools = _burst(self.cfg, self.params, self.pools, jnp.asarray(tokens_r),
                                           jax.tree.map(jnp.asarray, batch), lam_r, sampling, step_r,
-                                          jnp.asarray(steps_r), jnp.asarray(stops_rs), length=self.decode_burst)
+                                          jnp.asarray(steps_r), jnp.asarray(stops_rs), self._deltas(plan, num_rows),
+                                          length=self.decode_burst)
         out, out_p = np.asarray(out), np.asarray(out_p)
         # each row's steps as the device ran them: up to its first burst stop
         ran = [next((i + 1 for i in range(n) if out[i, r] in ids), n) for r, (n, ids) in enumerate(zip(steps, stops))]
@@ -344,18 +368,19 @@ class Engine:
     # -- batch API ----------------------------------------------------------------------
 
     def generate(self, prompts, max_new_tokens, lam=None, sampling=Greedy(), seed: int = 0,
-                 stop_tokens=None, row_ids=None) -> GenerateOutput:
+                 stop_tokens=None, row_ids=None, **pixel_inputs) -> GenerateOutput:
         """All prompts through the engine, as `dj.generate` (same output type and keys: row i
         samples with row id row_ids[i], default i). max_new_tokens: one limit, or one per prompt
         (tokens then has the largest as its width); lam: a scalar or one per prompt (delta mode);
         stop_tokens: one list, or one per prompt (default: the pair's EOS ids, or none).
-        Every request is checked before any runs."""
+        Every request is checked before any runs. pixel_inputs: Qwen3-VL images / video of the
+        batch, as transformers takes them (each prompt's placeholders take the next ones)."""
         return outputs(self.run_batch(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed,
-                                      stop_tokens=stop_tokens, row_ids=row_ids))
+                                      stop_tokens=stop_tokens, row_ids=row_ids, pixel_inputs=pixel_inputs))
 
     def run_batch(self, prompts, max_new_tokens, lam=None, sampling=Greedy(), seed: int = 0,
                   stop_tokens=None, row_ids=None, budget: ThinkingBudget | None = None,
-                  early_exit: EarlyExit | None = None) -> list[Request]:
+                  early_exit: EarlyExit | None = None, pixel_inputs: dict | None = None) -> list[Request]:
         """`generate`'s work, returning the finished requests in prompt order."""
         b = len(prompts)
         if b == 0:
@@ -364,9 +389,11 @@ class Engine:
         lams = [None] * b if lam is None else np.broadcast_to(check_lam(lam), (b,)).tolist()
         stops = stop_table(self.default_stops if stop_tokens is None else stop_tokens, b)
         row_ids = range(b) if row_ids is None else [int(r) for r in row_ids]
+        pixels = {k: v for k, v in (pixel_inputs or {}).items() if v is not None}
         reqs = [self.request(p, limits[i], lam=lams[i], sampling=sampling, seed=seed,
                              stop_tokens=[s for s in stops[i] if s >= 0], row_id=row_ids[i], budget=budget,
-                             early_exit=early_exit)
+                             early_exit=early_exit,
+                             pixel_inputs=pixels and qwen3_vl.select_rows(self.cfg, prompts, pixels, [i]))
                 for i, p in enumerate(prompts)]
         for req in reqs:
             self.sched.add(req)

@@ -60,7 +60,7 @@ def sized_engine(model, params, prompts, max_new_tokens, *, max_cache: int | Non
 
 def generate(cfg, params, prompts: list[list[int]], max_new_tokens, sampling=Greedy(), seed: int = 0,
              stop_tokens=None, lam=None, max_cache: int | None = None, row_ids=None, *,
-             max_rows: int | None = None, kv_bytes: int | None = None) -> GenerateOutput:
+             max_rows: int | None = None, kv_bytes: int | None = None, **pixel_inputs) -> GenerateOutput:
     """Generate up to `max_new_tokens` for each prompt (a list of token ids) on one engine
     sized for the batch (`sized_engine`): rows run until they stop, and a row that stops
     early costs what it generated.
@@ -73,10 +73,12 @@ def generate(cfg, params, prompts: list[list[int]], max_new_tokens, sampling=Gre
     sets `cache_full`. row_ids: the id seeding each row's sampling (default 0..B-1), so a
     row samples the same tokens whatever batch it is in. max_rows, kv_bytes: see
     `sized_engine`. `generate.decode.generate_lockstep` is the lock-step reference.
+    pixel_inputs: Qwen3-VL images / video of the batch, as transformers takes them.
     """
     if not prompts:
         raise InputError("prompts is empty")
     engine = sized_engine(cfg, params, prompts, max_new_tokens, max_cache=max_cache, max_rows=max_rows,
                           kv_bytes=kv_bytes)
     return engine.generate(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed,
-                           stop_tokens=stop_tokens, row_ids=row_ids)  # None: Engine(cfg, ...) has no stop ids
+                           stop_tokens=stop_tokens, row_ids=row_ids,  # None: Engine(cfg, ...) has no stop ids
+                           **pixel_inputs)

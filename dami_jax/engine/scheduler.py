@@ -80,6 +80,7 @@ class Request:
     seed: int
     row_id: int  # seeds this request's sampling keys with `seed`, as generate's row ids
     budget: ThinkingBudget | None = None
+    vision: object = None  # Qwen3-VL: the prompt's images (models.qwen3_vl.PromptVision), None for text
     thinking_closed: bool = False  # end_id generated (or forced): the budget no longer applies
     generated: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # leading tokens whose K/V are in this request's pages

@@ -20,7 +20,7 @@ from flax import struct
 
 from dami_jax.config import ModelConfig
 from dami_jax.generate.sampling import Greedy
-from dami_jax.models import qwen3
+from dami_jax.models import qwen3, qwen3_vl
 from dami_jax.models.kv_cache import KVCache
 
 MIN_BUCKET = 16
@@ -93,11 +93,15 @@ def _row_keys(key, row_ids, step):
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), step))(row_ids)
 
 
-def _prefill_impl(cfg, params, tokens, mask, lam, stops, key, row_ids, *, sampling, max_new, cache_size):
+def _prefill_impl(cfg, params, tokens, mask, lam, stops, key, row_ids, vision=None, *, sampling, max_new,
+                  cache_size):
     b = tokens.shape[0]
     dtype = jax.tree.leaves(params)[0].dtype
     cache = KVCache.init(cfg, b, cache_size, dtype)
-    logits, cache = qwen3.apply(cfg, params, tokens, mask, cache=cache, lam=lam, last_only=True)
+    if vision is None:
+        logits, cache = qwen3.apply(cfg, params, tokens, mask, cache=cache, lam=lam, last_only=True)
+    else:  # Qwen3-VL: images spliced in; decoding then continues from each row's max position + 1
+        logits, cache = qwen3_vl.apply(cfg, params, tokens, mask, vision, cache=cache, lam=lam, last_only=True)
     first = sampling.next_tokens(logits[:, -1], _row_keys(key, row_ids, 0))
     state = _State(
         out=jnp.zeros((b, max_new), jnp.int32), last=first, done=jnp.zeros((b,), bool),
@@ -126,7 +130,7 @@ def _compiled(cfg, sampling, max_new, cache_size, stacked: bool):
     prefill = functools.partial(_prefill_impl, cfg, sampling=sampling, max_new=max_new, cache_size=cache_size)
     decode = functools.partial(_decode_impl, cfg, sampling=sampling, max_new=max_new)
     if stacked:  # params, tokens, mask, lam, stops and row ids carry K; the seed is shared
-        prefill = jax.vmap(prefill, in_axes=(0, 0, 0, 0, 0, None, 0))
+        prefill = jax.vmap(prefill, in_axes=(0, 0, 0, 0, 0, None, 0, None))
         decode = jax.vmap(decode, in_axes=(0, 0, 0, 0, None, 0))
     return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
 
@@ -165,7 +169,7 @@ def _output(state, max_new_tokens: int, cache_size: int) -> GenerateOutput:
 
 def generate_lockstep(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
              sampling=Greedy(), seed: int = 0, stop_tokens=None, lam=None,
-             max_cache: int | None = None, row_ids=None) -> GenerateOutput:
+             max_cache: int | None = None, row_ids=None, **pixel_inputs) -> GenerateOutput:
     """Generate up to `max_new_tokens` for each prompt (a list of token ids).
 
     stop_tokens: ids ending a row (one list, or one list per row); default
@@ -176,10 +180,13 @@ def generate_lockstep(cfg: ModelConfig, params, prompts: list[list[int]], max_ne
     the context length); a cache that fills ends every row with "length" and
     sets `cache_full`. row_ids: the id seeding each row's sampling (default
     0..B-1), so a row samples the same tokens whatever batch it is in.
+    pixel_inputs: Qwen3-VL images / video as transformers takes them (pixel_values,
+    image_grid_thw, pixel_values_videos, video_grid_thw), placeholders in the prompts.
     """
     prompts, width, cache_size = _check_prompts(cfg, prompts, max_new_tokens, max_cache)
     b = len(prompts)
     tokens, mask = left_pad(prompts, width)
+    vision = qwen3_vl.batch_vision_inputs(cfg, tokens, mask, pixel_inputs)
     stops = stop_table(() if stop_tokens is None else stop_tokens, b)
     row_ids = np.arange(b) if row_ids is None else np.asarray(row_ids)
     if lam is not None:
@@ -187,7 +194,7 @@ def generate_lockstep(cfg: ModelConfig, params, prompts: list[list[int]], max_ne
     prefill, decode = _compiled(cfg, sampling, max_new_tokens, cache_size, stacked=False)
     key = jax.random.key(seed)
     args = (jnp.asarray(stops), key, jnp.asarray(row_ids, jnp.int32))
-    state = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), lam, *args)
+    state = prefill(params, jnp.asarray(tokens), jnp.asarray(mask), lam, *args, vision)
     state = decode(params, state, lam, *args)
     return _output(state, max_new_tokens, cache_size)
 
@@ -224,7 +231,7 @@ def generate_stacked(cfg: ModelConfig, stacked_params, prompt_groups: list[list[
     prefill, decode = _compiled(cfg, sampling, max_new_tokens, cache_size, stacked=True)
     key = jax.random.key(seed)
     state = prefill(stacked_params, jnp.asarray(tokens), jnp.asarray(mask), None, jnp.asarray(stops), key,
-                    jnp.asarray(row_ids))
+                    jnp.asarray(row_ids), None)
     state = decode(stacked_params, state, None, jnp.asarray(stops), key, jnp.asarray(row_ids))
     outs = []
     for i, size in enumerate(sizes):

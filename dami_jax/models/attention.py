@@ -103,6 +103,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
         self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
+        self.mrope = None if cfg.vl is None else (cfg.vl.mrope_section, cfg.vl.mrope_interleaved)
         self.layout = layout
         self.paged_kernel = cfg.paged_attention
 
@@ -114,8 +115,8 @@ class Attention(nnx.Module):
         q_btnh, k_btkh = self.q_proj(x_btd, lam), self.k_proj(x_btd, lam)
         if self.q_norm is not None:
             q_btnh, k_btkh = self.q_norm(q_btnh, lam), self.k_norm(k_btkh, lam)
-        q_btnh = rope(q_btnh, pos_bt, self.rope_theta, self.rope_scaling)
-        k_btkh = rope(k_btkh, pos_bt, self.rope_theta, self.rope_scaling)
+        q_btnh = rope(q_btnh, pos_bt, self.rope_theta, self.rope_scaling, self.mrope)
+        k_btkh = rope(k_btkh, pos_bt, self.rope_theta, self.rope_scaling, self.mrope)
         v_btkh = self.v_proj(x_btd, lam)
         q_btnh, k_btkh, v_btkh = (constrain(a, ACTIVATIONS.heads) for a in (q_btnh, k_btkh, v_btkh))
         if isinstance(index, RaggedBatch):

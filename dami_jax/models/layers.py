@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -140,14 +141,33 @@ def llama3_inv_freq(inv_freq: jax.Array, factor: float, low_freq_factor: float, 
     return (1 - keep) * inv_freq / factor + keep * inv_freq
 
 
-def rope(x_btnh: jax.Array, pos_bt: jax.Array, theta: float, scaling: tuple[float, ...] = ()) -> jax.Array:
-    """Rotary embedding, HF's rotate_half convention (halves, not interleaved); `scaling`: the
-    llama3 values (ModelConfig.rope_scaling), () for plain RoPE."""
+def mrope_axes(half: int, section: tuple[int, ...], interleaved: bool) -> np.ndarray:
+    """M-RoPE: the position axis (0 T, 1 H, 2 W) of each of the `half` frequencies. Interleaved
+    (Qwen3-VL): H on j % 3 == 1 and W on j % 3 == 2 within 3·section, T elsewhere; else
+    (Qwen2.5-VL) three consecutive chunks of the section's sizes."""
+    j = np.arange(half)
+    if interleaved:
+        return np.where((j % 3 == 1) & (j < 3 * section[1]), 1, np.where((j % 3 == 2) & (j < 3 * section[2]), 2, 0))
+    return np.searchsorted(np.cumsum(section), j, side="right").clip(max=2)
+
+
+def rope(x_btnh: jax.Array, pos_bt: jax.Array, theta: float, scaling: tuple[float, ...] = (),
+         mrope: tuple | None = None) -> jax.Array:
+    """Rotary embedding, HF's rotate_half convention (halves, not interleaved).
+
+    `scaling`: the llama3 values (ModelConfig.rope_scaling), () for plain RoPE. pos_bt (B, T),
+    or (3, B, T) (T, H, W) positions of Qwen3-VL's M-RoPE, with mrope = (mrope_section,
+    interleaved) saying which axis each frequency reads.
+    """
     h = x_btnh.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
     if scaling:
         inv_freq = llama3_inv_freq(inv_freq, *scaling)
-    freqs = pos_bt.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    pos = pos_bt.astype(jnp.float32)
+    if pos.ndim == 3:  # M-RoPE: each frequency reads its own axis's position
+        freqs = jnp.moveaxis(pos, 0, -1)[..., mrope_axes(h // 2, *mrope)] * inv_freq  # (B, T, H/2)
+    else:
+        freqs = pos[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x_btnh.dtype), jnp.sin(emb).astype(x_btnh.dtype)
     x1, x2 = x_btnh[..., : h // 2], x_btnh[..., h // 2 :]

@@ -22,6 +22,7 @@ Params are a plain nested dict (the pure-dict form of the NNX state):
     layers/{i}/mlp/down_proj               (E, F, D)
     final_norm/scale                   (D,)
     lm_head/kernel                     (V, D)        absent when embeddings are tied
+    visual/...                         Qwen3-VL's vision tower (models/vision.py), when cfg.vl
 
 Dense kernels are (out, in) like HF's: the contracted axis is minor, which
 XLA:CPU multiplies 1.7x faster than (in, out) at batch 16 decode shapes (equal
@@ -62,6 +63,7 @@ from dami_jax.models.attention import Attention, allowed_keys
 from dami_jax.models.kv_cache import KVCache, resolve_layout
 from dami_jax.models.layers import MLP, Embed, Linear, MoE, RMSNorm
 from dami_jax.models.sharding import ACTIVATIONS, constrain
+from dami_jax.models.vision import VisionTower
 
 Params = dict
 
@@ -116,6 +118,8 @@ class Qwen3(nnx.Module):
             self.lm_head = Linear("BTD,VD->BTV", (cfg.vocab_size,), (cfg.hidden_size,), **kw)
         self.tied = cfg.tie_word_embeddings
         self.num_layers = cfg.num_layers
+        if cfg.vl is not None:  # Qwen3-VL (models/qwen3_vl.py runs it)
+            self.visual = VisionTower(cfg.vl, delta=delta, dtype=dtype, rngs=rngs)
 
     def _inputs(self, tokens_bt, mask_bt, cache: KVCache | None, lam):
         """Embeddings, RoPE positions, the (B, T, S) attention mask, the valid key slots and
@@ -132,10 +136,12 @@ class Qwen3(nnx.Module):
         x_btd = constrain(self.embed(tokens_bt, lam), ACTIVATIONS.batch)
         return x_btd, pos_bt, allowed_keys(key_valid, q_slot), key_valid, index
 
-    def _decoder(self, x_btd, pos_bt, allowed_bts, kv, index, lam, count: int, every: bool = False):
+    def _decoder(self, x_btd, pos_bt, allowed_bts, kv, index, lam, count: int, every: bool = False,
+                 after_layer=None):
         """x after the first `count` decoder layers (with `every`: (count + 1, B, T, D), the input
         and each layer's output), and their keys/values (per layer, or stacked when scanned):
-        the updated cache or pools kv (ks, vs), or each chunk's own when kv is None."""
+        the updated cache or pools kv (ks, vs), or each chunk's own when kv is None.
+        after_layer(i, x) -> x runs after layer i (Qwen3-VL's deepstack)."""
         args = (pos_bt, allowed_bts)
         if not self.scan:
             ks, vs, xs = [], [], [x_btd]
@@ -143,10 +149,14 @@ class Qwen3(nnx.Module):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 with jax.named_scope(f"layer_{i}"):
                     x_btd, (k, v) = self.layers[i](x_btd, *args, layer_kv, index, lam)
+                if after_layer is not None:
+                    x_btd = after_layer(i, x_btd)
                 ks.append(k)
                 vs.append(v)
                 xs.append(x_btd)
             return (jnp.stack(xs) if every else x_btd), tuple(ks), tuple(vs)
+        if after_layer is not None:
+            raise ValueError("image prompts (deepstack) need scan_layers=False")
 
         graphdef, stacked = nnx.split(self.layers)
         axis = 0 if lam is None else 1  # the layer axis comes after delta mode's (Θ_I, Δ)
@@ -162,26 +172,37 @@ class Qwen3(nnx.Module):
         x_btd, ((ks, vs), x_lbtd) = jax.lax.scan(body, x_btd, (jnp.arange(count), kv))
         return (jnp.concatenate([x0_btd[None], x_lbtd]) if every else x_btd), ks, vs
 
-    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False):
+    def __call__(self, tokens_bt, mask_bt, cache: KVCache | None = None, lam=None, last_only: bool = False,
+                 vision=None):
+        """vision: a Qwen3-VL prefill's `qwen3_vl.VisionSplice` (image rows, M-RoPE positions, deepstack)."""
         x_btd, pos_bt, allowed_bts, key_valid, index = self._inputs(tokens_bt, mask_bt, cache, lam)
+        after_layer = None
+        if vision is not None:
+            x_btd, pos_bt, after_layer = vision.splice(x_btd), vision.pos_3bt, vision.deepstack
         kv = None if cache is None else (cache.k, cache.v)
-        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, kv, index, lam, self.num_layers)
+        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, kv, index, lam, self.num_layers, after_layer)
         if last_only:  # a prefill needs only the next token's logits: skip T-1 rows of the lm_head
             x_btd = x_btd[:, -1:]
         x_btd = self.final_norm(x_btd, lam)
         logits_btv = self.embed.attend(x_btd, lam) if self.tied else self.lm_head(x_btd, lam)
         if cache is not None:
             cache = KVCache(k=ks, v=vs, valid=key_valid, index=cache.index + tokens_bt.shape[1],
-                            next_pos=cache.next_pos + jnp.sum(mask_bt.astype(bool), axis=1, dtype=jnp.int32))
+                            next_pos=cache.next_pos + jnp.sum(mask_bt.astype(bool), axis=1, dtype=jnp.int32)
+                            + (0 if vision is None else vision.delta_b))  # M-RoPE: max position + 1
         return logits_btv.astype(jnp.float32), cache
 
-    def paged(self, tokens_t, pools, batch: RaggedBatch, lam_t):
+    def paged(self, tokens_t, pools, batch: RaggedBatch, lam_t, rope_delta_t=None, vision=None):
         """The engine's step over a flat ragged batch: logits (R, V) float32 of each row's last
         token, and the updated pools. The T tokens run as a (T, 1) batch, so every block but
-        attention works unchanged, with λ per token (lam_t)."""
+        attention works unchanged, with λ per token (lam_t). Qwen3-VL: rope_delta_t (T,) shifts
+        each token's RoPE position by its row's M-RoPE delta; `vision` (a qwen3_vl.VisionSplice
+        over the (T, 1) batch) splices the image rows of prefill chunks."""
         x_btd = self.embed(tokens_t[:, None], lam_t)
-        x_btd, ks, vs = self._decoder(x_btd, batch.positions[:, None], None, pools, batch, lam_t,
-                                      self.num_layers)
+        pos_t = batch.positions if rope_delta_t is None else batch.positions + rope_delta_t
+        pos_bt, after_layer = pos_t[:, None], None
+        if vision is not None:
+            x_btd, pos_bt, after_layer = vision.splice(x_btd), vision.pos_3bt, vision.deepstack
+        x_btd, ks, vs = self._decoder(x_btd, pos_bt, None, pools, batch, lam_t, self.num_layers, after_layer)
         # Only each row's last token needs logits (a padding row points at a real token; ignored).
         last_r = jnp.maximum(batch.cu_q_lens[1:] - 1, 0)
         x_btd = x_btd[last_r]
@@ -306,14 +327,16 @@ def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple
             tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
-def paged_step(cfg: ModelConfig, params: Params, pools, tokens_t, batch: RaggedBatch, lam_t=None):
+def paged_step(cfg: ModelConfig, params: Params, pools, tokens_t, batch: RaggedBatch, lam_t=None,
+               rope_delta_t=None, vision=None):
     """One engine step (not jitted; jit it with the pools donated): logits (R, V) float32 of each
     row's last token and the updated pools (init_pools's form).
 
     tokens_t (T,): the flat batch of the step, batch its metadata (pages.PageAllocator.ragged_batch,
     as device arrays); lam_t (T,): each token's λ, required for delta-mode params (0 for padding).
+    rope_delta_t, vision: Qwen3-VL's (see Qwen3.paged).
     """
-    return _model(cfg, params, lam_t).paged(tokens_t, pools, batch, lam_t)
+    return _model(cfg, params, lam_t).paged(tokens_t, pools, batch, lam_t, rope_delta_t, vision)
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:

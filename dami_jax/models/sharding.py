@@ -43,6 +43,8 @@ class ShardingConfig:
         name = "/".join(str(p) for p in path)
         if path[-1] == "bias":  # (out,): split as its kernel's output axis
             return P(self.role_spec((*path[:-1], "kernel"))[0])
+        if path[0] == "visual":  # the Qwen3-VL vision tower is small: replicated
+            return P()
         if path[-1] == "scale":
             return self.norm
         if name.startswith("embed/"):
