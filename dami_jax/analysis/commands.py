@@ -8,13 +8,13 @@ run one into OUT/sweep, which a rerun or the other command reuses.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
 from dami_jax.errors import InputError
+from dami_jax.files import read_jsonl
 
 
 def _progress(args) -> bool:
@@ -165,21 +165,14 @@ def _read_texts(path: str) -> list[dict]:
     """JSONL rows {"prompt", "response"} (the response scored after the chat prompt) or {"text"}
     (every token after the first scored)."""
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            ok = isinstance(row, dict) and (isinstance(row.get("text"), str) and row["text"].strip() or
-                                            isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)
-                                            and row["response"].strip())
-            if not ok:
-                raise InputError(f"{path} line {lineno}: expected a non-empty string 'text', or strings 'prompt' and "
-                                 f"a non-empty 'response'")
-            rows.append(row)
+    for lineno, row in read_jsonl(path):
+        ok = isinstance(row, dict) and (isinstance(row.get("text"), str) and row["text"].strip() or
+                                        isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)
+                                        and row["response"].strip())
+        if not ok:
+            raise InputError(f"{path} line {lineno}: expected a non-empty string 'text', or strings 'prompt' and "
+                             f"a non-empty 'response'")
+        rows.append(row)
     if not rows:
         raise InputError(f"{path}: no texts")
     return rows

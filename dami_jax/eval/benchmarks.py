@@ -22,13 +22,13 @@ copy of a hub benchmark (a directory laid out as on the hub, e.g. a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from dami_jax.errors import InputError
 from dami_jax.eval import choices as mc
+from dami_jax.files import read_jsonl
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = ("Please reason step by step, and put your final answer (the letter of the correct option) "
@@ -226,15 +226,7 @@ def load_jsonl(path: str | os.PathLike, fields: FieldMap = FieldMap(), limit: in
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"benchmark file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+    rows = [row for _, row in read_jsonl(path)]
     problems = rows_to_problems(rows, fields, path, base_dir=os.path.dirname(os.path.abspath(path)))
     return problems[:limit] if limit is not None else problems
 
