@@ -143,11 +143,11 @@ class ModelConfig:
 
     def architecture_fields(self) -> dict[str, Any]:
         """Fields that fix shapes and semantics (not the context length or execution fields). The
-        family options appear only when they differ from Qwen3's, so a Qwen3 config's fields, and the
-        pair fingerprints of calibrations and reward models made before the options existed, are
-        unchanged."""
+        family options and `vl` appear only when they differ from a text Qwen3's, so a Qwen3 config's
+        fields, and the pair fingerprints of calibrations and reward models made before they existed,
+        are unchanged."""
         skip = {"max_position_embeddings", "layout", "scan_layers", "paged_attention"}
-        qwen3 = {f.name: f.default for f in dataclasses.fields(self) if f.name in _FAMILY_OPTIONS}
+        qwen3 = {f.name: f.default for f in dataclasses.fields(self) if f.name in (*_FAMILY_OPTIONS, "vl")}
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in skip and not (k in qwen3 and v == qwen3[k])}
 
