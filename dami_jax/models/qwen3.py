@@ -180,7 +180,8 @@ class Qwen3(nnx.Module):
         if vision is not None:
             x_btd, pos_bt, after_layer = vision.splice(x_btd), vision.pos_3bt, vision.deepstack
         kv = None if cache is None else (cache.k, cache.v)
-        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, kv, index, lam, self.num_layers, after_layer)
+        x_btd, ks, vs = self._decoder(x_btd, pos_bt, allowed_bts, kv, index, lam, self.num_layers,
+                                      after_layer=after_layer)
         if last_only:  # a prefill needs only the next token's logits: skip T-1 rows of the lm_head
             x_btd = x_btd[:, -1:]
         x_btd = self.final_norm(x_btd, lam)
@@ -202,7 +203,8 @@ class Qwen3(nnx.Module):
         pos_bt, after_layer = pos_t[:, None], None
         if vision is not None:
             x_btd, pos_bt, after_layer = vision.splice(x_btd), vision.pos_3bt, vision.deepstack
-        x_btd, ks, vs = self._decoder(x_btd, pos_bt, None, pools, batch, lam_t, self.num_layers, after_layer)
+        x_btd, ks, vs = self._decoder(x_btd, pos_bt, None, pools, batch, lam_t, self.num_layers,
+                                      after_layer=after_layer)
         # Only each row's last token needs logits (a padding row points at a real token; ignored).
         last_r = jnp.maximum(batch.cu_q_lens[1:] - 1, 0)
         x_btd = x_btd[last_r]

@@ -33,6 +33,7 @@ from dami_jax.errors import InputError
 from dami_jax.models import qwen3
 from dami_jax.models.mrope import rope_index
 from dami_jax.models.vision import PatchLayout, check_grids, merged_counts, patch_layout
+from dami_jax.multimodal.buckets import patch_bucket
 
 PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
@@ -177,11 +178,6 @@ def apply(cfg: ModelConfig, params, tokens_bt, mask_bt, vis: VisionInputs, cache
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg, params, tokens, mask, vis, lam):
     return apply(cfg, params, tokens, mask, vis, lam=lam)[0]
-
-
-def patch_bucket(n: int) -> int:
-    """Patch rows padded to a power of two (at least 64), so jit shapes stay few across image sizes."""
-    return max(64, 1 << (n - 1).bit_length())
 
 
 def forward(cfg: ModelConfig, params, tokens, attention_mask=None, lam=None, *, pixel_values=None,
