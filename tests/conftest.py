@@ -19,6 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DAMI_JAX_CACHE", "off")  # tests write no compilation cache to ~/.cache
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
 
 from helpers import TinyCheckpoint, build_hf_model  # noqa: E402
@@ -42,3 +44,20 @@ def tiny_hf(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Each XLA CPU executable holds a few memory mappings for its JIT code, and JAX caches
+    every one it compiles. An xdist worker runs hundreds of tests, so it reached Linux's
+    per-process limit (vm.max_map_count, 65530); LLVM then crashed with a segfault inside
+    the next compile. Clearing per module keeps a worker near the largest module's count
+    (about 14K); measured, the suite runs no slower for it.
+    """
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
