@@ -10,13 +10,13 @@ tokens are compared with `generate_pair` on the processor's output for the same 
 from __future__ import annotations
 
 import concurrent.futures
+from typing import ClassVar
 
 import numpy as np
 import pytest
 from helpers import perturb_
 from mm_helpers import data_url, png_bytes, random_image, save_tiny_processor, tiny_tokenizer
 
-import dami_jax as dj
 from dami_jax.multimodal import encode_chats, prompt_ids, vision_kwargs
 from dami_jax.pair import generate_pair, load_pair
 from dami_jax.policies.base import Policy, PolicyResult, register_policy
@@ -39,7 +39,7 @@ class SpyPolicy(Policy):
     `policy(prompts, pair, **pixel_inputs)`)."""
 
     spec = "vl-spy"
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __call__(self, prompts, pair=None, **pixel_inputs) -> PolicyResult:
         SpyPolicy.calls.append((list(map(list, prompts)), pixel_inputs))

@@ -18,8 +18,8 @@ the pair on its own chips; process 0 alone serves HTTP and runs this thread; the
 `follow`, which applies the ticks process 0 broadcasts and sends back their reports (JSON
 through JAX's collectives). A tick that admits requests with images sends their pixel arrays
 after the JSON, in one `distributed.broadcast_arrays` (to every process: JAX's collectives
-have no point-to-point); one process hands its worker the arrays as they are. While idle, process 0 sends an empty tick every `HEARTBEAT_S`, so
-no process waits in a collective for long.
+have no point-to-point); one process hands its worker the arrays as they are. While idle,
+process 0 sends an empty tick every `HEARTBEAT_S`, so no process waits in a collective for long.
 
 Pages: a row holds pages for the tokens it has, not for all of its max_tokens, so more rows
 fit a KV budget (`kv_gb`); a row that finds the pool full goes back to its engine's queue and
