@@ -14,6 +14,7 @@ files, no sockets of ours. Only `is_writer()` (process 0) writes outputs.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -204,13 +205,34 @@ def broadcast_json(obj: Any) -> Any:
     """Process 0's JSON-able `obj` on every process (the others' argument is ignored)."""
     if process_count() == 1:
         return obj
+    return json.loads(broadcast_bytes(json.dumps(obj, default=_plain).encode() if is_writer() else b""))
+
+
+def broadcast_bytes(data: bytes) -> bytes:
+    """Process 0's `data` on every process (the others' argument is ignored): its size, then the
+    bytes padded to a `_bucket`, through JAX's collectives."""
+    if process_count() == 1:
+        return data
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(json.dumps(obj, default=_plain).encode() if is_writer() else b"", np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    local = np.frombuffer(data if is_writer() else b"", np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(local.size)))
     padded = np.zeros(_bucket(size), np.uint8)
-    padded[: data.size] = data
-    return json.loads(multihost_utils.broadcast_one_to_all(padded)[:size].tobytes())
+    padded[: local.size] = local
+    return multihost_utils.broadcast_one_to_all(padded)[:size].tobytes()
+
+
+def broadcast_arrays(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Process 0's named arrays on every process (the others pass None), value for value, whatever
+    their shapes and dtypes: one `.npz` (NumPy's own format, no pickles) in one `broadcast_bytes`.
+    For arrays too big to travel well as JSON (a served request's pixels)."""
+    if process_count() == 1:
+        return dict(arrays)
+    buf = io.BytesIO()
+    if is_writer():
+        np.savez(buf, **arrays)
+    with np.load(io.BytesIO(broadcast_bytes(buf.getvalue())), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
 
 
 def from_writer(fn: Callable[[], Any]) -> Any:

@@ -324,3 +324,44 @@ def test_two_processes_serve_like_one():
         assert lam == pytest.approx(float(conf([prompt], pair).lam[0]), abs=1e-6), question
         ref = generate_pair(pair, [prompt], lam, 24, max_rows=2)
         assert r.choices[0].token_ids == ref.token_lists()[0], question
+
+
+SERVE_TICKS = textwrap.dedent("""
+    import argparse, json
+    import numpy as np
+    from dami_jax import distributed
+    from dami_jax.serve.engine import Engine
+    parser = argparse.ArgumentParser()
+    distributed.add_process_args(parser)
+    distributed.init_from_args(parser.parse_args())
+
+    class Echo:  # a worker that reports the pixel inputs it was handed
+        def apply(self, work):
+            return [[s["key"], s["pixels"] and {k: [v.dtype.name, v.tolist()] for k, v in s["pixels"].items()}]
+                    for s in work["admit"]]
+
+    engine = Engine.__new__(Engine)  # the dispatch alone: its exchange of ticks, no model
+    engine.worker, engine.processes = Echo(), distributed.process_count()
+    if distributed.process_index() == 0:
+        pixels = {"pixel_values": np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6),
+                  "image_grid_thw": np.array([[1, 2, 2]], np.int64)}
+        reports = engine._exchange([{"cancel": [], "admit": [{"key": 0, "pixels": None}]},
+                                    {"cancel": [], "admit": [{"key": 1, "pixels": pixels}]}])
+        reports += engine._exchange([{"cancel": [], "admit": [{"key": 2, "pixels": None}]}] * 2)  # no images
+        engine._exchange(None)
+        print("REPORTS", json.dumps(reports))
+    else:
+        engine.follow()
+""")
+
+
+def test_a_served_request_with_images_reaches_process_1_value_for_value():
+    """Process 0's tick admits a request with pixel arrays to process 1: they arrive beside the JSON
+    (distributed.broadcast_arrays), dtype and values unchanged; a tick without images sends none."""
+    outs = _finish(_launch(lambda i: [], program=("-c", SERVE_TICKS)), timeout=300)
+    reports = json.loads(outs[0].split("REPORTS ", 1)[1].splitlines()[0])
+    values = np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6)
+    assert reports[0] == [[0, None]] and reports[2:] == [[[2, None]], [[2, None]]]
+    [[key, got]] = reports[1]
+    assert key == 1 and got["image_grid_thw"] == ["int64", [[1, 2, 2]]] and got["pixel_values"][0] == "float32"
+    np.testing.assert_array_equal(np.asarray(got["pixel_values"][1], np.float32), values)

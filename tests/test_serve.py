@@ -664,18 +664,3 @@ def test_image_limits_in_the_config():
     with pytest.raises(ConfigError, match="fetch_timeout_s must be > 0"):
         ServeConfig(fetch_timeout_s=0)
 
-
-def test_a_vision_pair_is_told_the_engine_does_not_take_images_yet():
-    """Until the serving engine carries pixel inputs, a vision pair's image request stops with 501
-    (never answered as if it had no image); a text pair's gets the 400 above."""
-    import types
-
-    from dami_jax.serve import api
-    from dami_jax.serve.schemas import ApiError, ChatRequest
-
-    body = ChatRequest.model_validate({"messages": _image_message(_SMALL)})
-    for vl, status, code in ((object(), 501, "vision_not_wired"), (None, 400, "vision_not_supported")):
-        server = types.SimpleNamespace(pair=types.SimpleNamespace(cfg=types.SimpleNamespace(vl=vl)))
-        with pytest.raises(ApiError) as e:
-            api.chat_prompt_ids(server, body, [random_image(8, 8)])
-        assert (e.value.status, e.value.code) == (status, code)

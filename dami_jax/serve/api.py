@@ -11,7 +11,7 @@ import uuid
 
 from dami_jax.generate.chat import chat_prompt
 from dami_jax.serve.request import GenRequest, QueueFull
-from dami_jax.serve.schemas import ApiError, ChatRequest, CompletionRequest, _Common, error_body
+from dami_jax.serve.schemas import ApiError, ChatRequest, CompletionRequest, TextPart, _Common, error_body
 from dami_jax.serve.text import ChoiceText
 
 log = logging.getLogger("dami_jax.serve")
@@ -24,8 +24,10 @@ class ClientGone(Exception):
 class Flow:
     """One HTTP request: its GenRequests (one per prompt) and the text of each choice."""
 
-    def __init__(self, server, body: _Common, prompts: list[list[int]], chat: bool):
+    def __init__(self, server, body: _Common, prompts: list[list[int]], chat: bool, pixel_inputs: dict | None = None):
+        """pixel_inputs: a chat prompt's images (transformers' keywords), from `chat_prompt_inputs`."""
         self.server, self.body, self.chat, self.n = server, body, chat, body.n
+        self.pixel_inputs = pixel_inputs
         self.name = body.model or server.default_model
         if self.name not in server.policies:
             raise ApiError(404, f"The model {self.name!r} does not exist; available: {sorted(server.policies)}",
@@ -57,7 +59,7 @@ class Flow:
             top_p=1.0 if greedy else (cfg.top_p if body.top_p is None else body.top_p),
             lam=body.lam, policy=None if body.lam is not None else self.policy,
             thinking_budget=None if body.lam is not None else getattr(self.policy, "thinking_budget", None),
-            stop_ids=() if body.ignore_eos else tuple(self.server.pair.stop_tokens),
+            stop_ids=() if body.ignore_eos else tuple(self.server.pair.stop_tokens), pixel_inputs=self.pixel_inputs,
             loop=asyncio.get_running_loop(), events=self.queue)
 
     def submit(self) -> None:
@@ -204,25 +206,40 @@ class Flow:
         yield end + "data: [DONE]\n\n"
 
 
-def chat_prompt_ids(server, body: ChatRequest, images: list = ()) -> list[int]:
-    """The prompt's token ids; `images`: the request's decoded images (serve.images.request_images)."""
+def chat_prompt_inputs(server, body: ChatRequest, images: list = ()) -> tuple[list[int], dict | None]:
+    """The prompt's token ids and pixel inputs (None without images); `images`: the request's
+    decoded images (serve.images.request_images), in the order of its image parts."""
     if images:
-        return _vision_prompt_ids(server, body, images)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        return _vision_prompt_inputs(server, body, images)
+    messages = [{"role": _role(m), "content": m.text()} for m in body.messages]
     try:
-        return chat_prompt(server.tokenizer, messages)
+        return chat_prompt(server.tokenizer, messages), None
     except Exception as e:  # the template refused the conversation
         raise ApiError(400, f"messages: the chat template failed: {e}", "messages") from None
 
 
-def _vision_prompt_ids(server, body: ChatRequest, images: list) -> list[int]:
+def _role(message) -> str:
+    return "system" if message.role == "developer" else message.role
+
+
+def _vision_prompt_inputs(server, body: ChatRequest, images: list) -> tuple[list[int], dict]:
+    """transformers' processor of the pair lays out the prompt (its chat template's vision tokens,
+    one placeholder per merged patch) and makes the pixel inputs."""
+    from dami_jax.multimodal import encode_chats, prompt_ids, vision_kwargs
+
     if getattr(server.pair.cfg, "vl", None) is None:  # ModelConfig.vl: the vision config of a Qwen3-VL pair
         raise ApiError(400, "this server's model pair has no vision tower: image_url parts need a vision-language "
                        "pair (Qwen3-VL); send text only", "messages", code="vision_not_supported")
-    # A vision pair's processor makes the prompt (dami_jax.multimodal.encode_chats); the serving engine's
-    # rows do not carry pixel inputs yet, so the request stops here rather than answer without its images.
-    raise ApiError(501, "image input is checked but not yet answered: the serving engine does not take "
-                   "pixel inputs", "messages", type="server_error", code="vision_not_wired")
+    left = iter(images)
+    messages = [{"role": _role(m), "content": m.content if isinstance(m.content, str) else [
+        {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image", "image": next(left)}
+        for p in m.content or ()]} for m in body.messages]
+    try:
+        with server.processor_lock:
+            features = encode_chats(server.processor, [messages], server.cfg.image_limits())
+    except Exception as e:  # the template or the processor refused the conversation or an image
+        raise ApiError(400, f"messages: the processor failed: {e}", "messages", code="invalid_image") from None
+    return prompt_ids(features)[0], vision_kwargs(features)
 
 
 def completion_prompt_ids(server, body: CompletionRequest) -> list[list[int]]:

@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -35,11 +36,12 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/
 class Server:
     """Everything a request needs: config, pair, tokenizer, loaded policies, engine, metrics."""
 
-    def __init__(self, cfg: ServeConfig, pair=None, pair_cfg: PairConfig | None = None):
+    def __init__(self, cfg: ServeConfig, pair=None, pair_cfg: PairConfig | None = None, processor=None):
         """pair_cfg: the pair (models, dtype, mesh, tokenizer) and the artifacts plain `conf`, `routing`,
         `pref` and `budget` use (default: the shipped toy pair, with its calibration and reward model).
         pair: that pair already loaded; given alone, policies are built from their specs as they are.
-        Every policy spec is checked before the pair loads."""
+        Every policy spec is checked before the pair loads. processor: a Qwen3-VL pair's (transformers'
+        AutoProcessor), which lays out image prompts; default: loaded from where pair_cfg's tokenizer is."""
         self.cfg = cfg
         if pair is None and pair_cfg is None:
             pair_cfg = toy_pair_config()
@@ -49,6 +51,8 @@ class Server:
         if pair.tokenizer is None:
             raise ConfigError("the server needs a tokenizer with a chat template (load_pair(..., tokenizer=...))")
         self.pair, self.tokenizer = pair, pair.tokenizer
+        self.processor = processor if processor is not None else _vision_processor(pair, pair_cfg)
+        self.processor_lock = threading.Lock()  # its tokenizer keeps padding settings between calls
         self.metrics = Metrics()
         self.policies = self._servable(specs, self._load)
         self.engine = Engine(pair, cfg.max_queue, self.metrics, self.policies.values(), **cfg.engine_kwargs(pair.cfg))
@@ -103,6 +107,20 @@ class Server:
         if self.cfg.warmup:
             self.engine.warmup()
         self.engine.follow()
+
+
+def _vision_processor(pair, pair_cfg: PairConfig | None):
+    """A Qwen3-VL pair's processor, from the directory its tokenizer comes from; None for a text pair."""
+    if getattr(pair.cfg, "vl", None) is None:
+        return None
+    if pair_cfg is None:
+        raise ConfigError("a Qwen3-VL pair lays out image prompts with its processor: pass processor= "
+                          "(dami_jax.multimodal.load_processor(checkpoint)) or pair_cfg")
+    from dami_jax.checkpoint.hf import resolve_model_dir
+    from dami_jax.multimodal import load_processor
+
+    source = {"instruct": pair_cfg.instruct, "thinking": pair_cfg.thinking}.get(pair_cfg.tokenizer, pair_cfg.tokenizer)
+    return load_processor(resolve_model_dir(source))
 
 
 class Guard:
@@ -175,10 +193,10 @@ async def _watch_disconnect(request: Request, flow) -> None:
 
 
 def create_app(cfg: ServeConfig, pair=None, server: Server | None = None,
-               pair_cfg: PairConfig | None = None) -> "Guard":
+               pair_cfg: PairConfig | None = None, processor=None) -> "Guard":
     """The ASGI app (a Guard around FastAPI); `.server` holds the engine, policies and metrics.
-    pair_cfg, pair: as `Server` takes them (neither: the shipped toy pair)."""
-    server = server or Server(cfg, pair, pair_cfg)
+    pair_cfg, pair, processor: as `Server` takes them (neither pair: the shipped toy pair)."""
+    server = server or Server(cfg, pair, pair_cfg, processor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -206,8 +224,14 @@ def create_app(cfg: ServeConfig, pair=None, server: Server | None = None,
     async def generate(request: Request, schema, chat: bool):
         body = parse_body(schema, await request.body(), server.cfg.max_n, server.engine.max_rows)
         images = await asyncio.to_thread(request_images, body, server.cfg) if chat and body.image_urls() else []
-        prompts = [api.chat_prompt_ids(server, body, images)] if chat else api.completion_prompt_ids(server, body)
-        flow = api.Flow(server, body, prompts, chat)
+        if chat:
+            if images:  # the processor works on them off the event loop
+                prompt, pixels = await asyncio.to_thread(api.chat_prompt_inputs, server, body, images)
+            else:
+                prompt, pixels = api.chat_prompt_inputs(server, body)
+            flow = api.Flow(server, body, [prompt], chat, pixels)
+        else:
+            flow = api.Flow(server, body, api.completion_prompt_ids(server, body), chat)
         flow.submit()
         timeout = server.cfg.request_timeout_s
         if body.stream:

@@ -16,8 +16,10 @@ trigger is held until its probe has decided).
 Several processes (`dami serve` under jax.distributed): every process holds its own copy of
 the pair on its own chips; process 0 alone serves HTTP and runs this thread; the others run
 `follow`, which applies the ticks process 0 broadcasts and sends back their reports (JSON
-through JAX's collectives). While idle, process 0 sends an empty tick every `HEARTBEAT_S`, so
-no process waits in a collective for long.
+through JAX's collectives). A tick that admits requests with images sends their pixel arrays
+after the JSON, in one `distributed.broadcast_arrays` (to every process: JAX's collectives
+have no point-to-point); one process hands its worker the arrays as they are. While idle,
+process 0 sends an empty tick every `HEARTBEAT_S`, so no process waits in a collective for long.
 
 Pages: a row holds pages for the tokens it has, not for all of its max_tokens, so more rows
 fit a KV budget (`kv_gb`); a row that finds the pool full goes back to its engine's queue and
@@ -128,6 +130,8 @@ class Engine:
             tick = distributed.broadcast_json(None)
             if tick is None:
                 return
+            if any(spec["pixels"] for work in tick for spec in work["admit"]):
+                tick = with_pixels(tick, distributed.broadcast_arrays(None))
             distributed.all_gather_json(self.worker.apply(tick[me]))
 
     # -- engine thread (process 0) ----------------------------------------------
@@ -146,7 +150,10 @@ class Engine:
     def _exchange(self, tick: list[dict] | None) -> list[dict]:
         """Every process's report on its share of `tick` (None: stop the others)."""
         if self.processes > 1:
-            distributed.broadcast_json(tick)
+            plain, arrays = without_pixels(tick)
+            distributed.broadcast_json(plain)
+            if arrays:
+                distributed.broadcast_arrays(arrays)
         if tick is None:
             return []
         return distributed.all_gather_json(self.worker.apply(tick[0]))
@@ -233,3 +240,26 @@ class Engine:
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue(len(self.pending))
+
+
+def without_pixels(tick: list[dict] | None) -> tuple[list[dict] | None, dict]:
+    """(the tick as JSON, each spec's `pixels` reduced to the names of its arrays; those arrays
+    by "<key>.<name>"): what travels to the other processes (`with_pixels` undoes it)."""
+    if tick is None:
+        return None, {}
+    arrays, plain = {}, []
+    for work in tick:
+        specs = []
+        for spec in work["admit"]:
+            pixels = spec["pixels"] or {}
+            arrays.update((f"{spec['key']}.{name}", value) for name, value in pixels.items())
+            specs.append({**spec, "pixels": sorted(pixels) or None})
+        plain.append({**work, "admit": specs})
+    return plain, arrays
+
+
+def with_pixels(tick: list[dict], arrays: dict) -> list[dict]:
+    """A tick from `without_pixels`, each spec's pixel inputs back from `arrays`."""
+    return [{**work, "admit": [{**spec, "pixels": spec["pixels"] and {
+        name: arrays[f"{spec['key']}.{name}"] for name in spec["pixels"]}} for spec in work["admit"]]}
+            for work in tick]

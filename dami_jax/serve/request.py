@@ -26,6 +26,7 @@ class GenRequest:
     policy: object = None
     thinking_budget: int | None = None  # the policy's budget (budget:<n>): thinking cut after n tokens
     stop_ids: tuple[int, ...] = ()
+    pixel_inputs: dict | None = None  # the prompt's Qwen3-VL images: transformers' keywords, NumPy arrays
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False

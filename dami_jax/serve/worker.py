@@ -3,8 +3,10 @@
 Every process of a server holds a `Worker`; process 0 also runs the HTTP front and the
 dispatch (serve/engine.py). Each tick, process 0 sends every worker its work as plain JSON:
 - `cancel`: [key, choice] pairs whose client is gone, timed out or hit a stop string;
-- `admit`: request specs (`spec_of`): prompt ids, sampling, λ or the policy's spec, and so on.
-The worker cancels, resolves λ (one policy call per policy over the new prompts), submits
+- `admit`: request specs (`spec_of`): prompt ids, sampling, λ or the policy's spec, and so on;
+  a request with images also its pixel arrays, which travel beside the JSON (serve/engine.py).
+The worker cancels, resolves λ (one policy call per policy over the new prompts, the images
+in their own call: `policy(prompts, pair, **pixel_inputs)`), submits
 each choice as one engine request, steps its engine once (a step or a burst) and reports
 what changed, again as plain JSON: the tokens each choice gained, the ends, the λ used, the
 requests it refused, and its counters. One process calls `apply` directly; several exchange
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from dami_jax.engine.engine import Engine as PagedEngine
 from dami_jax.engine.scheduler import ThinkingBudget
 from dami_jax.generate.sampling import Greedy, Sample
@@ -24,11 +28,20 @@ log = logging.getLogger("dami_jax.serve")
 
 
 def spec_of(key: int, req) -> dict:
-    """A GenRequest as a worker needs it: JSON, with its policy named by spec."""
+    """A GenRequest as a worker needs it: JSON, with its policy named by spec, but for `pixels`
+    (its pixel inputs, NumPy arrays, or None)."""
     return {"key": key, "prompt": list(req.prompt), "max_tokens": req.max_tokens, "n": req.n,
             "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p, "seed": req.seed,
             "row_base": req.row_base, "lam": req.lam, "stop_ids": list(req.stop_ids),
-            "policy": None if req.lam is not None else req.policy.spec, "thinking_budget": req.thinking_budget}
+            "policy": None if req.lam is not None else req.policy.spec, "thinking_budget": req.thinking_budget,
+            "pixels": req.pixel_inputs or None}
+
+
+def batch_pixels(pixel_inputs: list[dict]) -> dict:
+    """Several prompts' pixel inputs as one batch's, as transformers takes them: each keyword's
+    arrays concatenated in prompt order."""
+    keys = dict.fromkeys(k for p in pixel_inputs for k in p)
+    return {k: np.concatenate([p[k] for p in pixel_inputs if k in p]) for k in keys}
 
 
 class Worker:
@@ -90,7 +103,8 @@ class Worker:
                 for j in range(spec["n"]):
                     rids.append(self.engine.submit(spec["prompt"], spec["max_tokens"], lam=lam, sampling=sampling,
                                                    seed=spec["seed"], stop_tokens=tuple(spec["stop_ids"]),
-                                                   row_id=spec["row_base"] + j, budget=budget, early_exit=early_exit))
+                                                   row_id=spec["row_base"] + j, budget=budget, early_exit=early_exit,
+                                                   pixel_inputs=spec["pixels"]))
             except Exception as e:  # refused (e.g. a budget without `</think>`): this request only
                 for rid in rids:
                     self.engine.cancel(rid)
@@ -102,18 +116,21 @@ class Worker:
             report["lam"][spec["key"]] = lam
 
     def _lambdas(self, specs: list[dict], refused: dict) -> list[float | None]:
-        """Explicit λ, else one policy call per distinct policy over its requests' prompts.
-        A policy that fails refuses its requests (their λ stays None)."""
+        """Explicit λ, else one policy call per distinct policy over its requests' prompts, those
+        with images in a call of their own that passes their pixel inputs (so a text request never
+        depends on a policy's handling of images). A policy that fails refuses its requests (their
+        λ stays None)."""
         out: list[float | None] = [s["lam"] for s in specs]
-        by_policy: dict[str, list[int]] = {}
+        groups: dict[tuple[str, bool], list[int]] = {}
         for i, s in enumerate(specs):
             if s["lam"] is None:
-                by_policy.setdefault(s["policy"], []).append(i)
-        for name, idx in by_policy.items():
+                groups.setdefault((s["policy"], s["pixels"] is not None), []).append(i)
+        for (name, images), idx in groups.items():
             try:
                 if name not in self.policies:
                     raise KeyError(f"policy {name!r} is not served here")
-                lam = self.policies[name]([specs[i]["prompt"] for i in idx], self.pair).lam
+                pixels = batch_pixels([specs[i]["pixels"] for i in idx]) if images else {}
+                lam = self.policies[name]([specs[i]["prompt"] for i in idx], self.pair, **pixels).lam
             except Exception as e:
                 log.exception("policy %r failed", name)
                 for i in idx:
