@@ -29,6 +29,10 @@ TOY_PREF_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pref"
 # The toy pairs by name: the toy world each is of, and its reward model (v2: configs/pref_toy_v2.yaml).
 TOY_PAIRS = {"toy": "v1", "toy-v2": "v2"}
 TOY_PREF_MODELS = {"v1": TOY_PREF_MODEL, "v2": os.path.join(os.path.dirname(TOY_PREF_MODEL), "toy_v2")}
+# Their Conf settings: v1's (configs/policy_conf.yaml); v2 caps λ at 0.4, the ceiling chosen on its
+# development seed (docs/toyworld_v2.md), so that uncertain queries think without v2's re-check.
+TOY_CONF = {"v1": ConfConfig(w_entropy=1.0, w_js=0.0, rho=0.7, tau_per_iqr=0.1)}
+TOY_CONF["v2"] = dataclasses.replace(TOY_CONF["v1"], lam_max=0.4)
 
 
 class MissingPairFile(ConfigError):
@@ -76,7 +80,7 @@ def toy_pair_config(world: str = "v1") -> PairConfig:
     reward model.
 
     Its Conf settings are the toy's own: the ambiguity signal alone (w_D = 0; JS was weak there,
-    configs/policy_conf.yaml) and the ρ, τ its shipped calibration was made with (v2: v1's, unchanged).
+    configs/policy_conf.yaml) and the ρ, τ its shipped calibration was made with (v2: v1's, with λ_max = 0.4).
     Its DEER settings are the toy's words: a thinking chunk is a line (trigger: the line break) and the
     trial answer is what follows `\boxed{`, up to its `}`."""
     from dami_jax.toyworld import MAX_NEW_TOKENS, PAIR_DIRS, default_pair_dirs
@@ -89,7 +93,7 @@ def toy_pair_config(world: str = "v1") -> PairConfig:
     return PairConfig(instruct, thinking, dtype="float32", max_new_tokens=MAX_NEW_TOKENS, batch_size=300,
                       conf_calibration=os.path.join(PAIR_DIRS[world], "conf_calibration.json"),
                       pref_model=TOY_PREF_MODELS[world], thinking_budget=48, math_instruction=False, temperature=0.3,
-                      conf=ConfConfig(w_entropy=1.0, w_js=0.0, rho=0.7, tau_per_iqr=0.1),
+                      conf=TOY_CONF[world],
                       deer=DeerConfig(trigger="\n", inducer="\\boxed{", answer_end="}"))
 
 
