@@ -1,7 +1,11 @@
 """The λ-policy interface (DESIGN 1.1): prompts + a ModelPair -> one λ per prompt.
 
-A policy is any callable `policy(prompts, pair) -> PolicyResult`; eval and serve
-treat all alike. `build_policy` makes one from a short string (`static:0.8`,
+A policy is any callable `policy(prompts, pair, **pixel_inputs) -> PolicyResult`;
+eval and serve treat all alike. pixel_inputs (keyword-only, optional): a Qwen3-VL
+batch's images / video as `generate_pair` takes them (`pixel_values`,
+`image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, over the prompts' rows in
+order); a policy whose λ reads the prompts' content (Conf, routing, Pref) sees them,
+the others (static, budget, deer) do not need them. `build_policy` makes one from a short string (`static:0.8`,
 `conf:PATH`, `routing:0.3:PATH`, `deer:0.95`) or a dict (`{name: routing, share: 0.3}`).
 
 Registry: `register_policy(name, factory, parse_arg)` adds a policy. Built-in
@@ -24,7 +28,9 @@ import jax
 import numpy as np
 
 from dami_jax.config import ConfigError
+from dami_jax.errors import InputError
 from dami_jax.interpolate import check_lam
+from dami_jax.models.qwen3_vl import PIXEL_KEYS
 from dami_jax.tree import path_keys
 
 # name -> module that registers it when imported.
@@ -65,7 +71,15 @@ class Policy(abc.ABC):
     spec: str = ""  # a string build_policy turns back into this policy (for records)
 
     @abc.abstractmethod
-    def __call__(self, prompts: list[list[int]], pair) -> PolicyResult: ...
+    def __call__(self, prompts: list[list[int]], pair, **pixel_inputs) -> PolicyResult: ...
+
+
+def pixel_inputs_of(given: dict) -> dict:
+    """The pixel keywords given (None values dropped); an unknown keyword is refused."""
+    unknown = sorted(set(given) - set(PIXEL_KEYS))
+    if unknown:
+        raise InputError(f"unknown pixel input(s) {unknown}; expected some of {list(PIXEL_KEYS)}")
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
