@@ -31,6 +31,7 @@ from dami_jax.generate.decode import bucket_length, left_pad
 from dami_jax.models import qwen3_vl
 from dami_jax.models.qwen3 import hidden_states, resolve_layer
 from dami_jax.models.sharding import batch_sharding, param_shardings
+from dami_jax.policies.base import pixel_inputs_of
 from dami_jax.pref.config import POOLINGS
 
 
@@ -73,7 +74,7 @@ def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pool
     greedy probe of up to `probe_tokens` tokens when that is > 0, ended early by any of
     `stop_tokens` (the pair's `stop_tokens`; see the module docstring). pixel_inputs: Qwen3-VL
     images / video of the prompts, as `generate_pair` takes them."""
-    pixels = {k: v for k, v in pixel_inputs.items() if v is not None}
+    pixels = pixel_inputs_of(pixel_inputs)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt_features needs a non-empty list of non-empty prompts")
     if pooling not in POOLINGS or probe_tokens < 0 or (pooling == "probe") != (probe_tokens > 0):
