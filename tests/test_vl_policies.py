@@ -214,6 +214,28 @@ def test_conf_policy_through_answer(vl, batch):
     assert out.tokens.shape == (3, NEW)
 
 
+@pytest.mark.slow
+def test_deer_probes_see_their_rows_images(vl, batch):
+    """Each trial answer of an image row equals greedy generation at λ from the row's prompt (its
+    images included) + its thinking before the trigger + the inducer: the probe keeps its row's
+    images and M-RoPE delta. The trigger is a pair of tokens this random model writes."""
+    from dami_jax.policies.deer import deer_rule, generate_deer
+    from dami_jax.policies.deer_config import DeerConfig
+
+    prompts, pixels = batch
+    rule = deer_rule(vl.pair.tokenizer, DeerConfig(trigger="&g", probe_tokens=4, think_ratio=1.0))
+    out, probes = generate_deer(vl.pair, prompts, 24, rule, **pixels)
+    checked = 0
+    for r in (0, 2):
+        row_pixels = select_rows(vl.pair.cfg, prompts, pixels, [r])
+        for probe in probes[r]:
+            seq = prompts[r] + out.token_lists()[r][: probe.at] + list(rule.inducer)
+            want = dj.generate_pair(vl.pair, [seq], 1.0, len(probe.tokens), stop_tokens=[], **row_pixels)
+            assert list(probe.tokens) == want.token_lists()[0], (r, probe.at)
+            checked += 1
+    assert checked >= 2
+
+
 # ---------------------------------------------------------------------------
 # dami eval on a local JSONL benchmark with image paths
 
