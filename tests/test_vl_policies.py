@@ -183,6 +183,7 @@ class ByPrompt(Policy):
                             tuple(self.answers.get(k) for k in keys))
 
 
+@pytest.mark.slow
 def test_answer_with_a_mixed_batch_equals_each_row_alone(vl, batch):
     """Rows at λ = 0 (its answer reused), 0.5 (text) and 1 (two images): the λ = 0.5 and 1 rows
     generate with their own images after the reused row is taken out."""
