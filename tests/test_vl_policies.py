@@ -146,23 +146,29 @@ def test_conf_reads_the_images_and_text_rows_are_unchanged(vl, batch):
 # ---------------------------------------------------------------------------
 # Pref: h(q) of the prompt with its images
 
-@pytest.mark.parametrize("layer,pooling", [(2, "mean"), (-1, "last")])
-def test_pref_features_with_images_equal_transformers(vl, batch, layer, pooling):
+@pytest.mark.parametrize("layer,pooling,probe", [(2, "mean", 0), (-1, "last", 0), (-1, "probe", 3)])
+def test_pref_features_with_images_equal_transformers(vl, batch, layer, pooling, probe):
     """Features equal transformers' output_hidden_states of the prompt with its images (layer 2
-    is after the deepstack addition of layer 0 and before that of layer 1, as HF records it)."""
+    is after the deepstack addition of layer 0 and before that of layer 1, as HF records it);
+    with a probe, of prompt + transformers' greedy answer (the probe's positions pooled)."""
     import torch
 
     prompts, pixels = batch
-    got = prompt_features(vl.pair.cfg, vl.pair.instruct, prompts, layer=layer, pooling=pooling, batch=4, **pixels)
+    got = prompt_features(vl.pair.cfg, vl.pair.instruct, prompts, layer=layer, pooling=pooling, batch=4,
+                          probe_tokens=probe, **pixels)
     image_id = vl.pair.cfg.vl.image_token_id
     for r, prompt in enumerate(prompts):
-        rows = select_rows(vl.pair.cfg, prompts, pixels, [r])
+        rows = {k: torch.tensor(v) for k, v in select_rows(vl.pair.cfg, prompts, pixels, [r]).items()}
         ids = torch.tensor([prompt])
         with torch.no_grad():
+            if probe:
+                ids = vl.hf[0].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=probe,
+                                        min_new_tokens=probe, do_sample=False,
+                                        mm_token_type_ids=(ids == image_id).long(), **rows)
             hs = vl.hf[0](input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_id).long(),
-                          output_hidden_states=True, **{k: torch.tensor(v) for k, v in rows.items()}).hidden_states
+                          output_hidden_states=True, **rows).hidden_states
         h = hs[layer][0].numpy()
-        want = h[-1] if pooling == "last" else h.mean(0)
+        want = h[-1] if pooling == "last" else h[-probe:].mean(0) if probe else h.mean(0)
         np.testing.assert_allclose(got[r], want, atol=1e-4, rtol=1e-4)
 
 
