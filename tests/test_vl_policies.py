@@ -196,7 +196,7 @@ def test_answer_with_a_mixed_batch_equals_each_row_alone(vl, batch):
     prompts, pixels = batch
     stop = vl.pair.stop_tokens[0]
     policy = ByPrompt({tuple(p): lam for p, lam in zip(prompts, (0.0, 0.5, 1.0))}, {tuple(prompts[0]): [7, 8, stop]})
-    out, chosen = answer(vl.pair, policy, prompts, NEW, **pixels)
+    out, _ = answer(vl.pair, policy, prompts, NEW, **pixels)
     assert out.token_lists()[0] == [7, 8, stop]
     np.testing.assert_array_equal(policy.seen[0]["pixel_values"], pixels["pixel_values"])
     for r in range(len(prompts)):
@@ -260,8 +260,8 @@ def _benchmark(root) -> str:
 
 @pytest.mark.slow
 def test_dami_eval_runs_image_problems(vl, tmp_path):
-    from dami_jax.eval.run import chunk_inputs, pair_processor, run_eval
     from dami_jax.eval.benchmarks import load_benchmark
+    from dami_jax.eval.run import chunk_inputs, pair_processor, run_eval
 
     bench = _benchmark(tmp_path)
     problems = load_benchmark(bench)

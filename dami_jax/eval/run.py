@@ -30,8 +30,8 @@ import time
 from tqdm.auto import tqdm
 
 from dami_jax import distributed
-from dami_jax.errors import InputError
 from dami_jax.checkpoint.hf import resolve_model_dir
+from dami_jax.errors import InputError
 from dami_jax.eval.benchmarks import Problem, load_benchmark, problem_messages, problem_prompt
 from dami_jax.eval.metrics import summarize_by_policy
 from dami_jax.eval.pairs import PairConfig, expand_policy

@@ -29,8 +29,9 @@ import numpy as np
 
 from dami_jax.config import ConfigError
 from dami_jax.errors import InputError
+from dami_jax.generate.decode import left_pad
 from dami_jax.interpolate import check_lam
-from dami_jax.models.qwen3_vl import PIXEL_KEYS
+from dami_jax.models import qwen3_vl
 from dami_jax.tree import path_keys
 
 # name -> module that registers it when imported.
@@ -76,10 +77,20 @@ class Policy(abc.ABC):
 
 def pixel_inputs_of(given: dict) -> dict:
     """The pixel keywords given (None values dropped); an unknown keyword is refused."""
-    unknown = sorted(set(given) - set(PIXEL_KEYS))
+    unknown = sorted(set(given) - set(qwen3_vl.PIXEL_KEYS))
     if unknown:
-        raise InputError(f"unknown pixel input(s) {unknown}; expected some of {list(PIXEL_KEYS)}")
+        raise InputError(f"unknown pixel input(s) {unknown}; expected some of {list(qwen3_vl.PIXEL_KEYS)}")
     return {k: v for k, v in given.items() if v is not None}
+
+
+def padded_chunk(cfg, prompts: list[list[int]], start: int, count: int, rows: int, width: int, pixel_inputs: dict):
+    """Prompts start..start+count left-padded to (rows, width), the last one repeated in the padding
+    rows, and the `qwen3_vl.VisionInputs` of their images (None when they have none): what Conf's
+    scoring and Pref's features run on. pixel_inputs: those of all `prompts`."""
+    picked = list(range(start, start + count)) + [start + count - 1] * (rows - count)
+    tokens, mask = left_pad([prompts[i] for i in picked], width)
+    pixels = qwen3_vl.select_rows(cfg, prompts, pixel_inputs, picked) if pixel_inputs else {}
+    return tokens, mask, qwen3_vl.batch_vision_inputs(cfg, tokens, mask, pixels)
 
 
 @dataclasses.dataclass(frozen=True)

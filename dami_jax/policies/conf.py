@@ -33,11 +33,11 @@ import numpy as np
 from flax import struct
 
 from dami_jax.errors import InputError
-from dami_jax.generate.decode import bucket_length, left_pad
+from dami_jax.generate.decode import bucket_length
 from dami_jax.models import qwen3_vl
 from dami_jax.models.kv_cache import KVCache
 from dami_jax.models.qwen3 import apply
-from dami_jax.policies.base import Policy, PolicyResult, pixel_inputs_of, register_policy
+from dami_jax.policies.base import Policy, PolicyResult, padded_chunk, pixel_inputs_of, register_policy
 from dami_jax.policies.calibration import resolve_calibration
 from dami_jax.policies.conf_config import ConfConfig, load_conf_config  # noqa: F401 (re-exported)
 
@@ -192,10 +192,7 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
         chunk = prompts[start: start + cfg.batch_size]
         rows = padded_rows(len(chunk), cfg.batch_size)
         width = bucket_length(max(map(len, chunk)), context - probe)
-        padded = list(range(start, start + len(chunk))) + [start + len(chunk) - 1] * (rows - len(chunk))
-        tokens, mask = left_pad([prompts[i] for i in padded], width)
-        rows_pixels = qwen3_vl.select_rows(pair.cfg, prompts, pixels, padded) if pixels else {}
-        vision = qwen3_vl.batch_vision_inputs(pair.cfg, tokens, mask, rows_pixels)  # None: text rows only
+        tokens, mask, vision = padded_chunk(pair.cfg, prompts, start, len(chunk), rows, width, pixels)
         out = conf_signals(pair.cfg, pair.instruct, pair.thinking, jnp.asarray(tokens), jnp.asarray(mask),
                            excl, stops, coeffs, vision, probe_len=probe,
                            with_js=cfg.w_js != 0 if with_js is None else with_js)

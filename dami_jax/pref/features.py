@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dami_jax.engine.offline import generate
-from dami_jax.generate.decode import bucket_length, left_pad
+from dami_jax.generate.decode import bucket_length
 from dami_jax.models import qwen3_vl
 from dami_jax.models.qwen3 import hidden_states, resolve_layer
 from dami_jax.models.sharding import batch_sharding, param_shardings
-from dami_jax.policies.base import pixel_inputs_of
+from dami_jax.policies.base import padded_chunk, pixel_inputs_of
 from dami_jax.pref.config import POOLINGS
 
 
@@ -97,10 +97,7 @@ def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pool
         chunk = prompts[start: start + batch]
         rows = -(-min(bucket_length(len(chunk), batch), batch) // shards) * shards
         width = bucket_length(max(map(len, chunk)), cfg.max_position_embeddings)
-        padded = list(range(start, start + len(chunk))) + [start + len(chunk) - 1] * (rows - len(chunk))
-        tokens, mask = left_pad([prompts[i] for i in padded], width)
-        rows_pixels = qwen3_vl.select_rows(cfg, prompts, pixels, padded) if pixels else {}
-        vision = qwen3_vl.batch_vision_inputs(cfg, tokens, mask, rows_pixels)  # None: text rows only
+        tokens, mask, vision = padded_chunk(cfg, prompts, start, len(chunk), rows, width, pixels)
         tail = np.pad(tails[start: start + batch], (0, rows - len(chunk)), mode="edge")  # rows as padded
         if mesh is not None:
             tokens, mask = (jax.device_put(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
