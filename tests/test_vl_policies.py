@@ -143,6 +143,16 @@ def test_conf_reads_the_images_and_text_rows_are_unchanged(vl, batch):
         score_prompts(vl.pair, prompts, CONF, pixel_value=pixels["pixel_values"])
 
 
+def test_calibration_with_images(vl, batch):
+    """calibrate_conf scores the prompts with their images (its shards' pixels selected)."""
+    from dami_jax.policies.calibrate import calibrate_conf
+
+    prompts, pixels = batch
+    cal = calibrate_conf(vl.pair, prompts, CONF, **pixels)
+    want = score_prompts(vl.pair, prompts, CONF, **pixels)["score"]
+    np.testing.assert_allclose(cal.scores, np.sort(want), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # Pref: h(q) of the prompt with its images
 
