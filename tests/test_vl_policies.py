@@ -156,7 +156,8 @@ def test_calibration_with_images(vl, batch):
 # ---------------------------------------------------------------------------
 # Pref: h(q) of the prompt with its images
 
-@pytest.mark.parametrize("layer,pooling,probe", [(2, "mean", 0), (-1, "last", 0), (-1, "probe", 3)])
+@pytest.mark.parametrize("layer,pooling,probe", [(2, "mean", 0), (-1, "last", 0),
+                                                  pytest.param(-1, "probe", 3, marks=pytest.mark.slow)])
 def test_pref_features_with_images_equal_transformers(vl, batch, layer, pooling, probe):
     """Features equal transformers' output_hidden_states of the prompt with its images (layer 2
     is after the deepstack addition of layer 0 and before that of layer 1, as HF records it);
