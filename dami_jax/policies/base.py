@@ -5,8 +5,9 @@ eval and serve treat all alike. pixel_inputs (keyword-only, optional): a Qwen3-V
 batch's images / video as `generate_pair` takes them (`pixel_values`,
 `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, over the prompts' rows in
 order); a policy whose λ reads the prompts' content (Conf, routing, Pref) sees them,
-the others (static, budget, deer) do not need them. `build_policy` makes one from a short string (`static:0.8`,
-`conf:PATH`, `routing:0.3:PATH`, `deer:0.95`) or a dict (`{name: routing, share: 0.3}`).
+the others (static, budget, deer) do not need them (generation does: `execute.answer`).
+`build_policy` makes one from a short string (`static:0.8`, `conf:PATH`,
+`routing:0.3:PATH`, `deer:0.95`) or a dict (`{name: routing, share: 0.3}`).
 
 Registry: `register_policy(name, factory, parse_arg)` adds a policy. Built-in
 names map to the module that registers them, imported on first use, so a new
