@@ -287,7 +287,8 @@ class Scheduler:
         req.probe = Request(rid=(req.rid, "probe", len(req.probes)), prompt=prompt, max_new_tokens=rule.probe_tokens,
                             lam=req.lam, temperature=0.0, top_k=0, top_p_cut=0.0,
                             stop_ids=req.stop_ids | rule.probe_stops, seed=req.seed, row_id=req.row_id,
-                            max_probs=[], parent=req, fork_at=at)
+                            max_probs=[], parent=req, fork_at=at,
+                            vision=req.vision)  # its row's images and M-RoPE delta
         self.running.append(req.probe)  # its pages come at the next plan (`_place_probe`)
 
     def _place_probe(self, probe: Request, plan: list) -> None:

@@ -221,12 +221,22 @@ def rows_to_problems(rows: Iterable[Mapping[str, Any]], fields: FieldMap, source
     return problems
 
 
-def load_jsonl(path: str | os.PathLike, fields: FieldMap = FieldMap(), limit: int | None = None) -> list[Problem]:
-    """Problems from a local JSONL file, one JSON object per line (blank lines skipped)."""
+def local_fields(rows: Sequence[Mapping[str, Any]]) -> FieldMap:
+    """A local file's fields when none are given: `FieldMap()` (question, answer, id), plus
+    `image` (a path or a list, relative to the file) and `choices` (a list of options) when its
+    first row has them, so `dami eval --bench FILE.jsonl` runs image problems as written."""
+    first = rows[0] if rows and isinstance(rows[0], Mapping) else {}
+    return FieldMap(images="image" if "image" in first else None, choices="choices" if "choices" in first else None)
+
+
+def load_jsonl(path: str | os.PathLike, fields: FieldMap | None = None, limit: int | None = None) -> list[Problem]:
+    """Problems from a local JSONL file, one JSON object per line (blank lines skipped);
+    fields: default `local_fields`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"benchmark file not found: {path}")
     rows = [row for _, row in read_jsonl(path)]
+    fields = local_fields(rows) if fields is None else fields
     problems = rows_to_problems(rows, fields, path, base_dir=os.path.dirname(os.path.abspath(path)))
     return problems[:limit] if limit is not None else problems
 
@@ -242,7 +252,7 @@ def load_benchmark(
 ) -> list[Problem]:
     """Problems of a known benchmark (see `BENCHMARKS`) or of a local `.jsonl` file.
 
-    For a local file `fields` is the field mapping (default `FieldMap()`); for a
+    For a local file `fields` is the field mapping (default `local_fields`); for a
     hub benchmark it overrides the built-in mapping. `limit` keeps the first rows.
     `data_path`: a local copy of a hub benchmark (its directory), read in place of the hub id.
     """
@@ -250,7 +260,7 @@ def load_benchmark(
         raise InputError(f"limit must be >= 1 or None, got {limit}")
     name = os.fspath(name)
     if name.endswith(".jsonl") or os.path.isfile(name):
-        return load_jsonl(name, fields or FieldMap(), limit)
+        return load_jsonl(name, fields, limit)
     if name not in BENCHMARKS:
         raise InputError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} or a path to a .jsonl file")
     spec = BENCHMARKS[name]

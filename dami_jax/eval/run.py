@@ -13,6 +13,11 @@ output (the results' `probe_tokens` is their mean per sample, 0 for other polici
 Under several processes (dami_jax/distributed.py) each chunk is split across them: each
 generates and grades its share with the pair on its own devices, and process 0 appends the
 whole chunk's records and writes the results; the others write nothing.
+
+Problems with images run on a vision-language pair (Qwen3-VL): the processor of the checkpoint
+whose tokenizer the pair uses (transformers' AutoProcessor) makes each chunk's prompts and pixel
+inputs as the chunk runs (one chunk's pixels held at a time), and every policy and generation
+see them. A text pair refuses image problems before any work.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import time
 from tqdm.auto import tqdm
 
 from dami_jax import distributed
+from dami_jax.checkpoint.hf import resolve_model_dir
 from dami_jax.errors import InputError
-from dami_jax.eval.benchmarks import Problem, load_benchmark, problem_prompt
+from dami_jax.eval.benchmarks import Problem, load_benchmark, problem_messages, problem_prompt
 from dami_jax.eval.metrics import summarize_by_policy
 from dami_jax.eval.pairs import PairConfig, expand_policy
 from dami_jax.eval.records import RecordStore, make_record
@@ -54,13 +60,52 @@ def load_problems(name: str, limit: int | None) -> list[Problem]:
     return load_benchmark(name, limit=limit)
 
 
+def bench_name(bench: str) -> str:
+    """A benchmark's name in output files: a local file's name without `.jsonl`."""
+    return os.path.basename(bench).removesuffix(".jsonl") if bench.endswith(".jsonl") else bench
+
+
 def eval_prompts(pair, pair_cfg: PairConfig, problems: list[Problem]) -> list[list[int]]:
-    """The token ids each problem is asked with (chat template, and the math instruction if set)."""
+    """The token ids each problem is asked with (chat template, and the math instruction if set);
+    text problems only (`problem_inputs` takes images on a vision-language pair)."""
     with_images = [p.id for p in problems if p.images]
-    if with_images:  # the processor's features need the vision keywords of the engine (issue 18)
+    if with_images:
         raise InputError(f"problems {with_images[:3]}{' ...' if len(with_images) > 3 else ''} have images; "
-                         "`dami eval` runs text-only problems until the engine takes image inputs")
+                         "they need a vision-language pair (Qwen3-VL, e.g. configs/pair_qwen3_vl_4b.yaml), and "
+                         "this pair's model has no vision tower")
     return [chat_prompt(pair.tokenizer, problem_prompt(p, pair_cfg.math_instruction)) for p in problems]
+
+
+def pair_processor(pair, pair_cfg: PairConfig):
+    """transformers' processor of a vision-language pair (from the checkpoint whose tokenizer it
+    uses), None for a text pair."""
+    if getattr(pair.cfg, "vl", None) is None:
+        return None
+    from dami_jax.multimodal import load_processor
+
+    source = {"instruct": pair_cfg.instruct, "thinking": pair_cfg.thinking}.get(pair_cfg.tokenizer,
+                                                                                 pair_cfg.tokenizer)
+    return load_processor(resolve_model_dir(source))
+
+
+def problem_inputs(pair, pair_cfg: PairConfig, problems: list[Problem], processor=None) -> tuple[list, dict]:
+    """(the token ids each problem is asked with, the pixel inputs of their images in order): made
+    by `processor` (a vision-language pair's, `pair_processor`), else `eval_prompts` (text only)."""
+    if processor is None:
+        return eval_prompts(pair, pair_cfg, problems), {}
+    from dami_jax.multimodal import encode_chats, prompt_ids, vision_kwargs
+
+    features = encode_chats(processor, [problem_messages(p, pair_cfg.math_instruction) for p in problems])
+    return prompt_ids(features), vision_kwargs(features)
+
+
+def chunk_inputs(pair, pair_cfg: PairConfig, problems: list[Problem], processor=None):
+    """A function of problem indices -> `problem_inputs` of those problems. A text pair's prompts
+    are made here, once (image problems refused before any work); a vision pair's when asked."""
+    if processor is None:
+        prompts = eval_prompts(pair, pair_cfg, problems)
+        return lambda indices: ([prompts[i] for i in indices], {})
+    return lambda indices: problem_inputs(pair, pair_cfg, [problems[i] for i in indices], processor)
 
 
 def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str], *, samples: int = 1,
@@ -78,11 +123,12 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
     if writer:
         os.makedirs(out_dir, exist_ok=True)
     built = {spec: build_policy(expand_policy(spec, pair_cfg), pair) for spec in policies}
+    processor = pair_processor(pair, pair_cfg)
     rows = []
     for bench in benches:
         problems = load_problems(bench, limit)
-        prompts = eval_prompts(pair, pair_cfg, problems)
-        store = RecordStore(os.path.join(out_dir, f"records_{bench}.jsonl"))
+        inputs = chunk_inputs(pair, pair_cfg, problems, processor)
+        store = RecordStore(os.path.join(out_dir, f"records_{bench_name(bench)}.jsonl"))
         # process 0's records decide what is left: the others' disks may hold nothing, or an old copy
         done = {tuple(k) for k in distributed.from_writer(store.done_keys)}
         for spec, policy in built.items():
@@ -95,10 +141,11 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
                 step = size * distributed.process_count()
                 chunks = [todo[i: i + step] for i in range(0, len(todo), step)]
                 kw = dict(sampling=sampling, seed=seed + sample, **pair_cfg.engine_size())
-                run = functools.partial(_answer_records, pair, pair_cfg, policy, spec, sample, problems, prompts, kw)
+                run = functools.partial(_answer_records, pair, pair_cfg, policy, spec, sample, problems, inputs, kw)
                 mine = distributed.shard(todo, block=size)[: pair_cfg.batch_size]
                 if chunks and warmup and mine:  # compile outside the timed runs (an engine-full of prompts)
-                    answer(pair, policy, [prompts[i] for i in mine], pair_cfg.max_new_tokens, **kw)
+                    prompts, pixels = inputs(mine)
+                    answer(pair, policy, prompts, pair_cfg.max_new_tokens, **kw, **pixels)
                     warmup = False
                 for chunk in tqdm(chunks, desc=f"{bench} {spec} #{sample}", disable=not (progress and writer),
                                   leave=False):
@@ -108,17 +155,18 @@ def run_eval(pair, pair_cfg: PairConfig, benches: list[str], policies: list[str]
                     if writer:
                         store.extend({**r, "seconds": share} for r in records)
         if writer:
-            rows += _summarize(bench, store.load(), policies, out_dir)
+            rows += _summarize(bench_name(bench), store.load(), policies, out_dir)
     if writer:
         _write_results(out_dir, rows)
     return distributed.broadcast_json(rows)
 
 
-def _answer_records(pair, pair_cfg, policy, spec, sample, problems, prompts, kw, chunk):
+def _answer_records(pair, pair_cfg, policy, spec, sample, problems, inputs, kw, chunk):
     """The records of the problems at indices `chunk`: answered with the policy, graded."""
     from dami_jax.policies.execute import answer
 
-    out, chosen = answer(pair, policy, [prompts[i] for i in chunk], pair_cfg.max_new_tokens, **kw)
+    prompts, pixels = inputs(chunk)
+    out, chosen = answer(pair, policy, prompts, pair_cfg.max_new_tokens, **kw, **pixels)
     return _records(pair, spec, sample, [problems[i] for i in chunk], out, chosen)
 
 

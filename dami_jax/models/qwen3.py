@@ -149,11 +149,11 @@ class Qwen3(nnx.Module):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 with jax.named_scope(f"layer_{i}"):
                     x_btd, (k, v) = self.layers[i](x_btd, *args, layer_kv, index, lam)
+                xs.append(x_btd)  # the layer's output, before after_layer (HF's hidden states)
                 if after_layer is not None:
                     x_btd = after_layer(i, x_btd)
                 ks.append(k)
                 vs.append(v)
-                xs.append(x_btd)
             return (jnp.stack(xs) if every else x_btd), tuple(ks), tuple(vs)
         if after_layer is not None:
             raise ValueError("image prompts (deepstack) need scan_layers=False")
@@ -213,15 +213,24 @@ class Qwen3(nnx.Module):
         logits_btv = self.embed.attend(x_btd, lam_r) if self.tied else self.lm_head(x_btd, lam_r)
         return logits_btv[:, 0].astype(jnp.float32), (ks, vs)
 
-    def hidden(self, tokens_bt, mask_bt, layer: int | None, lam=None):
+    def hidden(self, tokens_bt, mask_bt, layer: int | None, lam=None, vision=None):
         """(B, T, D) hidden states after `layer` decoder layers, no cache; layer num_layers
         includes the final norm (HF output_hidden_states numbering). Runs only what it needs.
-        layer None: all of them from one pass, (num_layers + 1, B, T, D)."""
+        layer None: all of them from one pass, (num_layers + 1, B, T, D). vision: as in __call__;
+        a layer's hidden state is its output before the deepstack addition, as HF records it."""
         x_btd, pos_bt, allowed_bts, _, index = self._inputs(tokens_bt, mask_bt, None, lam)
+        after_layer = None
+        if vision is not None:
+            x_btd, pos_bt = vision.splice(x_btd), vision.pos_3bt
+            last = layer - 1 if layer is not None and layer < self.num_layers else None  # returned as it is
+
+            def after_layer(i, x_btd):
+                return x_btd if i == last else vision.deepstack(i, x_btd)
         if layer is None:
-            x_lbtd, _, _ = self._decoder(x_btd, pos_bt, allowed_bts, None, index, lam, self.num_layers, every=True)
+            x_lbtd, _, _ = self._decoder(x_btd, pos_bt, allowed_bts, None, index, lam, self.num_layers, every=True,
+                                         after_layer=after_layer)
             return x_lbtd.at[-1].set(self.final_norm(x_lbtd[-1], lam))
-        x_btd, _, _ = self._decoder(x_btd, pos_bt, allowed_bts, None, index, lam, layer)
+        x_btd, _, _ = self._decoder(x_btd, pos_bt, allowed_bts, None, index, lam, layer, after_layer=after_layer)
         return self.final_norm(x_btd, lam) if layer == self.num_layers else x_btd
 
 

@@ -168,11 +168,24 @@ def apply(cfg: ModelConfig, params, tokens_bt, mask_bt, vis: VisionInputs, cache
     deepstack_layers: where the deepstack features go (default 0..n-1, transformers' rule).
     """
     model = qwen3._model(cfg, params, lam)
+    splice = _splice(model, params, vis, lam, deepstack_layers)
+    return model(tokens_bt, mask_bt, cache=cache, lam=lam, last_only=last_only, vision=splice)
+
+
+def _splice(model, params, vis: VisionInputs, lam, deepstack_layers=None) -> VisionSplice:
+    """The tower run on the prefill's patches (each at its row's λ for a delta-mode tower)."""
     lam_n = lam[vis.patch_row_n] if lam is not None and _is_delta(params["visual"]) else None
     rows_md, deepstack = model.visual(vis.pixels_nk, vis.layout, lam_n)
     layers = tuple(range(len(deepstack))) if deepstack_layers is None else tuple(deepstack_layers)
-    splice = VisionSplice(rows_md, tuple(deepstack), vis.index_bt, vis.visual_bt, vis.pos_3bt, vis.delta_b, layers)
-    return model(tokens_bt, mask_bt, cache=cache, lam=lam, last_only=last_only, vision=splice)
+    return VisionSplice(rows_md, tuple(deepstack), vis.index_bt, vis.visual_bt, vis.pos_3bt, vis.delta_b, layers)
+
+
+def hidden_states(cfg: ModelConfig, params, tokens_bt, mask_bt, vis: VisionInputs, layer: int | None, lam=None):
+    """`qwen3.hidden_states` of a prompt with images (not jitted), numbered as HF's
+    output_hidden_states (a layer's output before its deepstack addition)."""
+    layer = None if layer is None else qwen3.resolve_layer(layer, cfg.num_layers)
+    model = qwen3._model(cfg, params, lam)
+    return model.hidden(tokens_bt, mask_bt, layer, lam=lam, vision=_splice(model, params, vis, lam))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,4 +1,5 @@
-"""λ policies (DESIGN 1.1): one interface, `policy(prompts, pair) -> PolicyResult`.
+"""λ policies (DESIGN 1.1): one interface, `policy(prompts, pair, **pixel_inputs) -> PolicyResult`
+(pixel_inputs: a Qwen3-VL batch's images, as `generate_pair` takes them; none for text).
 
     policy = build_policy("static:0.8")                 # or "conf:PATH", "routing:0.3:PATH", "deer:0.95", a dict
     result = policy(prompts, pair)                       # result.lam (B,), result.info {name: (B,)}

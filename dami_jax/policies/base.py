@@ -1,8 +1,13 @@
 """The λ-policy interface (DESIGN 1.1): prompts + a ModelPair -> one λ per prompt.
 
-A policy is any callable `policy(prompts, pair) -> PolicyResult`; eval and serve
-treat all alike. `build_policy` makes one from a short string (`static:0.8`,
-`conf:PATH`, `routing:0.3:PATH`, `deer:0.95`) or a dict (`{name: routing, share: 0.3}`).
+A policy is any callable `policy(prompts, pair, **pixel_inputs) -> PolicyResult`;
+eval and serve treat all alike. pixel_inputs (keyword-only, optional): a Qwen3-VL
+batch's images / video as `generate_pair` takes them (`pixel_values`,
+`image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, over the prompts' rows in
+order); a policy whose λ reads the prompts' content (Conf, routing, Pref) sees them,
+the others (static, budget, deer) do not need them (generation does: `execute.answer`).
+`build_policy` makes one from a short string (`static:0.8`, `conf:PATH`,
+`routing:0.3:PATH`, `deer:0.95`) or a dict (`{name: routing, share: 0.3}`).
 
 Registry: `register_policy(name, factory, parse_arg)` adds a policy. Built-in
 names map to the module that registers them, imported on first use, so a new
@@ -24,7 +29,10 @@ import jax
 import numpy as np
 
 from dami_jax.config import ConfigError
+from dami_jax.errors import InputError
+from dami_jax.generate.decode import left_pad
 from dami_jax.interpolate import check_lam
+from dami_jax.models import qwen3_vl
 from dami_jax.tree import path_keys
 
 # name -> module that registers it when imported.
@@ -65,7 +73,25 @@ class Policy(abc.ABC):
     spec: str = ""  # a string build_policy turns back into this policy (for records)
 
     @abc.abstractmethod
-    def __call__(self, prompts: list[list[int]], pair) -> PolicyResult: ...
+    def __call__(self, prompts: list[list[int]], pair, **pixel_inputs) -> PolicyResult: ...
+
+
+def pixel_inputs_of(given: dict) -> dict:
+    """The pixel keywords given (None values dropped); an unknown keyword is refused."""
+    unknown = sorted(set(given) - set(qwen3_vl.PIXEL_KEYS))
+    if unknown:
+        raise InputError(f"unknown pixel input(s) {unknown}; expected some of {list(qwen3_vl.PIXEL_KEYS)}")
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def padded_chunk(cfg, prompts: list[list[int]], start: int, count: int, rows: int, width: int, pixel_inputs: dict):
+    """Prompts start..start+count left-padded to (rows, width), the last one repeated in the padding
+    rows, and the `qwen3_vl.VisionInputs` of their images (None when they have none): what Conf's
+    scoring and Pref's features run on. pixel_inputs: those of all `prompts`."""
+    picked = list(range(start, start + count)) + [start + count - 1] * (rows - count)
+    tokens, mask = left_pad([prompts[i] for i in picked], width)
+    pixels = qwen3_vl.select_rows(cfg, prompts, pixel_inputs, picked) if pixel_inputs else {}
+    return tokens, mask, qwen3_vl.batch_vision_inputs(cfg, tokens, mask, pixels)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ class BudgetPolicy(Policy):
         self.thinking_budget = int(tokens)
         self.spec = f"budget:{self.thinking_budget}"
 
-    def __call__(self, prompts, pair) -> PolicyResult:
+    def __call__(self, prompts, pair, **pixel_inputs) -> PolicyResult:  # λ does not read the prompts
         b = len(prompts)
         return PolicyResult(np.ones(b, np.float32), {"budget": np.full(b, self.thinking_budget)})
 
@@ -49,9 +49,10 @@ def think_end_ids(tokenizer) -> tuple[int, list[int]]:
 
 def generate_budget(pair, prompts: list[list[int]], budget: int, max_new_tokens: int, *,
                     sampling=Greedy(), seed: int = 0, stop_tokens=None, mode: str = "delta",
-                    max_rows: int | None = None, kv_bytes: int | None = None) -> GenerateOutput:
+                    max_rows: int | None = None, kv_bytes: int | None = None, **pixel_inputs) -> GenerateOutput:
     """Thinking-model (λ = 1) generation with thinking cut at `budget` tokens (max_new_tokens in
-    all), in one engine run: the cut is a scheduler rule (`engine.scheduler.ThinkingBudget`)."""
+    all), in one engine run: the cut is a scheduler rule (`engine.scheduler.ThinkingBudget`).
+    pixel_inputs: Qwen3-VL images / video of the batch, as `generate_pair` takes them."""
     if pair.tokenizer is None:
         raise InputError("budget generation needs the pair's tokenizer (to find </think>)")
     end_id, forced = think_end_ids(pair.tokenizer)
@@ -65,7 +66,7 @@ def generate_budget(pair, prompts: list[list[int]], budget: int, max_new_tokens:
     else:
         raise InputError(f"mode must be 'delta' or 'merged', got {mode!r}")
     return outputs(engine.run_batch(prompts, max_new_tokens, lam=lam, sampling=sampling, seed=seed,
-                                    stop_tokens=stops, budget=cut))
+                                    stop_tokens=stops, budget=cut, pixel_inputs=pixel_inputs))
 
 
 register_policy("budget", BudgetPolicy, lambda args: {"tokens": int(args[0])})

@@ -23,7 +23,8 @@ import dataclasses
 import numpy as np
 
 from dami_jax.errors import InputError
-from dami_jax.policies.base import pair_fingerprint
+from dami_jax.models.qwen3_vl import select_rows
+from dami_jax.policies.base import pair_fingerprint, pixel_inputs_of
 from dami_jax.policies.calibration import Calibration
 from dami_jax.policies.conf import score_prompts
 from dami_jax.policies.conf_config import SIGNALS, ConfConfig, load_conf_config
@@ -38,25 +39,30 @@ def quantile_calibration(scores, rho: float, tau_per_iqr: float, min_tau: float)
     return float(np.quantile(s, 1.0 - rho)), float(max(tau_per_iqr * (q75 - q25), min_tau))
 
 
-def calibrate_conf(pair, prompts, cfg: ConfConfig | None = None) -> Calibration:
-    """Unsupervised calibration of μ and τ on `prompts` (no labels)."""
+def calibrate_conf(pair, prompts, cfg: ConfConfig | None = None, **pixel_inputs) -> Calibration:
+    """Unsupervised calibration of μ and τ on `prompts` (no labels); pixel_inputs: their Qwen3-VL
+    images, as `generate_pair` takes them."""
     cfg = cfg or load_conf_config()
-    return calibration_from_scores(sharded_signals(pair, prompts, cfg)["score"], cfg, pair_fingerprint(pair))
+    scores = sharded_signals(pair, prompts, cfg, **pixel_inputs)["score"]
+    return calibration_from_scores(scores, cfg, pair_fingerprint(pair))
 
 
-def sharded_signals(pair, prompts, cfg: ConfConfig, with_js: bool | None = None) -> dict[str, np.ndarray]:
+def sharded_signals(pair, prompts, cfg: ConfConfig, with_js: bool | None = None,
+                    **pixel_inputs) -> dict[str, np.ndarray]:
     """`score_prompts`' score and signals of every prompt (float64). Under several processes
     (dami_jax/distributed.py) each scores its shard, whole scoring batches so that the numbers are
     those one process gets, and every process gets them all."""
     from dami_jax import distributed
 
     keys = ("score", *SIGNALS)
+    pixels = pixel_inputs_of(pixel_inputs)
 
-    def score(shard):
-        out = score_prompts(pair, shard, cfg, with_js=with_js)
+    def score(shard):  # prompt indices
+        shard_pixels = select_rows(pair.cfg, prompts, pixels, shard) if pixels else {}
+        out = score_prompts(pair, [prompts[i] for i in shard], cfg, with_js=with_js, **shard_pixels)
         return [[float(out[k][i]) for k in keys] for i in range(len(shard))]
 
-    rows = np.asarray(distributed.map_sharded(score, prompts, block=cfg.batch_size), np.float64)
+    rows = np.asarray(distributed.map_sharded(score, list(range(len(prompts))), block=cfg.batch_size), np.float64)
     return {k: rows[:, j] for j, k in enumerate(keys)}
 
 
@@ -135,8 +141,9 @@ def logistic_fit(x_nf, y_n, l2: float = 1e-3, iters: int = 50) -> tuple[np.ndarr
 
 
 def fit_conf_supervised(pair, prompts, wrong, cfg: ConfConfig | None = None,
-                        signals=("entropy", "js"), l2: float = 1e-3) -> Calibration:
-    """(w, μ, τ) by logistic regression of `wrong` (Instruct answer wrong: 1) on `signals`."""
+                        signals=("entropy", "js"), l2: float = 1e-3, **pixel_inputs) -> Calibration:
+    """(w, μ, τ) by logistic regression of `wrong` (Instruct answer wrong: 1) on `signals`;
+    pixel_inputs: the prompts' Qwen3-VL images, as `generate_pair` takes them."""
     cfg = cfg or load_conf_config()
     bad = sorted(set(signals) - set(SIGNALS))
     if bad or not signals:
@@ -144,7 +151,7 @@ def fit_conf_supervised(pair, prompts, wrong, cfg: ConfConfig | None = None,
     y = np.asarray(wrong, np.float64)
     if y.shape != (len(prompts),) or not set(np.unique(y)) <= {0.0, 1.0} or len(np.unique(y)) < 2:
         raise InputError("wrong must hold one 0/1 label per prompt, with both classes present")
-    out = score_prompts(pair, prompts, cfg, with_js="js" in signals)
+    out = score_prompts(pair, prompts, cfg, with_js="js" in signals, **pixel_inputs)
     w, b = logistic_fit(np.stack([out[k] for k in signals], 1), y, l2)
     scale = float(np.abs(w).sum())
     if scale == 0.0:

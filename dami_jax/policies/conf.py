@@ -17,6 +17,9 @@ none (`n_content` = 0 flags it), and
 With w_D = 0 (the toy pair's setting) the Thinking model does not enter s, so its teacher-forced
 pass is skipped (about half the scoring's work) and D is reported as NaN; callers that
 want D anyway (the supervised fit, the signal benchmark) ask for it with `with_js`.
+Image prompts (Qwen3-VL): each model's prefill is the VL one (its own tower's rows spliced in,
+M-RoPE positions), which leaves its cache's next position at the row's max position + 1, so
+the probe's steps are the text steps, as in generation (generate/decode.py).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import numpy as np
 from flax import struct
 
 from dami_jax.errors import InputError
-from dami_jax.generate.decode import bucket_length, left_pad
+from dami_jax.generate.decode import bucket_length
+from dami_jax.models import qwen3_vl
 from dami_jax.models.kv_cache import KVCache
 from dami_jax.models.qwen3 import apply
-from dami_jax.policies.base import Policy, PolicyResult, register_policy
+from dami_jax.policies.base import Policy, PolicyResult, padded_chunk, pixel_inputs_of, register_policy
 from dami_jax.policies.calibration import resolve_calibration
 from dami_jax.policies.conf_config import ConfConfig, load_conf_config  # noqa: F401 (re-exported)
 
@@ -80,17 +84,24 @@ def position_signals(logits_i, logits_t=None):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "probe_len", "with_js"))
-def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_ids, coeffs: ScoreCoeffs, *,
-                 probe_len: int, with_js: bool = True) -> dict:
+def conf_signals(cfg, params_i, params_t, tokens_bt, mask_bt, exclude_ids, stop_ids, coeffs: ScoreCoeffs,
+                 vision: qwen3_vl.VisionInputs | None = None, *, probe_len: int, with_js: bool = True) -> dict:
     """Probe, per-position and aggregated signals, score and λ for a left-padded batch.
 
     exclude_ids / stop_ids: 1-D int arrays (-1 padded). coeffs: a `ScoreCoeffs` (traced).
+    vision: the batch's images (`qwen3_vl.batch_vision_inputs`), None for text prompts.
     with_js=False: the Thinking model is not run, D is NaN and left out of s.
     """
     b, t = tokens_bt.shape
     models = (params_i, params_t) if with_js else (params_i,)
     caches = [KVCache.init(cfg, b, t + probe_len, jax.tree.leaves(p)[0].dtype) for p in models]
-    first = [apply(cfg, p, tokens_bt, mask_bt, cache=c, last_only=True) for p, c in zip(models, caches)]
+
+    def prefill(params, cache):
+        if vision is None:
+            return apply(cfg, params, tokens_bt, mask_bt, cache=cache, last_only=True)
+        return qwen3_vl.apply(cfg, params, tokens_bt, mask_bt, vision, cache=cache, last_only=True)
+
+    first = [prefill(p, c) for p, c in zip(models, caches)]
 
     def emit(logits, ended):  # the probe token at this position and its signals
         tok = jnp.where(ended, 0, jnp.argmax(logits[0], -1).astype(jnp.int32))
@@ -162,9 +173,11 @@ def padded_rows(n: int, batch_size: int) -> int:
 
 
 def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 1.0,
-                  with_js: bool | None = None) -> dict:
+                  with_js: bool | None = None, **pixel_inputs) -> dict:
     """`conf_signals` over `prompts` in batches of cfg.batch_size; numpy arrays, one row per prompt.
-    with_js: run the Thinking model for D (default: only when w_D ≠ 0)."""
+    with_js: run the Thinking model for D (default: only when w_D ≠ 0). pixel_inputs: Qwen3-VL
+    images / video of the prompts, as `generate_pair` takes them."""
+    pixels = pixel_inputs_of(pixel_inputs)
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InputError("conf scoring needs a non-empty list of non-empty prompts")
@@ -179,9 +192,9 @@ def score_prompts(pair, prompts, cfg: ConfConfig, mu: float = 0.0, tau: float = 
         chunk = prompts[start: start + cfg.batch_size]
         rows = padded_rows(len(chunk), cfg.batch_size)
         width = bucket_length(max(map(len, chunk)), context - probe)
-        tokens, mask = left_pad(chunk + [chunk[-1]] * (rows - len(chunk)), width)
+        tokens, mask, vision = padded_chunk(pair.cfg, prompts, start, len(chunk), rows, width, pixels)
         out = conf_signals(pair.cfg, pair.instruct, pair.thinking, jnp.asarray(tokens), jnp.asarray(mask),
-                           excl, stops, coeffs, probe_len=probe,
+                           excl, stops, coeffs, vision, probe_len=probe,
                            with_js=cfg.w_js != 0 if with_js is None else with_js)
         outs.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(out).items()})
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
@@ -205,10 +218,10 @@ class ConfPolicy(Policy):
         self.calibration = calibration
         self.spec = f"conf:{path}" if path else "conf"
 
-    def __call__(self, prompts, pair) -> PolicyResult:
+    def __call__(self, prompts, pair, **pixel_inputs) -> PolicyResult:
         cal = self.calibration
         cal.check(pair)
-        out = score_prompts(pair, prompts, cal.conf, cal.mu, cal.tau)
+        out = score_prompts(pair, prompts, cal.conf, cal.mu, cal.tau, **pixel_inputs)
         return PolicyResult(out["lam"], {k: out[k] for k in INFO}, finished_probes(out, pair.stop_tokens))
 
 

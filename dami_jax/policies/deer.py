@@ -77,7 +77,7 @@ class DeerPolicy(Policy):
         self.early_exit = None if pair is None or pair.tokenizer is None else deer_rule(pair.tokenizer, settings)
         self.spec = f"deer:{settings.threshold:g}"  # the other settings come from the pair config (`deer:`)
 
-    def __call__(self, prompts, pair) -> PolicyResult:
+    def __call__(self, prompts, pair, **pixel_inputs) -> PolicyResult:  # λ does not read the prompts
         return PolicyResult(np.full(len(prompts), self.settings.lam, np.float32), {})
 
     def __repr__(self) -> str:
@@ -97,10 +97,12 @@ make_deer.__signature__ = inspect.Signature(
 
 def generate_deer(pair, prompts: list[list[int]], max_new_tokens: int, rule: EarlyExit, *, lam: float = 1.0,
                   sampling=Greedy(), seed: int = 0, stop_tokens=None, mode: str = "delta",
-                  max_rows: int | None = None, kv_bytes: int | None = None
+                  max_rows: int | None = None, kv_bytes: int | None = None, **pixel_inputs
                   ) -> tuple[GenerateOutput, list[list[Probe]]]:
     """Generation at λ under early exit, in one engine run: the outputs (probe tokens never in
-    them) and each row's probes. The engine holds, per row, pages for one probe besides the row."""
+    them) and each row's probes. The engine holds, per row, pages for one probe besides the row.
+    pixel_inputs: Qwen3-VL images / video of the batch, as `generate_pair` takes them (a probe
+    sees its row's images)."""
     stops = pair.stop_tokens if stop_tokens is None else stop_tokens
     probe = len(rule.inducer) + rule.probe_tokens
     size = dict(max_rows=max_rows, kv_bytes=kv_bytes, probe_tokens=probe)
@@ -111,7 +113,7 @@ def generate_deer(pair, prompts: list[list[int]], max_new_tokens: int, rule: Ear
     else:
         raise InputError(f"mode must be 'delta' or 'merged', got {mode!r}")
     reqs = engine.run_batch(prompts, max_new_tokens, lam=lam_run, sampling=sampling, seed=seed, stop_tokens=stops,
-                            early_exit=rule)
+                            early_exit=rule, pixel_inputs=pixel_inputs)
     return outputs(reqs), [req.probes for req in reqs]
 
 

@@ -44,10 +44,10 @@ class RoutingPolicy(Policy):
         self.threshold = routing_threshold(calibration.scores, self.share)
         self.spec = f"routing:{self.share:g}" + (f":{path}" if path else "")
 
-    def __call__(self, prompts, pair) -> PolicyResult:
+    def __call__(self, prompts, pair, **pixel_inputs) -> PolicyResult:
         cal = self.calibration
         cal.check(pair)
-        out = score_prompts(pair, prompts, cal.conf)
+        out = score_prompts(pair, prompts, cal.conf, **pixel_inputs)
         lam = (out["score"] > self.threshold).astype(np.float32)
         info = {k: out[k] for k in INFO}
         info["threshold"] = np.full(lam.shape, self.threshold, np.float32)

@@ -20,7 +20,7 @@ class StaticPolicy(Policy):
         self.lam = lam
         self.spec = f"static:{lam:g}"
 
-    def __call__(self, prompts, pair=None, **pixel_inputs) -> PolicyResult:
+    def __call__(self, prompts, pair=None, **pixel_inputs) -> PolicyResult:  # λ does not read the prompts
         return PolicyResult(np.full((len(prompts),), self.lam, np.float32), {})
 
     def __repr__(self) -> str:

@@ -13,6 +13,9 @@ for up to that many tokens (its stop token included) and h is taken over prompt
 + probe; pooling "probe" averages the probe's positions. This goes beyond
 DESIGN 1.3's prompt-only h(q): the model's own first answer tokens carry its
 uncertainty, which the prompt alone does not show (benchmarks/pref_features.py).
+
+Prompts with images (Qwen3-VL) take their pixel inputs as `generate_pair` does; the probe
+and h see them (`qwen3_vl.hidden_states`: HF's numbering, a layer's output before deepstack).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dami_jax.engine.offline import generate
-from dami_jax.generate.decode import bucket_length, left_pad
+from dami_jax.generate.decode import bucket_length
+from dami_jax.models import qwen3_vl
 from dami_jax.models.qwen3 import hidden_states, resolve_layer
 from dami_jax.models.sharding import batch_sharding, param_shardings
+from dami_jax.policies.base import padded_chunk, pixel_inputs_of
 from dami_jax.pref.config import POOLINGS
 
 
@@ -46,22 +51,30 @@ def pool(h_btd, mask_bt, pooling: str, tail_b=None) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer", "pooling"))
-def _features(cfg, params, tokens_bt, mask_bt, tail_b, *, layer: int, pooling: str):
-    return pool(hidden_states(cfg, params, tokens_bt, mask_bt, layer), mask_bt, pooling, tail_b)
+def _features(cfg, params, tokens_bt, mask_bt, tail_b, vision=None, *, layer: int, pooling: str):
+    if vision is None:
+        h_btd = hidden_states(cfg, params, tokens_bt, mask_bt, layer)
+    else:
+        h_btd = qwen3_vl.hidden_states(cfg, params, tokens_bt, mask_bt, vision, layer)
+    return pool(h_btd, mask_bt, pooling, tail_b)
 
 
-def with_probe(cfg, params, prompts: list[list[int]], probe_tokens: int, batch: int, stop_tokens=None):
+def with_probe(cfg, params, prompts: list[list[int]], probe_tokens: int, batch: int, stop_tokens=None,
+               **pixel_inputs):
     """(prompt + the greedy answer of `params`, up to probe_tokens tokens or a stop id, per prompt;
     probe lengths). One engine, `batch` rows at a time."""
-    out = generate(cfg, params, prompts, probe_tokens, stop_tokens=stop_tokens, max_rows=batch)
+    out = generate(cfg, params, prompts, probe_tokens, stop_tokens=stop_tokens, max_rows=batch, **pixel_inputs)
     return [p + ids for p, ids in zip(prompts, out.token_lists())], out.lengths.astype(np.int32)
 
 
 def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pooling: str = "last",
-                    batch: int = 256, mesh=None, probe_tokens: int = 0, stop_tokens=None) -> np.ndarray:
+                    batch: int = 256, mesh=None, probe_tokens: int = 0, stop_tokens=None,
+                    **pixel_inputs) -> np.ndarray:
     """(Q, D) float32 pooled hidden states of `prompts` (token-id lists) under `params`, after a
     greedy probe of up to `probe_tokens` tokens when that is > 0, ended early by any of
-    `stop_tokens` (the pair's `stop_tokens`; see the module docstring)."""
+    `stop_tokens` (the pair's `stop_tokens`; see the module docstring). pixel_inputs: Qwen3-VL
+    images / video of the prompts, as `generate_pair` takes them."""
+    pixels = pixel_inputs_of(pixel_inputs)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt_features needs a non-empty list of non-empty prompts")
     if pooling not in POOLINGS or probe_tokens < 0 or (pooling == "probe") != (probe_tokens > 0):
@@ -74,7 +87,7 @@ def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pool
     prompts = [list(map(int, p)) for p in prompts]
     tails = np.zeros(len(prompts), np.int32)
     if probe_tokens:  # before any resharding: the probe runs on the params as given
-        prompts, tails = with_probe(cfg, params, prompts, probe_tokens, batch, stop_tokens)
+        prompts, tails = with_probe(cfg, params, prompts, probe_tokens, batch, stop_tokens, **pixels)
     shards = 1
     if mesh is not None:
         shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
@@ -84,12 +97,12 @@ def prompt_features(cfg, params, prompts: list[list[int]], layer: int = -1, pool
         chunk = prompts[start: start + batch]
         rows = -(-min(bucket_length(len(chunk), batch), batch) // shards) * shards
         width = bucket_length(max(map(len, chunk)), cfg.max_position_embeddings)
-        tokens, mask = left_pad(chunk + [chunk[-1]] * (rows - len(chunk)), width)
+        tokens, mask, vision = padded_chunk(cfg, prompts, start, len(chunk), rows, width, pixels)
         tail = np.pad(tails[start: start + batch], (0, rows - len(chunk)), mode="edge")  # rows as padded
         if mesh is not None:
             tokens, mask = (jax.device_put(x, batch_sharding(mesh, 2)) for x in (tokens, mask))
             tail = jax.device_put(tail, batch_sharding(mesh, 1))
-        h = _features(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(tail), layer=layer,
+        h = _features(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(tail), vision, layer=layer,
                       pooling=pooling)
         out.append(np.asarray(jax.device_get(h))[: len(chunk)])
     return np.concatenate(out)

@@ -78,17 +78,18 @@ class PrefPolicy(Policy):
                               f"but this pair is {found}; train one for it with train_pref.py")
         self._checked = key
 
-    def features(self, prompts, pair) -> np.ndarray:
+    def features(self, prompts, pair, **pixel_inputs) -> np.ndarray:
+        """h(q) of each prompt, its images included (pixel_inputs as `generate_pair` takes them)."""
         return prompt_features(pair.cfg, pair.instruct, prompts, layer=int(self.meta["hidden_layer"]),
                                pooling=self.meta["pooling"], batch=int(self.meta.get("feature_batch", 256)),
                                probe_tokens=int(self.meta.get("probe_tokens", 0)),
-                               stop_tokens=pair.stop_tokens)
+                               stop_tokens=pair.stop_tokens, **pixel_inputs)
 
-    def __call__(self, prompts, pair) -> PolicyResult:
+    def __call__(self, prompts, pair, **pixel_inputs) -> PolicyResult:
         if pair is None:
             raise ConfigError("the pref policy needs the pair (its Instruct model computes h(q))")
         self.check(pair)
-        lam, reward = self.lam_from_features(self.features(prompts, pair))
+        lam, reward = self.lam_from_features(self.features(prompts, pair, **pixel_inputs))
         return PolicyResult(lam, {"reward": reward})
 
     def lam_from_features(self, feats_bd) -> tuple[np.ndarray, np.ndarray]:
