@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import traceback
 
@@ -197,16 +198,19 @@ def _serve(args) -> None:
     serve_main(args.rest)
 
 
-def _read_prompts(path: str) -> tuple[list[str], list[int] | None]:
+def _read_prompts(path: str) -> tuple[list, list[int] | None]:
     """Calibration prompts: JSONL rows with a "question" (and, on every row or none, an
-    "instruct_wrong" 0/1 label), or plain text, one prompt per line. (questions, labels or None)."""
-    questions, labels = [], []
+    "instruct_wrong" 0/1 label; an "image": a path or a list, relative to the file, for a
+    vision-language pair), or plain text, one prompt per line. (problems, labels or None)."""
+    from dami_jax.eval.benchmarks import Problem, image_sources
+
+    problems, labels = [], []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line.startswith("{"):
                 if line:
-                    questions.append(line)
+                    problems.append(Problem(f"line-{lineno}", line, ""))
                 continue
             try:
                 row = json.loads(line)
@@ -219,19 +223,22 @@ def _read_prompts(path: str) -> tuple[list[str], list[int] | None]:
                 if row["instruct_wrong"] not in (0, 1):
                     raise InputError(f"{path} line {lineno}: instruct_wrong must be 0 or 1, got {row['instruct_wrong']!r}")
                 labels.append(int(row["instruct_wrong"]))
-            questions.append(row["question"])
-    if len(questions) < 2:
-        raise InputError(f"{path}: calibration needs >= 2 prompts, found {len(questions)}")
-    if labels and len(labels) != len(questions):
-        raise InputError(f"{path}: {len(labels)} of {len(questions)} prompts carry instruct_wrong; label all or none")
-    return questions, labels or None
+            images = image_sources(row["image"], os.path.dirname(os.path.abspath(path)),
+                                   f"{path} line {lineno}") if "image" in row else ()
+            missing = [i for i in images if isinstance(i, str) and not os.path.isfile(i)]
+            if missing:  # found now, not after the pair has loaded
+                raise InputError(f"{path} line {lineno}: no image file {missing[0]}")
+            problems.append(Problem(f"line-{lineno}", row["question"], "", images))
+    if len(problems) < 2:
+        raise InputError(f"{path}: calibration needs >= 2 prompts, found {len(problems)}")
+    if labels and len(labels) != len(problems):
+        raise InputError(f"{path}: {len(labels)} of {len(problems)} prompts carry instruct_wrong; label all or none")
+    return problems, labels or None
 
 
 def _calibrate(args) -> None:
-    from dami_jax.eval.benchmarks import math_prompt
     from dami_jax.eval.pairs import open_pair
-    from dami_jax.eval.run import toy_benchmark
-    from dami_jax.generate.chat import chat_prompt
+    from dami_jax.eval.run import pair_processor, problem_inputs, toy_benchmark
     from dami_jax.policies.base import pair_fingerprint
     from dami_jax.policies.calibrate import calibration_from_scores, sharded_signals, signal_summary
 
@@ -242,21 +249,22 @@ def _calibrate(args) -> None:
         raise InputError("give --out PATH (the pair config names no conf_calibration to write)")
     labels = None
     if args.prompts:
-        questions, labels = _read_prompts(args.prompts)
+        problems, labels = _read_prompts(args.prompts)
     elif args.pair in TOY_PAIRS:
-        questions = [p.question for p in toy_benchmark(per_k=50, seed=args.seed)]
+        problems = toy_benchmark(per_k=50, seed=args.seed)
     else:
         raise InputError("--prompts FILE is required for a pair other than 'toy' or 'toy-v2'")
     distributed.init_from_args(args)
     pair = open_pair(pair_cfg)
-    wrap = math_prompt if pair_cfg.math_instruction else (lambda q: q)
+    # As eval asks them: the chat template (a vision-language pair's processor, with the images).
+    prompts, pixels = problem_inputs(pair, pair_cfg, problems, pair_processor(pair, pair_cfg))
     # Both signals are measured (D too, while w_D = 0: s is the same), so the summary shows each one.
-    out = sharded_signals(pair, [chat_prompt(pair.tokenizer, wrap(q)) for q in questions], conf_cfg, with_js=True)
+    out = sharded_signals(pair, prompts, conf_cfg, with_js=True, **pixels)
     cal = calibration_from_scores(out["score"], conf_cfg, pair_fingerprint(pair))
     if not distributed.is_writer():
         return
     cal.save(out_path)
-    print(f"calibrated conf on {len(questions)} prompts (w_entropy={conf_cfg.w_entropy:g}, w_js={conf_cfg.w_js:g}, "
+    print(f"calibrated conf on {len(problems)} prompts (w_entropy={conf_cfg.w_entropy:g}, w_js={conf_cfg.w_js:g}, "
           f"rho={conf_cfg.rho}, tau_per_iqr={conf_cfg.tau_per_iqr}): mu={cal.mu:.4f} tau={cal.tau:.4f} -> {out_path}")
     _print_signals(signal_summary(out, labels))
 
@@ -337,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "with each signal's statistics")
     p.add_argument("policy", choices=["conf"])
     add_pair_arguments(p)
-    p.add_argument("--prompts", default=None, help="JSONL with 'question' fields (and optional 0/1 "
-                   "'instruct_wrong' labels: AUROC per signal), or one prompt per line")
+    p.add_argument("--prompts", default=None, help="JSONL with 'question' fields (optional 0/1 "
+                   "'instruct_wrong' labels: AUROC per signal; 'image' paths for a Qwen3-VL pair), or one "
+                   "prompt per line")
     p.add_argument("--out", default=None, help="calibration JSON to write (default: the pair's conf_calibration)")
     p.add_argument("--seed", type=int, default=7, help="toy calibration problems (not the eval seed)")
     distributed.add_process_args(p)

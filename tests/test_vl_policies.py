@@ -153,6 +153,46 @@ def test_calibration_with_images(vl, batch):
     np.testing.assert_allclose(cal.scores, np.sort(want), atol=1e-6)
 
 
+def _calibration_prompts(root) -> str:
+    """PROBLEMS as `dami calibrate conf --prompts` takes them: image paths relative to the file."""
+    rows = []
+    for i, p in enumerate(PROBLEMS):
+        for j, image in enumerate(p.images):
+            (root / f"{i}-{j}.png").write_bytes(image)
+        rows.append({"question": p.question, **({"image": [f"{i}-{j}.png" for j in range(len(p.images))]}
+                                                 if p.images else {})})
+    path = root / "calib.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_dami_calibrate_conf_scores_image_prompts(vl, batch, tmp_path):
+    """`dami calibrate conf --prompts` with image rows on a VL pair: the prompts are the processor's,
+    as eval makes them, and the scores those of score_prompts with the images."""
+    from dami_jax.cli import main
+
+    pair_yaml = tmp_path / "pair.yaml"
+    pair_yaml.write_text(f"instruct: {vl.dirs[0]}\nthinking: {vl.dirs[1]}\ndtype: float32\n"
+                         f"conf: {{probe_tokens: {CONF.probe_tokens}, batch_size: {CONF.batch_size}}}\n")
+    prompts_file, out = _calibration_prompts(tmp_path), tmp_path / "cal.json"
+    assert main(["calibrate", "conf", "--pair", str(pair_yaml), "--prompts", prompts_file, "--out", str(out)]) == 0
+    prompts, pixels = batch
+    conf = Calibration.load(out).conf
+    assert (conf.probe_tokens, conf.batch_size) == (CONF.probe_tokens, CONF.batch_size)
+    want = score_prompts(vl.pair, prompts, conf, with_js=True, **pixels)["score"]
+    np.testing.assert_allclose(Calibration.load(out).scores, np.sort(want), atol=1e-6)
+
+
+def test_dami_calibrate_conf_names_a_missing_image_before_loading(tmp_path, capsys):
+    from dami_jax.cli import main
+
+    prompts_file = tmp_path / "calib.jsonl"
+    prompts_file.write_text('{"question": "a?", "image": "gone.png"}\n{"question": "b?"}\n')
+    assert main(["calibrate", "conf", "--pair", "toy", "--prompts", str(prompts_file), "--out",
+                 str(tmp_path / "cal.json")]) == 2
+    assert f"calib.jsonl line 1: no image file {tmp_path / 'gone.png'}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------
 # Pref: h(q) of the prompt with its images
 

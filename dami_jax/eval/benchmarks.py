@@ -152,7 +152,7 @@ def _gold_str(value: Any) -> str:
     return str(value).strip()
 
 
-def _image_sources(value: Any, base_dir: str | None, where: str) -> tuple:
+def image_sources(value: Any, base_dir: str | None, where: str) -> tuple:
     """A row's image field -> a tuple of bytes or paths (PIL images kept as they are)."""
     if value is None:
         raise InputError(f"{where}: the image field is null")
@@ -216,7 +216,7 @@ def rows_to_problems(rows: Iterable[Mapping[str, Any]], fields: FieldMap, source
         options, question = _choices(row, fields, question, where)
         if options:
             gold = mc.gold_letter(gold, options, where)
-        images = _image_sources(row[fields.images], base_dir, where) if fields.images else ()
+        images = image_sources(row[fields.images], base_dir, where) if fields.images else ()
         problems.append(Problem(pid, question, gold, images, options))
     return problems
 
