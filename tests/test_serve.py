@@ -9,6 +9,7 @@ tokenizer and chat template) is served by uvicorn in a thread, on the paged engi
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import socket
 import threading
 import time
@@ -85,7 +86,9 @@ def _sized_as_served(pair) -> dict:
     return dict(max_rows=kw["max_rows"], kv_bytes=kw["kv_bytes"])
 
 
-def _start(app):
+@contextlib.contextmanager
+def serving(app):
+    """`app` on a free local port in a thread while the block runs; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -96,7 +99,11 @@ def _start(app):
     while not server.started:
         assert thread.is_alive() and time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +116,8 @@ def served(pair, calibration):
     cfg = ServeConfig(**_engine_knobs(pair), max_queue=64, policies=policies, max_body_bytes=64 << 10,
                       optional=("dami-pref",), **IMAGE_LIMITS)
     app = create_app(cfg, pair=pair)
-    server, thread, url = _start(app)
-    yield app.server, url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield app.server, url
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +255,7 @@ def test_serve_pair_toy_serves_every_policy_of_the_toy_pair(monkeypatch):
     assert main(["serve", "--pair", "toy", "--port", "8123", "max_rows=2", "warmup=false"]) == 0
     app = started["app"]
     assert started["port"] == 8123
-    server, thread, url = _start(app)
-    try:
+    with serving(app) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         models = {m.id: m.policy for m in c.models.list().data}
         assert set(models) == set(DEFAULT_POLICIES)
@@ -267,9 +271,6 @@ def test_serve_pair_toy_serves_every_policy_of_the_toy_pair(monkeypatch):
             assert models[name] == policy.spec
             r = c.completions.create(model=name, prompt=prompt, max_tokens=2, temperature=0)
             assert r.model_extra["lambda"] == pytest.approx(float(policy([prompt], pair).lam[0]), abs=1e-6), name
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_a_model_that_cannot_load_stops_startup_unless_optional(pair, caplog):
@@ -399,8 +400,7 @@ def test_request_timeout(pair):
     from dami_jax.serve import ServeConfig, create_app
 
     cfg = ServeConfig(**_engine_knobs(pair), request_timeout_s=0.1, policies={"m": "static:0.5"})
-    server, thread, url = _start(create_app(cfg, pair=pair))
-    try:
+    with serving(create_app(cfg, pair=pair)) as url:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "ignore_eos": True}
         r = httpx.post(url + "/v1/chat/completions", json=body)
         assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
@@ -408,9 +408,6 @@ def test_request_timeout(pair):
         events = [line for line in r.text.splitlines() if line.startswith("data: ")]
         assert '"timeout"' in events[-2] and events[-1] == "data: [DONE]"
         _wait_idle(url)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 BAD = [  # (name, body or raw bytes, status, param, words in the message)
@@ -454,8 +451,7 @@ def test_api_key_and_full_queue(pair):
     from dami_jax.serve import ServeConfig, create_app
 
     cfg = ServeConfig(**_engine_knobs(pair), max_queue=0, api_key="s3cret", policies={"m": "static:0.5"})
-    server, thread, url = _start(create_app(cfg, pair=pair))
-    try:
+    with serving(create_app(cfg, pair=pair)) as url:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers)
@@ -466,9 +462,6 @@ def test_api_key_and_full_queue(pair):
         with pytest.raises(openai.RateLimitError) as e:  # max_queue=0: every request is refused
             c.chat.completions.create(**body)
         assert e.value.response.headers["retry-after"] == "1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_refuses_public_bind_without_key(capsys):

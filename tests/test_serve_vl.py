@@ -90,17 +90,15 @@ def pair(pair_cfg):
 
 @pytest.fixture(scope="module")
 def served(pair, pair_cfg):
-    from test_serve import _start
+    from test_serve import serving
 
     from dami_jax.serve import ServeConfig, create_app
 
     policies = {"dami-half": "static:0.5", "dami-thinking": "static:1", "dami-spy": "vl-spy"}
     cfg = ServeConfig(**ENGINE, **LIMITS, policies=policies, default_model="dami-half", max_body_bytes=256 << 10)
     app = create_app(cfg, pair=pair, pair_cfg=pair_cfg)  # the processor: from the pair config's tokenizer dir
-    server, thread, url = _start(app)
-    yield app.server, url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield app.server, url
 
 
 @pytest.fixture(scope="module")
